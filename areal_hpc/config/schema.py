@@ -1,0 +1,226 @@
+"""Typed configuration schema: one dataclass per component.
+
+Every field carries a default and a ``help`` string so a bare ``Config()`` is a
+runnable quickstart and the CLI can describe each key. Fields restricted to a
+fixed set of values list them under ``choices``; ``loader.validate`` checks them
+(and every other constraint) in one place. YAML keys equal the field names except
+where ``yaml_key`` says otherwise (``async`` is a Python keyword).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a scalar field with its help text (and allowed values, if any)."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Identity, length and bookkeeping of one job."""
+
+    name: str = _f("quickstart", "run name; the run folder is output_dir/name")
+    output_dir: str = _f("runs", "parent folder of run folders")
+    seed: int = _f(1, "global random seed (model init, sampling, data order)")
+    steps: int = _f(40, "number of RL training steps")
+    cache_dir: str = _f(
+        "runs/.cache", "where warm-up checkpoints are cached across runs"
+    )
+    log_level: str = _f(
+        "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+    progress: bool = _f(True, "show a progress line per training step")
+    timeout_s: float = _f(
+        1800.0, "whole-job watchdog in seconds; the job aborts after this"
+    )
+
+
+@dataclass
+class ClusterConfig:
+    """How many ranks of each role to start, and how."""
+
+    n_trainer: int = _f(1, "number of trainer ranks (data parallel)")
+    n_rollout: int = _f(2, "number of rollout (generation) ranks")
+    launcher: str = _f(
+        "auto",
+        "how ranks are started: auto (detect Slurm/MPI), mpiexec, or none (already inside MPI)",
+        ("auto", "mpiexec", "none"),
+    )
+    mpiexec: str = _f(
+        "mpiexec", "program used to start ranks when launching with mpiexec"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which policy model to train."""
+
+    kind: str = _f(
+        "tiny",
+        "tiny: built-in small transformer; hf: local HF checkpoint",
+        ("tiny", "hf"),
+    )
+    path: str | None = _f(None, "local HF checkpoint directory (required when kind=hf)")
+    hidden_size: int = _f(128, "tiny model hidden size")
+    n_layers: int = _f(2, "tiny model number of transformer layers")
+    n_heads: int = _f(4, "tiny model attention heads (must divide hidden_size)")
+    intermediate_size: int = _f(512, "tiny model MLP width")
+    max_seq_len: int = _f(64, "maximum prompt + completion length in tokens")
+    dtype: str = _f("float32", "parameter dtype", ("float32", "bfloat16", "float16"))
+    device: str = _f(
+        "auto", "auto picks cuda when available, else cpu", ("auto", "cpu", "cuda")
+    )
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised pass before RL, so a tiny model starts with non-zero reward."""
+
+    enabled: bool = _f(True, "run the supervised warm-up before RL")
+    steps: int = _f(300, "warm-up optimizer steps")
+    batch_size: int = _f(64, "warm-up examples per step")
+    lr: float = _f(1e-3, "warm-up learning rate")
+
+
+@dataclass
+class TaskConfig:
+    """Prompts and rewards."""
+
+    kind: str = _f(
+        "arithmetic",
+        "arithmetic: generated sums; jsonl: prompt/answer files",
+        ("arithmetic", "jsonl"),
+    )
+    train_path: str | None = _f(None, "training JSONL file (required when kind=jsonl)")
+    eval_path: str | None = _f(None, "held-out JSONL file (required when kind=jsonl)")
+    digits: int = _f(2, "arithmetic: digits per operand")
+    ops: str = _f("+", "arithmetic: operator characters to sample from, e.g. '+-'")
+    n_eval: int = _f(200, "arithmetic: size of the generated held-out set")
+    seed: int = _f(1234, "seed of the task generator (independent of run.seed)")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation side of the asynchronous loop."""
+
+    eta: int = _f(
+        4,
+        "staleness bound: max policy versions a sample may lag the trainer (0 = on-policy)",
+    )
+    group_size: int = _f(8, "samples per prompt; rewards are normalised within a group")
+    max_new_tokens: int = _f(8, "maximum completion length in tokens")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling mass")
+    max_concurrent_groups: int = _f(8, "groups in flight per rollout rank")
+    interrupt: str = _f(
+        "recompute",
+        "on new weights, recompute the KV cache of in-flight sequences or keep the stale one",
+        ("recompute", "keep"),
+    )
+
+
+@dataclass
+class TrainerConfig:
+    """Decoupled PPO objective and optimizer."""
+
+    lr: float = _f(1e-4, "learning rate")
+    batch_size: int = _f(64, "samples per step; a multiple of rollout.group_size")
+    eps_clip: float = _f(0.2, "PPO clip range")
+    behav_imp_weight_cap: float = _f(
+        5.0, "cap on the behaviour importance weight (must be > 1)"
+    )
+    stale_policy: str = _f(
+        "reject",
+        "samples older than eta: reject them, or downweight them by stale_weight",
+        ("reject", "downweight"),
+    )
+    stale_weight: float = _f(
+        0.5,
+        "loss weight factor for samples older than eta when downweighting, in (0, 1]",
+    )
+    token_budget: int = _f(2048, "micro-batch token budget")
+    grad_clip: float = _f(1.0, "max global gradient norm")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999],
+        metadata={"help": "AdamW betas [beta1, beta2]"},
+    )
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    adv_eps: float = _f(
+        1e-6, "epsilon added to the group std when normalising advantages"
+    )
+
+
+@dataclass
+class TransportConfig:
+    """Rollout -> trainer sample transport."""
+
+    kind: str = _f("shm", "shared-memory ring buffer", ("shm",))
+    ring_bytes: int = _f(8388608, "ring buffer size in bytes (>= 65536)")
+
+
+@dataclass
+class WeightsConfig:
+    """Trainer -> rollout weight broadcast."""
+
+    backend: str = _f(
+        "auto", "auto: nccl on GPU, gloo on CPU", ("auto", "gloo", "nccl")
+    )
+    bucket_mb: int = _f(64, "broadcast bucket size in MiB")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with greedy decoding."""
+
+    enabled: bool = _f(True, "evaluate before and after training")
+    n: int = _f(200, "number of held-out prompts")
+
+
+@dataclass
+class Config:
+    """Root configuration; ``async_`` is written ``async`` in YAML and overrides."""
+
+    async_: bool = field(
+        default=True,
+        metadata={
+            "help": "asynchronous loop; false = synchronous baseline (generate a batch, then train)",
+            "yaml_key": "async",
+        },
+    )
+    run: RunConfig = field(
+        default_factory=RunConfig, metadata={"help": "run identity and length"}
+    )
+    cluster: ClusterConfig = field(
+        default_factory=ClusterConfig, metadata={"help": "ranks and launcher"}
+    )
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata={"help": "policy model"}
+    )
+    warmup: WarmupConfig = field(
+        default_factory=WarmupConfig, metadata={"help": "supervised warm-up"}
+    )
+    task: TaskConfig = field(
+        default_factory=TaskConfig, metadata={"help": "prompts and rewards"}
+    )
+    rollout: RolloutConfig = field(
+        default_factory=RolloutConfig, metadata={"help": "generation"}
+    )
+    trainer: TrainerConfig = field(
+        default_factory=TrainerConfig, metadata={"help": "PPO trainer"}
+    )
+    transport: TransportConfig = field(
+        default_factory=TransportConfig, metadata={"help": "sample transport"}
+    )
+    weights: WeightsConfig = field(
+        default_factory=WeightsConfig, metadata={"help": "weight broadcast"}
+    )
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata={"help": "held-out evaluation"}
+    )

@@ -1,0 +1,79 @@
+"""Causal LMs through HF transformers: a tiny one built from scratch, or a real checkpoint from disk.
+
+Every policy the system trains or serves is an ``AutoModelForCausalLM`` loaded from a directory, so
+the tiny quickstart model travels the same loading path as Qwen2.5-1.5B on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from areal_hpc.model.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_tiny_model(hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int,
+                     max_seq_len: int, vocab_size: int, seed: int) -> torch.nn.Module:
+    """A Qwen2-architecture model small enough to train on a laptop CPU in minutes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=max(max_seq_len, 64),
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    return model
+
+
+def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
+    """Load a causal LM and its tokenizer from a local checkpoint directory."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(
+            f"model checkpoint {p} has no config.json; point model.path at a local HF checkpoint directory"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model.to(resolve_device(device))
+    return model, load_tokenizer(p)
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path) -> Path:
+    """Write model + tokenizer atomically: a half-written checkpoint never appears under ``path``."""
+    final = Path(path)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if isinstance(tokenizer, CharTokenizer) or hasattr(tokenizer, "save"):
+        tokenizer.save(tmp)  # type: ignore[attr-defined]
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,50 @@
+"""Datasets of ``{"prompt": ..., "answer": ...}`` lines, for real math problems on a cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from areal_hpc.tasks.base import Problem
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((str(obj["prompt"]), str(obj["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object with 'prompt' and 'answer' ({e}); fix or remove that line"
+                ) from None
+    if not rows:
+        raise ValueError(f"{path}: no problems found; a JSONL dataset needs one {{prompt, answer}} object per line")
+    return rows
+
+
+class JsonlTask:
+    """Training problems cycle through the file in order; problem ``i`` is row ``i mod n``."""
+
+    def __init__(self, train_path: str, eval_path: str, n_eval: int) -> None:
+        self._train = read_jsonl(train_path)
+        held = read_jsonl(eval_path)[:n_eval]
+        self.eval_problems = [Problem(-(i + 1), p, a) for i, (p, a) in enumerate(held)]
+
+    def train_problem(self, index: int) -> Problem:
+        p, a = self._train[index % len(self._train)]
+        return Problem(index, p, a)
+
+    @property
+    def alphabet(self) -> str:
+        chars = {c for p, a in self._train for c in p + a} | {c for q in self.eval_problems for c in q.prompt + q.answer}
+        return "".join(sorted(chars))
+
+    def max_prompt_chars(self) -> int:
+        return max(len(p) for p, _ in self._train)
+
+    def max_answer_chars(self) -> int:
+        return max(len(a) for _, a in self._train)
