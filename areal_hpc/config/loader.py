@@ -528,6 +528,14 @@ def validate(cfg: Config) -> None:
         "set warmup.batch_size=64",
     )
     _need(w.lr > 0, "warmup.lr", w.lr, "must be > 0", "set warmup.lr=1e-3")
+    _need(0.0 <= w.flaw < 1.0, "warmup.flaw", w.flaw, "must be in [0, 1)", "set warmup.flaw=0.6 or 0")
+    _need(
+        w.flaw == 0.0 or t.kind == "arithmetic",
+        "warmup.flaw",
+        w.flaw,
+        "is only defined for task.kind=arithmetic",
+        "set warmup.flaw=0",
+    )
 
     # task
     _need(t.digits >= 1, "task.digits", t.digits, "must be >= 1", "set task.digits=2")

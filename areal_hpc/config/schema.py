@@ -86,6 +86,11 @@ class WarmupConfig:
     steps: int = _f(300, "warm-up optimizer steps")
     batch_size: int = _f(64, "warm-up examples per step")
     lr: float = _f(1e-3, "warm-up learning rate")
+    flaw: float = _f(
+        0.0,
+        "fraction of warm-up answers taken from a flawed teacher (arithmetic: forgotten carries); "
+        "RL must then fix what the imperfect SFT data taught",
+    )
 
 
 @dataclass

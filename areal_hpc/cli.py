@@ -1,0 +1,71 @@
+"""``areal-hpc``: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+
+from areal_hpc.config import ConfigError, load_config, save_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from areal_hpc.comm.mpi import inside_mpi_job
+    from areal_hpc.launch.job import main as job_main
+    from areal_hpc.launch.job import run_dir_of
+    from areal_hpc.launch.local import launch_local
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"areal-hpc: config error: {e}", file=sys.stderr)
+        return 2
+    run_dir = run_dir_of(cfg)
+    resolved = run_dir / "config.yaml"
+    if inside_mpi_job():  # started by mpiexec/srun: this process is one rank
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            _fresh_run_dir(run_dir)
+            save_config(cfg, resolved)
+        MPI.COMM_WORLD.Barrier()
+        job_main(str(resolved))
+        return 0
+    if cfg.cluster.launcher == "none":
+        print("areal-hpc: cluster.launcher=none but this process is not an MPI rank; start it with "
+              "mpiexec/srun or set cluster.launcher=auto", file=sys.stderr)
+        return 2
+    _fresh_run_dir(run_dir)
+    save_config(cfg, resolved)
+    print(f"areal-hpc: run folder {run_dir}", file=sys.stderr)
+    try:
+        return launch_local(cfg, resolved, run_dir)
+    except FileNotFoundError as e:
+        print(f"areal-hpc: {e}", file=sys.stderr)
+        return 2
+
+
+def _fresh_run_dir(run_dir) -> None:
+    """A new run replaces the records of an earlier run of the same name (they would mix otherwise)."""
+    for sub in ("samples", "steps", "errors", "logs"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    for f in ("metrics.jsonl", "summary.json"):
+        (run_dir / f).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="areal-hpc", description="Fully asynchronous RL for LLMs on Slurm/MPI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run an RL job (starts mpiexec itself unless already an MPI rank)")
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.lr=2e-5 rollout.eta=4")
+    p.set_defaults(func=_train)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

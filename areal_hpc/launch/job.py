@@ -1,0 +1,179 @@
+"""What every MPI rank runs: set up, take a role from the topology, run it, tear down.
+
+Started as ``python -m areal_hpc.launch.job RUN_DIR/config.yaml`` by mpiexec/srun (or by
+``areal-hpc train`` inside an MPI job). Any exception aborts the whole MPI job (see ``run_or_abort``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from areal_hpc.comm.dist import init_distributed, shutdown_distributed
+from areal_hpc.comm.mpi import MPIContext, run_or_abort
+from areal_hpc.config import Config, load_config
+from areal_hpc.launch.progress import Progress, summary_table
+from areal_hpc.model.build import save_policy
+from areal_hpc.model.initial import prepare_initial_policy
+from areal_hpc.rollout.evaluate import evaluate
+from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.tasks import build_task
+from areal_hpc.transport.shm_ring import cleanup_stale
+
+log = logging.getLogger("areal_hpc")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def run_id_of(run_dir: Path) -> str:
+    """Stable across restarts of the same run, so the next start finds a crashed run's segments."""
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def setup_logging(files: RunFiles, rank: int, role: str, level: str) -> None:
+    files.logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank} {role}] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fh = logging.FileHandler(files.logs / f"rank{rank}.log")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    sh.setLevel(logging.WARNING)
+    root.addHandler(sh)
+
+
+def _threads_per_rank(world: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world)
+
+
+def main(config_path: str) -> None:
+    cfg = load_config(config_path)
+    ctx = MPIContext(cfg.cluster.n_trainer, cfg.cluster.n_rollout)
+    files = RunFiles(run_dir_of(cfg))
+    setup_logging(files, ctx.rank, ctx.topo.role, cfg.run.log_level)
+    run_or_abort(lambda: _run(cfg, ctx, files), rank=ctx.rank, error_dir=str(files.errors))
+
+
+def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
+    torch.set_num_threads(_threads_per_rank(ctx.world.size))
+    torch.manual_seed(cfg.run.seed + ctx.rank)
+    topo = ctx.topo
+    run_id = run_id_of(files.root)
+    task = build_task(cfg.task)
+    policy = None
+    if ctx.rank == 0:
+        removed = cleanup_stale(f"areal_{run_id}_")
+        if removed:
+            log.warning("removed %d shared-memory segments left by a crashed earlier start: %s", len(removed), removed)
+        policy = prepare_initial_policy(cfg, task)
+    policy = ctx.world.bcast(policy, root=0)
+    groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s)
+    log.info("rank %d: %s %d of %d on %s", ctx.rank, topo.role, topo.role_rank,
+             topo.n_trainer if topo.is_trainer else topo.n_rollout, ctx.hostname())
+    if topo.is_trainer:
+        _run_trainer(cfg, ctx, groups, files, policy, run_id, task)
+    else:
+        _run_rollout(cfg, ctx, groups, files, policy, run_id)
+    shutdown_distributed()
+
+
+def _run_rollout(cfg, ctx, groups, files, policy, run_id) -> None:
+    from areal_hpc.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id)
+    ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
+    stats = worker.run()
+    ctx.world.gather(stats, root=0)
+    ctx.world.Barrier()
+
+
+def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
+    from areal_hpc.train.worker import TrainerWorker
+
+    worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id)
+    lead = ctx.rank == 0
+    n_eval = min(cfg.eval.n, len(task.eval_problems)) if cfg.eval.enabled else 0
+    acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
+        if lead and n_eval else float("nan")
+    ctx.world.Barrier()
+    metrics = JsonlWriter(files.metrics) if lead else None
+    progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
+    t_start = time.perf_counter()
+    totals = {"samples": 0.0, "tokens": 0.0, "rejected": 0.0}
+    for _ in range(cfg.run.steps):
+        local = worker.step()
+        parts = ctx.role_comm.gather(local, root=0)
+        if not lead:
+            continue
+        elapsed = time.perf_counter() - t_start
+        row = _combine(parts)
+        for k in totals:
+            totals[k] += row["samples" if k == "samples" else k]
+        row.update(step=worker.version, version=worker.version, elapsed=elapsed,
+                   samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
+                   rejected_total=totals["rejected"], ring_full_waits=sum(worker.ring_full_waits.values()),
+                   weight_send_wait_s=worker.sender.seconds_waiting)
+        metrics.write(row)
+        progress.update(row)
+    train_seconds = time.perf_counter() - t_start
+    progress.close()
+    stop = worker.stop_rollouts()
+    stops = ctx.role_comm.gather(stop, root=0)
+    rollout_stats = ctx.world.gather({}, root=0)
+    if lead:
+        acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
+            if n_eval else float("nan")
+        ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
+        torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+        rs = [s for s in rollout_stats if s]
+        summary = {
+            "run_dir": str(files.root), "async": cfg.async_, "eta": cfg.rollout.eta, "steps": cfg.run.steps,
+            "n_trainer": cfg.cluster.n_trainer, "n_rollout": cfg.cluster.n_rollout,
+            "accuracy_before": acc_before, "accuracy_after": acc_after, "train_seconds": train_seconds,
+            "samples_trained": totals["samples"], "samples_per_s": totals["samples"] / train_seconds,
+            "tokens_per_s": totals["tokens"] / train_seconds, "rejected": totals["rejected"],
+            "leftover_at_stop": sum(s["leftover"] for s in stops),
+            "generated": sum(s["pushed"] for s in rs), "abandoned_in_flight": sum(s["abandoned"] for s in rs),
+            "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
+            "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
+            "final_version": worker.version,
+        }
+        files.summary.write_text(json.dumps(summary, indent=2))
+        print(summary_table(summary), flush=True)
+    ctx.world.Barrier()
+
+
+def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Merge per-trainer step stats: sums for counts, max for maxima, token-weighted train stats."""
+    n = sum(p["n"] for p in parts)
+    row: dict[str, float] = {
+        "samples": n, "reward": sum(p["reward_sum"] for p in parts) / n,
+        "accuracy": sum(p["correct"] for p in parts) / n, "tokens": sum(p["tokens"] for p in parts),
+        "staleness_mean": sum(p["stale_sum"] for p in parts) / n,
+        "staleness_max": max(p["stale_max"] for p in parts), "rejected": sum(p["rejected"] for p in parts),
+        "interrupted": sum(p["interrupted"] for p in parts), "multi_version": sum(p["multi_version"] for p in parts),
+        "t_data": max(p["t_data"] for p in parts), "t_step": max(p["t_step"] for p in parts),
+    }
+    for k in parts[0]:
+        if k.startswith("train/"):
+            row[k] = sum(p[k] for p in parts) / len(parts)
+    return row
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m areal_hpc.launch.job RUN_DIR/config.yaml")
+    main(sys.argv[1])

@@ -1,0 +1,63 @@
+"""Start the MPI job on this machine when ``areal-hpc train`` is not already a rank of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from areal_hpc.config import Config
+
+
+def find_mpiexec(name: str) -> str:
+    """``cluster.mpiexec`` as given, preferring the one installed next to this Python (pip's mpich)."""
+    if os.sep in name:
+        if not os.access(name, os.X_OK):
+            raise FileNotFoundError(f"cluster.mpiexec '{name}' is not an executable file")
+        return name
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"'{name}' not found: install MPI with `pip install mpich` (no root needed), load your site's MPI "
+            f"module, or set cluster.mpiexec to its path"
+        )
+    return found
+
+
+def mpiexec_command(cfg: Config, config_path: Path) -> list[str]:
+    n = cfg.cluster.n_trainer + cfg.cluster.n_rollout
+    return [find_mpiexec(cfg.cluster.mpiexec), "-n", str(n), sys.executable, "-m", "areal_hpc.launch.job",
+            str(config_path)]
+
+
+def launch_local(cfg: Config, config_path: Path, run_dir: Path) -> int:
+    """Run the job under mpiexec, forward Ctrl-C, and explain a failure from the ranks' error files."""
+    cmd = mpiexec_command(cfg, config_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=cfg.run.timeout_s + 300)
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"areal-hpc: job exceeded run.timeout_s={cfg.run.timeout_s:.0f}s and was killed", file=sys.stderr)
+        return 124
+    if rc != 0:
+        errors = sorted((run_dir / "errors").glob("rank*.txt"))
+        if errors:
+            for e in errors:
+                print("areal-hpc: " + e.read_text().splitlines()[0], file=sys.stderr)
+        else:
+            print(f"areal-hpc: the MPI job ended with exit code {rc} and no rank reported an exception: a rank was "
+                  f"killed (out of memory, a signal, or a node failure); see the mpiexec message above and "
+                  f"{run_dir}/logs/", file=sys.stderr)
+    return rc

@@ -1,0 +1,56 @@
+"""What a person watching the run sees: a progress line per step and a closing table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+class Progress:
+    """One line per step: an in-place bar on a terminal, plain lines in a log file."""
+
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        done = int(row["step"])
+        width = 20
+        filled = int(width * done / max(1, self.total))
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"[{bar}] step {done}/{self.total} | v{int(row['version'])} | reward {row['reward']:.3f} | "
+                f"stale {row['staleness_mean']:.2f}/{int(row['staleness_max'])} | rej {int(row['rejected_total'])} | "
+                f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s")
+        if self.tty:
+            self.stream.write("\r" + line)
+        elif done % max(1, self.total // 20) == 0 or done == self.total:
+            self.stream.write(line + "\n")  # a log file gets about 20 lines per run
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    rows = [
+        ("mode", f"{'async' if s['async'] else 'sync'}, eta={s['eta']}, "
+                 f"{s['n_trainer']} trainer + {s['n_rollout']} rollout ranks"),
+        ("held-out accuracy before RL", f"{s['accuracy_before']:.3f}"),
+        ("held-out accuracy after RL", f"{s['accuracy_after']:.3f}"),
+        ("training steps / final version", f"{s['steps']} / {s['final_version']}"),
+        ("samples trained", f"{int(s['samples_trained'])}"),
+        ("samples/s", f"{s['samples_per_s']:.1f}"),
+        ("tokens/s (generated, trained)", f"{s['tokens_per_s']:.0f}"),
+        ("rejected as stale", f"{int(s['rejected'])}"),
+        ("rollout idle fraction", f"{s['rollout_idle_fraction']:.2f}"),
+        ("run folder", s["run_dir"]),
+        ("final policy", s["checkpoint"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    line = "-" * (w + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k.ljust(w)} | {v}" for k, v in rows), line])

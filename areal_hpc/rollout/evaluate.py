@@ -1,0 +1,22 @@
+"""Held-out accuracy with greedy decoding, through the same engine the rollout workers use."""
+
+from __future__ import annotations
+
+import torch
+
+from areal_hpc.model.tokenizer import Tokenizer
+from areal_hpc.rollout.engine import GenRequest, TorchEngine
+from areal_hpc.rollout.reward import math_reward
+
+
+def evaluate(model: torch.nn.Module, tok: Tokenizer, problems, max_new_tokens: int, batch: int = 256) -> float:
+    if not problems:
+        return float("nan")
+    was_training = model.training
+    engine = TorchEngine(model, tok, max_batch=batch, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
+    reqs = [GenRequest(i, p.prompt_id, i, tok.encode(p.prompt)) for i, p in enumerate(problems)]
+    gens = engine.generate(reqs, greedy=True)
+    correct = sum(math_reward(tok.decode([t for t in g.tokens if t != tok.eos_id]), problems[g.request.sample_id].answer)
+                  for g in gens)
+    model.train(was_training)
+    return correct / len(problems)

@@ -1,0 +1,162 @@
+"""The rollout role: generate without waiting for the trainer, within the staleness bound.
+
+Loop: service control messages and finished weight receives -> admit prompt groups the gate allows
+-> one decode step -> push finished groups into the ring. New weights are loaded between decode
+steps, so a sequence in flight continues under the new version (its tokens record which).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from areal_hpc.comm.dist import DistGroups
+from areal_hpc.comm.mpi import MPIContext
+from areal_hpc.config import Config
+from areal_hpc.model.build import load_policy
+from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
+from areal_hpc.rollout.reward import math_reward
+from areal_hpc.rollout.staleness import StalenessGate, rank_shares
+from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.tasks import build_task
+from areal_hpc.transport.codec import encode_sample_parts
+from areal_hpc.transport.shm_ring import ShmRing, ring_name
+from areal_hpc.weights.broadcast import WeightReceiver
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
+                 run_id: str) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        topo = ctx.topo
+        self.index = topo.role_rank
+        self.n_rollout = topo.n_rollout
+        self.G = cfg.rollout.group_size
+        self.task = build_task(cfg.task)
+        model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
+        self.engine = TorchEngine(
+            model, self.tok, max_batch=cfg.rollout.max_concurrent_groups * self.G,
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, interrupt=cfg.rollout.interrupt, seed=cfg.run.seed * 7919 + ctx.rank,
+        )
+        self.receiver = WeightReceiver(list(model.named_parameters()), groups.weights, cfg.weights.bucket_mb,
+                                       self.engine.device)
+        self.trainer = topo.trainer_of(ctx.rank)
+        siblings = topo.rollouts_of(self.trainer)
+        groups_per_trainer = cfg.trainer.batch_size // self.G // topo.n_trainer
+        share = rank_shares(groups_per_trainer, len(siblings))[siblings.index(ctx.rank)]
+        if share == 0:
+            raise RuntimeError(
+                f"rollout rank {ctx.rank} gets no prompt groups: trainer.batch_size/rollout.group_size = "
+                f"{cfg.trainer.batch_size // self.G} groups per step is fewer than the rollout ranks sharing trainer "
+                f"{self.trainer}; raise trainer.batch_size or lower cluster.n_rollout"
+            )
+        self.gate = StalenessGate(eta=cfg.rollout.eta, share=share)
+        self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
+        self.records = JsonlWriter(files.samples(self.index))
+        self._groups: dict[int, list[Generation]] = {}
+        self._next_local_prompt = 0
+        self.pushed = 0
+        self.stop = False
+        self.idle_seconds = 0.0
+        self.versions_applied = 0
+
+    # -- control ------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Control messages, then any weight version whose buckets have all arrived."""
+        for _, msg in self.ctx.poll():
+            kind = msg["type"]
+            if kind == "weights":
+                self.receiver.announce(msg["version"])
+            elif kind == "credit":
+                self.gate.credit(msg["groups"])
+            elif kind == "stop":
+                self.stop = True
+        self._apply_ready(block=False)
+
+    def _apply_ready(self, block: bool) -> None:
+        v = self.receiver.ready(block=block)
+        if v is None:
+            return
+        if not self.receiver._queued:  # a newer version already on its way supersedes this one
+            self.engine.update_weights(self.receiver.tensors(), v)
+            self.versions_applied += 1
+        self.receiver.post_next()
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.engine.free_slots() >= self.G and self.gate.admit(self.engine.version):
+            prompt_index = self._next_local_prompt * self.n_rollout + self.index
+            self._next_local_prompt += 1
+            problem = self.task.train_problem(prompt_index)
+            tokens = self.tok.encode(problem.prompt)
+            self.engine.submit(
+                GenRequest(sample_id=prompt_index * self.G + j, prompt_id=prompt_index, group_id=prompt_index,
+                           prompt_tokens=tokens)
+                for j in range(self.G)
+            )
+
+    def _finish(self, g: Generation) -> None:
+        members = self._groups.setdefault(g.request.group_id, [])
+        members.append(g)
+        if len(members) == self.G:
+            del self._groups[g.request.group_id]
+            for m in sorted(members, key=lambda x: x.request.sample_id):
+                self._push(m)
+
+    def _push(self, g: Generation) -> None:
+        problem = self.task.train_problem(g.request.prompt_id)
+        out = [t for t in g.tokens if t != self.tok.eos_id]
+        text = self.tok.decode(out)
+        reward = math_reward(text, problem.answer)
+        record = {
+            "sample_id": g.request.sample_id, "prompt_id": g.request.prompt_id, "group_id": g.request.group_id,
+            "rank": self.ctx.rank, "prompt_tokens": np.asarray(g.request.prompt_tokens, dtype=np.int32),
+            "response_tokens": np.asarray(g.tokens, dtype=np.int32),
+            "behav_logprobs": np.asarray(g.logprobs, dtype=np.float32),
+            "versions": np.asarray(g.versions, dtype=np.int32), "reward": reward, "t_start": g.t_start,
+            "t_end": g.t_end, "answer_ok": reward > 0, "interruptions": g.interruptions,
+            "ring_full_waits": self.ring.full_waits,
+        }
+        self.ring.push_parts(encode_sample_parts(record), poll=self.poll)
+        self.pushed += 1
+        self.records.write({
+            "sample_id": g.request.sample_id, "prompt_id": g.request.prompt_id, "group_id": g.request.group_id,
+            "rank": self.ctx.rank, "n_prompt": len(g.request.prompt_tokens), "n_response": len(g.tokens),
+            "versions": g.versions, "reward": reward, "t_start": g.t_start, "t_end": g.t_end,
+            "interruptions": g.interruptions, "response": text, "answer": problem.answer,
+        })
+
+    def run(self) -> dict[str, float]:
+        log.info("rollout %d: share %d groups/step, eta %d, feeding trainer %d", self.index, self.gate.share,
+                 self.gate.eta, self.trainer)
+        while not self.stop:
+            self.poll()
+            if self.stop:
+                break
+            self._admit()
+            if self.engine.num_active():
+                for g in self.engine.step():
+                    self._finish(g)
+            else:  # the gate holds us until a newer version (or a credit) arrives
+                t = time.perf_counter()
+                time.sleep(0.0005)
+                self.idle_seconds += time.perf_counter() - t
+        # Stop: sequences still in flight are abandoned (never pushed, never trained). Every weight
+        # broadcast already announced is received so the trainer's collective completes.
+        while self.receiver.busy:
+            self._apply_ready(block=True)
+        abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
+        self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
+        self.ctx.flush_sends()
+        self.records.close()
+        stats = {"pushed": self.pushed, "abandoned": abandoned, "idle_seconds": self.idle_seconds,
+                 "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
+                 "ring_full_waits": self.ring.full_waits, "ring_wait_seconds": self.ring.wait_seconds}
+        self.ring.close()
+        log.info("rollout %d done: %s", self.index, stats)
+        return stats

@@ -1,0 +1,340 @@
+"""Training backends: recompute proximal log-probs and take one decoupled-PPO optimizer step.
+
+The trainer loop talks to a ``TrainEngine`` only, so a Megatron-core backend (tensor/pipeline
+parallel) can replace ``TorchTrainEngine`` without touching the loop. ``TorchTrainEngine`` is a
+plain data-parallel backend: every rank holds the full model, sees its share of the global batch,
+and ranks stay bit-identical because they all-reduce the same gradients and step the same way.
+
+Token alignment: for a sequence ``s = prompt + response`` (lengths P, R) the log-prob of response
+token j comes from the logits at position ``P + j - 1``, at the rollout engine's sampling
+temperature, so it equals what the rollout engine logged when it sampled that token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from areal_hpc.config.schema import TrainerConfig
+from areal_hpc.train.loss import decoupled_ppo_loss, token_logprobs
+from areal_hpc.train.packing import ffd_pack, pad_microbatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TorchTrainEngine", "TrainEngine", "TrainSample"]
+
+# Per-micro-batch stats of ``decoupled_ppo_loss`` that are averaged over loss tokens.
+_TOKEN_STATS = ("clip_frac", "cap_frac", "ratio", "approx_kl")
+
+
+@dataclass
+class TrainSample:
+    """One trajectory as the trainer sees it; per-token arrays are aligned to ``response_tokens``."""
+
+    sample_id: int
+    group_id: int
+    prompt_tokens: np.ndarray  # int32 [P], P >= 1
+    response_tokens: np.ndarray  # int32 [R]
+    behav_logprobs: np.ndarray  # float32 [R], logged by the sampler at its temperature
+    versions: np.ndarray  # int32 [R], policy version that sampled each token
+    reward: float
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def n_response(self) -> int:
+        return len(self.response_tokens)
+
+
+class TrainEngine(Protocol):
+    """What the trainer loop needs from a training backend (torch today, Megatron-core later)."""
+
+    def compute_logp(self, samples: list[TrainSample]) -> list[np.ndarray]:
+        """Response-token log-probs under the current weights (the proximal policy), no grad."""
+        ...
+
+    def train_batch(
+        self,
+        samples: list[TrainSample],
+        prox_logp: list[np.ndarray],
+        advantages: np.ndarray,
+        sample_weight: np.ndarray,
+    ) -> dict[str, float]:
+        """One optimizer step of the decoupled PPO loss, token-mean over the global batch."""
+        ...
+
+    def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` in a fixed order, names as in ``model.named_parameters()``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TorchTrainEngine:
+    """Data-parallel torch backend with token-budget micro-batches and gradient accumulation.
+
+    ``dp_group`` is the torch.distributed group of the data-parallel replicas (None: single
+    replica). Every rank of the group must call ``train_batch`` for every step, even with an empty
+    share of samples, because the step contains collectives.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainerConfig,
+        *,
+        pad_id: int,
+        temperature: float,
+        dp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0 (logprobs of the sampling policy), got {temperature}"
+            )
+        self.model = model
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.temperature = temperature
+        self.dp_group = dp_group
+        self.device = next(model.parameters()).device
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self._params,
+            lr=cfg.lr,
+            betas=(float(cfg.adam_betas[0]), float(cfg.adam_betas[1])),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+
+    # -- public API -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logp(self, samples: list[TrainSample]) -> list[np.ndarray]:
+        """Per-sample float32 response log-probs; packing-independent up to float round-off."""
+        _validate(samples)
+        self.model.eval()  # no dropout: this is the proximal policy, it must be deterministic
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in samples]
+        for idx, logp in self._microbatch_logp(samples):
+            chunks = torch.split(
+                logp.float().cpu(), [samples[i].n_response for i in idx]
+            )
+            for i, c in zip(idx, chunks, strict=True):
+                out[i] = c.numpy().astype(np.float32, copy=True)
+        return out
+
+    def train_batch(
+        self,
+        samples: list[TrainSample],
+        prox_logp: list[np.ndarray],
+        advantages: np.ndarray,
+        sample_weight: np.ndarray,
+    ) -> dict[str, float]:
+        """Accumulate grads over micro-batches, all-reduce across ``dp_group``, clip, AdamW step.
+
+        The accumulated gradient equals that of ONE ``decoupled_ppo_loss`` over all response
+        tokens of the global batch: micro-batch b contributes ``sum_b / N_global``, where
+        ``N_global`` is the all-reduced token count. Returned stats are global token-weighted
+        means (identical on every rank) except ``n_tokens`` and ``n_microbatches`` (local).
+        """
+        _validate(samples)
+        advantages = np.asarray(advantages, dtype=np.float32).reshape(-1)
+        sample_weight = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
+        n = len(samples)
+        if (
+            len(prox_logp) != n
+            or advantages.shape[0] != n
+            or sample_weight.shape[0] != n
+        ):
+            raise ValueError(
+                f"{n} samples but {len(prox_logp)} prox_logp, {advantages.shape[0]} advantages, "
+                f"{sample_weight.shape[0]} sample weights"
+            )
+        for s, p in zip(samples, prox_logp, strict=True):
+            if len(p) != s.n_response:
+                raise ValueError(
+                    f"sample {s.sample_id}: {len(p)} prox logprobs for {s.n_response} tokens"
+                )
+
+        n_local = sum(s.n_response for s in samples)
+        n_global = int(
+            self._all_reduce(
+                torch.tensor([n_local], dtype=torch.float64, device=self.device)
+            )[0]
+        )
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Sums over tokens, later divided by n_global: [loss, clip, cap, ratio, kl, iw*kept, kept].
+        sums = torch.zeros(7, dtype=torch.float64)
+        n_mb = 0
+        if n_global > 0:
+            for idx, logp in self._microbatch_logp(samples):
+                n_mb += 1
+                lens = [samples[i].n_response for i in idx]
+                n_tok = sum(lens)
+                prox = np.concatenate(
+                    [np.asarray(prox_logp[i], np.float32) for i in idx]
+                )
+                behav = np.concatenate(
+                    [np.asarray(samples[i].behav_logprobs, np.float32) for i in idx]
+                )
+                loss_mb, st = decoupled_ppo_loss(
+                    logp,
+                    prox_logp=self._tensor(prox),
+                    behav_logp=self._tensor(behav),
+                    advantages=self._tensor(np.repeat(advantages[idx], lens)),
+                    loss_mask=torch.ones(n_tok, dtype=torch.bool, device=self.device),
+                    eps_clip=self.cfg.eps_clip,
+                    behav_imp_weight_cap=self.cfg.behav_imp_weight_cap,
+                    sample_weight=self._tensor(np.repeat(sample_weight[idx], lens)),
+                )
+                # decoupled_ppo_loss is a mean over this micro-batch's n_tok tokens; rescale it to
+                # this micro-batch's share of the global token mean.
+                scaled = loss_mb * (n_tok / n_global)
+                scaled.backward()
+                kept = n_tok * (1.0 - st["cap_frac"])
+                sums += torch.tensor(
+                    [
+                        loss_mb.item() * n_tok,
+                        *(st[k] * n_tok for k in _TOKEN_STATS),
+                        st["importance_weight"] * kept,
+                        kept,
+                    ],
+                    dtype=torch.float64,
+                )
+        sums = self._all_reduce(sums.to(self.device)).cpu()
+        grad_norm = self._step() if n_global > 0 else 0.0
+
+        denom = max(n_global, 1)
+        stats = {"loss": float(sums[0]) / denom}
+        stats.update(
+            {k: float(sums[1 + j]) / denom for j, k in enumerate(_TOKEN_STATS)}
+        )
+        stats["importance_weight"] = float(sums[5]) / max(float(sums[6]), 1.0)
+        stats.update(
+            grad_norm=grad_norm,
+            n_tokens=float(n_local),
+            n_tokens_global=float(n_global),
+            n_microbatches=float(n_mb),
+        )
+        logger.debug("train_batch: %s", stats)
+        return stats
+
+    def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
+        """Detached parameters in ``named_parameters()`` order (tied weights appear once)."""
+        return [(name, p.detach()) for name, p in self.model.named_parameters()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- internals --------------------------------------------------------------------------------
+    def _microbatch_logp(
+        self, samples: Sequence[TrainSample]
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield ``(sample indices, response log-probs concatenated in that order)`` per micro-batch.
+
+        Packing is by full sequence length under ``cfg.token_budget``; samples without response
+        tokens contribute nothing and are skipped. Grad flows iff grad mode is enabled.
+        """
+        live = [i for i, s in enumerate(samples) if s.n_response > 0]
+        lengths = [samples[i].n_prompt + samples[i].n_response for i in live]
+        for bin_ in ffd_pack(lengths, self.cfg.token_budget):
+            idx = [live[b] for b in bin_]
+            seqs = [
+                torch.from_numpy(
+                    np.concatenate(
+                        [samples[i].prompt_tokens, samples[i].response_tokens]
+                    ).astype(np.int64)
+                )
+                for i in idx
+            ]
+            input_ids, attn = pad_microbatch(seqs, self.pad_id)
+            input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+            # Right padding: default positions 0..L-1 are correct for every row.
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attn, use_cache=False
+            ).logits
+            rows = np.concatenate(
+                [np.full(samples[i].n_response, r) for r, i in enumerate(idx)]
+            )
+            cols = np.concatenate(
+                [
+                    np.arange(
+                        samples[i].n_prompt - 1,
+                        samples[i].n_prompt - 1 + samples[i].n_response,
+                    )
+                    for i in idx
+                ]
+            )
+            rows_t = torch.from_numpy(rows).to(self.device)
+            cols_t = torch.from_numpy(cols).to(self.device)
+            targets = input_ids[rows_t, cols_t + 1]
+            yield idx, token_logprobs(logits[rows_t, cols_t], targets, self.temperature)
+
+    def _tensor(self, a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a).to(self.device)
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return t
+
+    def _step(self) -> float:
+        """All-reduce grads (one flat buffer per dtype/device), clip, AdamW step; return the norm."""
+        for p in self._params:
+            if (
+                p.grad is None
+            ):  # unused on this rank: its zero must still join the reduction
+                p.grad = torch.zeros_like(p)
+        if self.dp_group is not None:
+            buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+            for p in self._params:
+                buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+            for grads in buckets.values():
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.dp_group)
+                for g, f in zip(
+                    grads, torch.split(flat, [g.numel() for g in grads]), strict=True
+                ):
+                    g.copy_(f.view_as(g))
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # same grads on every rank, so every rank skips together and they stay identical
+            logger.warning(
+                "non-finite grad norm %s: skipping optimizer step", grad_norm
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+def _validate(samples: Sequence[TrainSample]) -> None:
+    for s in samples:
+        if s.n_prompt < 1:
+            raise ValueError(
+                f"sample {s.sample_id}: empty prompt (response token 0 needs a context)"
+            )
+        if len(s.behav_logprobs) != s.n_response or len(s.versions) != s.n_response:
+            raise ValueError(
+                f"sample {s.sample_id}: {s.n_response} response tokens but {len(s.behav_logprobs)} "
+                f"behav logprobs and {len(s.versions)} versions"
+            )

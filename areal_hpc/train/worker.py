@@ -1,0 +1,183 @@
+"""The trainer role: update the policy whenever a batch is ready, then broadcast the new version.
+
+Each trainer rank owns the rings of its rollout ranks and takes complete prompt groups from them in
+arrival order. Every sample's oldest token version is checked against the version being trained:
+anything staler than η is rejected (and its group's budget credited back to the rollout that made
+it) or down-weighted, and counted either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from areal_hpc.comm.dist import DistGroups
+from areal_hpc.comm.mpi import MPIContext
+from areal_hpc.config import Config
+from areal_hpc.model.build import load_policy
+from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.train.advantages import group_normalized_advantages_flat
+from areal_hpc.train.engine import TorchTrainEngine, TrainSample
+from areal_hpc.transport.codec import decode_sample
+from areal_hpc.transport.shm_ring import ShmRing, ring_name
+from areal_hpc.weights.broadcast import WeightSender
+
+log = logging.getLogger(__name__)
+
+
+class NoDataError(RuntimeError):
+    pass
+
+
+class TrainerWorker:
+    def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
+                 run_id: str) -> None:
+        self.cfg, self.ctx, self.files = cfg, ctx, files
+        topo = ctx.topo
+        self.G = cfg.rollout.group_size
+        self.local_groups = cfg.trainer.batch_size // self.G // topo.n_trainer
+        self.model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
+        self.engine = TorchTrainEngine(self.model, cfg.trainer, pad_id=self.tok.pad_id,
+                                       temperature=cfg.rollout.temperature, dp_group=groups.dp)
+        self.rings = {r: ShmRing.create(ring_name(run_id, r, ctx.rank), cfg.transport.ring_bytes)
+                      for r in topo.rollouts_of(ctx.rank)}
+        self.sender = None
+        if ctx.rank == 0:
+            device = next(self.model.parameters()).device
+            self.sender = WeightSender(self.engine.parameters_for_sync(), groups.weights, cfg.weights.bucket_mb, device)
+        self.steps_log = JsonlWriter(files.steps(ctx.rank))
+        self.version = 0
+        self._partial: dict[int, list[dict]] = defaultdict(list)
+        self._ready: list[tuple[int, list[dict]]] = []  # (source rank, complete group)
+        self.popped = {r: 0 for r in self.rings}
+        self.rejected_total = 0
+        self.downweighted_total = 0
+        self.wait_seconds = 0.0
+        self.ring_full_waits = {r: 0 for r in self.rings}
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _drain(self) -> int:
+        n = 0
+        for src, ring in self.rings.items():
+            for raw in ring.pop_many(256):
+                s = decode_sample(raw)
+                n += 1
+                self.popped[src] += 1
+                self.ring_full_waits[src] = max(self.ring_full_waits[src], int(s.get("ring_full_waits", 0)))
+                group = self._partial[s["group_id"]]
+                group.append(s)
+                if len(group) == self.G:
+                    self._ready.append((src, self._partial.pop(s["group_id"])))
+        return n
+
+    def _oldest_ready(self) -> int:
+        """Index of the ready group with the oldest token version (FIFO among equals).
+
+        Taking groups oldest-first approximates consuming every rollout rank's share in order, which
+        is what the admission gate's bound assumes; arrival order would favour the fastest ring.
+        """
+        return min(range(len(self._ready)), key=lambda i: (int(self._ready[i][1][0]["versions"].min()), i))
+
+    def _collect(self) -> tuple[list[dict], list[float], list[tuple[int, int]]]:
+        """Complete groups for one step: (samples, per-sample loss weight, rejected (id, staleness))."""
+        eta, policy = self.cfg.rollout.eta, self.cfg.trainer.stale_policy
+        accepted: list[dict] = []
+        weights: list[float] = []
+        rejected: list[tuple[int, int]] = []
+        deadline = time.monotonic() + self.cfg.run.timeout_s
+        t0 = time.perf_counter()
+        while len(accepted) < self.local_groups * self.G:
+            if not self._ready and self._drain() == 0:
+                for src, msg in self.ctx.poll():
+                    raise RuntimeError(f"trainer {self.ctx.rank}: unexpected {msg} from rank {src} during training")
+                if time.monotonic() > deadline:
+                    raise NoDataError(
+                        f"trainer {self.ctx.rank} got no complete prompt group for {self.cfg.run.timeout_s:.0f}s at "
+                        f"version {self.version}; check the rollout ranks' logs (run.timeout_s sets this limit)"
+                    )
+                time.sleep(0.0005)
+                continue
+            while self._ready and len(accepted) < self.local_groups * self.G:
+                src, group = self._ready.pop(self._oldest_ready())
+                stale = [self.version - int(s["versions"].min()) for s in group]
+                too_stale = max(stale) > eta
+                if too_stale and policy == "reject":
+                    rejected.extend((int(s["sample_id"]), st) for s, st in zip(group, stale))
+                    self.ctx.send(src, {"type": "credit", "groups": 1})
+                    continue
+                for s, st in zip(group, stale):
+                    s["staleness"] = st
+                    accepted.append(s)
+                    weights.append(self.cfg.trainer.stale_weight if st > eta else 1.0)
+        self.wait_seconds += time.perf_counter() - t0
+        self.rejected_total += len(rejected)
+        self.downweighted_total += sum(w < 1.0 for w in weights)
+        return accepted, weights, rejected
+
+    # -- training -----------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        samples, weights, rejected = self._collect()
+        t_data = time.perf_counter() - t0
+        batch = [TrainSample(sample_id=int(s["sample_id"]), group_id=int(s["group_id"]),
+                             prompt_tokens=s["prompt_tokens"], response_tokens=s["response_tokens"],
+                             behav_logprobs=s["behav_logprobs"], versions=s["versions"], reward=float(s["reward"]))
+                 for s in samples]
+        rewards = np.array([b.reward for b in batch], dtype=np.float32)
+        adv = group_normalized_advantages_flat(rewards, np.array([b.group_id for b in batch]),
+                                               eps=self.cfg.trainer.adv_eps)
+        prox = self.engine.compute_logp(batch)
+        stats = self.engine.train_batch(batch, prox, np.asarray(adv, dtype=np.float32),
+                                        np.asarray(weights, dtype=np.float32))
+        trained_version = self.version
+        self.version += 1
+        if self.sender is not None:
+            self.sender.send(self.engine.parameters_for_sync())
+            for r in self.ctx.topo.rollout_ranks:
+                self.ctx.send(r, {"type": "weights", "version": self.version})
+        staleness = [int(s["staleness"]) for s in samples]
+        self.steps_log.write({
+            "step": trained_version + 1, "trained_version": trained_version, "rank": self.ctx.rank,
+            "used": [b.sample_id for b in batch], "staleness": staleness,
+            "rejected": [i for i, _ in rejected], "rejected_staleness": [st for _, st in rejected],
+            "downweighted": [b.sample_id for b, w in zip(batch, weights) if w < 1.0], "loss": stats.get("loss"),
+            "time": time.time(),
+        })
+        return {
+            "n": len(batch), "reward_sum": float(rewards.sum()),
+            "correct": float(sum(bool(s["answer_ok"]) for s in samples)),
+            "tokens": float(sum(len(b.response_tokens) for b in batch)),
+            "stale_sum": float(sum(staleness)), "stale_max": float(max(staleness)), "rejected": float(len(rejected)),
+            "interrupted": float(sum(int(s.get("interruptions", 0)) > 0 for s in samples)),
+            "multi_version": float(sum(len(set(s["versions"].tolist())) > 1 for s in samples)),
+            "t_data": t_data, "t_step": time.perf_counter() - t0, **{f"train/{k}": v for k, v in stats.items()},
+        }
+
+    def stop_rollouts(self) -> dict[str, int]:
+        """Stop generation, then drain this trainer's rings until each rollout's last record is in."""
+        if self.ctx.rank == 0:
+            for r in self.ctx.topo.rollout_ranks:
+                self.ctx.send(r, {"type": "stop"})
+        expected: dict[int, int] = {}
+        deadline = time.monotonic() + 120.0
+        while len(expected) < len(self.rings) or any(self.popped[r] < n for r, n in expected.items()):
+            for src, msg in self.ctx.poll():
+                if msg["type"] == "stopped":
+                    expected[src] = msg["pushed"]
+            if self._drain() == 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"trainer {self.ctx.rank}: rollout ranks did not stop within 120 s")
+                time.sleep(0.001)
+        leftover = [int(s["sample_id"]) for _, g in self._ready for s in g]
+        leftover += [int(s["sample_id"]) for g in self._partial.values() for s in g]
+        self.steps_log.write({"leftover": leftover, "rank": self.ctx.rank, "version": self.version})
+        if self.sender is not None:
+            self.sender.wait()
+        self.ctx.flush_sends()
+        self.steps_log.close()
+        for ring in self.rings.values():
+            ring.unlink()
+        return {"leftover": len(leftover)}
