@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _fresh_run_dir(run_dir) -> None:
     """A new run replaces the records of an earlier run of the same name (they would mix otherwise)."""
-    for sub in ("samples", "steps", "errors", "logs"):
+    for sub in ("samples", "steps", "errors", "logs", "ranks"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
     for f in ("metrics.jsonl", "summary.json"):
         (run_dir / f).unlink(missing_ok=True)

@@ -83,6 +83,10 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s)
     log.info("rank %d: %s %d of %d on %s", ctx.rank, topo.role, topo.role_rank,
              topo.n_trainer if topo.is_trainer else topo.n_rollout, ctx.hostname())
+    (files.root / "ranks").mkdir(exist_ok=True)
+    (files.root / "ranks" / f"rank{ctx.rank}.json").write_text(json.dumps(
+        {"rank": ctx.rank, "role": topo.role, "role_rank": topo.role_rank, "pid": os.getpid(),
+         "host": ctx.hostname()}))
     if topo.is_trainer:
         _run_trainer(cfg, ctx, groups, files, policy, run_id, task)
     else:

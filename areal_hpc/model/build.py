@@ -49,10 +49,19 @@ def build_tiny_model(hidden_size: int, n_layers: int, n_heads: int, intermediate
     return model
 
 
+def _quiet_transformers() -> None:
+    """Per-rank progress bars from transformers would interleave with the run's own progress line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
     """Load a causal LM and its tokenizer from a local checkpoint directory."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     p = Path(path)
     if not (p / "config.json").exists():
         raise FileNotFoundError(
@@ -65,6 +74,7 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -
 
 def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path) -> Path:
     """Write model + tokenizer atomically: a half-written checkpoint never appears under ``path``."""
+    _quiet_transformers()
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     if tmp.exists():
