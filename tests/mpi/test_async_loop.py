@@ -185,3 +185,14 @@ def _run_id(run_dir: Path) -> str:
     from areal_hpc.launch.job import run_id_of
 
     return run_id_of(run_dir)
+
+
+def test_interrupted_trajectories_span_versions(job_root):
+    """Generation-bound setting (one rollout rank, small batches): weights land mid-sequence."""
+    job = run_train(job_root, "interrupt", "run.steps=120", "trainer.batch_size=16", "rollout.eta=2",
+                    "rollout.max_concurrent_groups=4", "cluster.n_rollout=1", "eval.enabled=false")
+    assert job.rc == 0, job.output[-3000:]
+    rec = check_records(job.run_dir, eta=2, steps=120)
+    spanning = [s for s in rec["samples"] if len(set(s["versions"])) > 1]
+    assert spanning, "no trajectory spans two policy versions"
+    assert all(s["interruptions"] >= 1 for s in spanning)
