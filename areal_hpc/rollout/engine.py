@@ -106,6 +106,7 @@ class TorchEngine:
         self._pos: torch.Tensor | None = None  # [rows] position of the next token
         self._next_logits: torch.Tensor | None = None
         self._stale_cache = False
+        self._logits_version = version  # the weights that computed _next_logits (differs in 'keep' mode)
         self.tokens_generated = 0
         self.prefill_tokens = 0
 
@@ -149,7 +150,7 @@ class TorchEngine:
         for i, g in enumerate(self._live):
             g.tokens.append(tok_l[i])
             g.logprobs.append(logp_l[i])
-            g.versions.append(self.version)
+            g.versions.append(self._logits_version)
             if tok_l[i] == self.tok.eos_id or len(g.tokens) >= self.max_new_tokens:
                 g.finished, g.t_end = True, now
                 done_rows.append(i)
@@ -188,6 +189,7 @@ class TorchEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{self._cache_kw: self._cache}, logits_to_keep=1)
         self._cache = getattr(out, "cache", None) or out.past_key_values
+        self._logits_version = self.version
         return out.logits[:, -1, :]
 
     def _prefill(self) -> None:

@@ -16,7 +16,9 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, problems, max_new_tokens: i
     engine = TorchEngine(model, tok, max_batch=batch, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
     reqs = [GenRequest(i, p.prompt_id, i, tok.encode(p.prompt)) for i, p in enumerate(problems)]
     gens = engine.generate(reqs, greedy=True)
-    correct = sum(math_reward(tok.decode([t for t in g.tokens if t != tok.eos_id]), problems[g.request.sample_id].answer)
-                  for g in gens)
+    correct = sum(
+        math_reward(tok.decode([t for t in g.tokens if t != tok.eos_id]), problems[g.request.sample_id].answer)
+        for g in gens
+    )
     model.train(was_training)
     return correct / len(problems)

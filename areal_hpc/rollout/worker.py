@@ -82,7 +82,7 @@ class RolloutWorker:
         v = self.receiver.ready(block=block)
         if v is None:
             return
-        if not self.receiver._queued:  # a newer version already on its way supersedes this one
+        if not self.receiver.superseded:
             self.engine.update_weights(self.receiver.tensors(), v)
             self.versions_applied += 1
         self.receiver.post_next()

@@ -53,9 +53,9 @@ class ArithmeticTask:
                 return self._problem(index, *key)
 
     def flawed_answer(self, problem: Problem) -> str:
-        """The answer of a teacher who forgets carries (and borrows): the warm-up's systematic flaw.
+        """The answer of a teacher who forgets carries: the warm-up's systematic flaw.
 
-        Digit-wise results modulo 10 for ``+``/``-``; ``*`` has no simple flaw and stays correct.
+        Digit-wise sums modulo 10 for ``+``; ``-`` and ``*`` problems keep their correct answer.
         RL with the verifier then has something real to fix: the policy must learn to carry.
         """
         a_s, op, rest = problem.prompt.partition("+") if "+" in problem.prompt[1:] else (None, None, None)

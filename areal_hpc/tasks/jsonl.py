@@ -40,7 +40,8 @@ class JsonlTask:
 
     @property
     def alphabet(self) -> str:
-        chars = {c for p, a in self._train for c in p + a} | {c for q in self.eval_problems for c in q.prompt + q.answer}
+        chars = {c for p, a in self._train for c in p + a}
+        chars |= {c for q in self.eval_problems for c in q.prompt + q.answer}
         return "".join(sorted(chars))
 
     def max_prompt_chars(self) -> int:

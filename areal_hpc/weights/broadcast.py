@@ -135,5 +135,10 @@ class WeightReceiver:
             self._post(self._queued.pop(0))
 
     @property
+    def superseded(self) -> bool:
+        """A newer version is already announced: the one just received need not be applied."""
+        return bool(self._queued)
+
+    @property
     def busy(self) -> bool:
         return self.pending_version is not None or bool(self._queued)

@@ -19,7 +19,7 @@ import pytest
 
 from areal_hpc.storage.records import RunFiles, read_jsonl
 
-from .conftest import REPO, QUICKSTART, run_train, train_args
+from .conftest import QUICKSTART, REPO, run_train, train_args
 
 pytestmark = pytest.mark.mpi
 
@@ -196,3 +196,31 @@ def test_interrupted_trajectories_span_versions(job_root):
     spanning = [s for s in rec["samples"] if len(set(s["versions"])) > 1]
     assert spanning, "no trajectory spans two policy versions"
     assert all(s["interruptions"] >= 1 for s in spanning)
+
+
+def test_hf_checkpoint_and_jsonl_dataset(job_root, tmp_path):
+    """The cluster path: a local HF checkpoint directory (model.kind=hf) and a JSONL dataset."""
+    checkpoints = sorted((job_root / "cache").glob("tiny-*/config.json"))
+    if not checkpoints:  # run alone: make one through the normal warm-up path
+        assert run_train(job_root, "make_ckpt", "run.steps=1", "eval.enabled=false").rc == 0
+        checkpoints = sorted((job_root / "cache").glob("tiny-*/config.json"))
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                             for a in range(10, 40) for b in range(10, 40)))
+    held.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(60, 70) for b in range(60, 70)))
+    job = run_train(job_root, "hf_jsonl", "run.steps=5", "model.kind=hf", f"model.path={checkpoints[0].parent}",
+                    "task.kind=jsonl", f"task.train_path={train}", f"task.eval_path={held}", "warmup.flaw=0",
+                    "eval.n=50")
+    assert job.rc == 0, job.output[-3000:]
+    rec = check_records(job.run_dir, eta=4, steps=5)
+    prompts = {s["answer"] for s in rec["samples"]}
+    assert prompts <= {str(a + b) for a in range(10, 40) for b in range(10, 40)}
+    assert 0.0 <= rec["summary"]["accuracy_before"] <= 1.0
+
+
+def test_missing_model_path_is_explained(job_root):
+    proc = subprocess.run(train_args(job_root, "nomodel", "model.kind=hf", "model.path=/no/such/checkpoint"),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "model.path" in proc.stderr and "/no/such/checkpoint" in proc.stderr
