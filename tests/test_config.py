@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from areal_hpc.config import (
     Config,
@@ -48,7 +49,8 @@ def test_quickstart_yaml_loads() -> None:
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
     assert cfg.cluster.n_trainer == 1
     assert cfg.cluster.n_rollout == 2
-    assert cfg.run.steps == 40
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    assert cfg.run.steps == raw["run"]["steps"] and cfg.trainer.lr == float(raw["trainer"]["lr"])
     assert cfg.trainer.batch_size % cfg.rollout.group_size == 0
 
 

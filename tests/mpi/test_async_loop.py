@@ -60,7 +60,8 @@ def check_records(run_dir: Path, eta: int, steps: int, group_size: int = 8) -> d
     for s in samples:
         assert s["versions"] == sorted(s["versions"]) and len(s["versions"]) == s["n_response"]
     for path in sorted((run_dir / "samples").glob("*.jsonl")):
-        last = [s["versions"][-1] for s in read_jsonl(path)]
+        # in finishing order (groups are written when their last member ends, so file order differs)
+        last = [s["versions"][-1] for s in sorted(read_jsonl(path), key=lambda s: s["t_end"])]
         assert last == sorted(last), f"{path.name}: policy version went backwards"
     for rank in {r["rank"] for r in step_rows}:
         trained = [r["trained_version"] for r in step_rows if r["rank"] == rank]
@@ -188,11 +189,12 @@ def _run_id(run_dir: Path) -> str:
 
 
 def test_interrupted_trajectories_span_versions(job_root):
-    """Generation-bound setting (one rollout rank, small batches): weights land mid-sequence."""
-    job = run_train(job_root, "interrupt", "run.steps=120", "trainer.batch_size=16", "rollout.eta=2",
-                    "rollout.max_concurrent_groups=4", "cluster.n_rollout=1", "eval.enabled=false")
+    """Generation-bound setting: one rollout rank decoding one group at a time for a trainer that
+    needs 32 groups per step, so the rollout is always busy and new weights land mid-sequence."""
+    job = run_train(job_root, "interrupt", "run.steps=15", "trainer.batch_size=256", "rollout.eta=2",
+                    "rollout.max_concurrent_groups=1", "cluster.n_rollout=1", "eval.enabled=false")
     assert job.rc == 0, job.output[-3000:]
-    rec = check_records(job.run_dir, eta=2, steps=120)
+    rec = check_records(job.run_dir, eta=2, steps=15)
     spanning = [s for s in rec["samples"] if len(set(s["versions"])) > 1]
     assert spanning, "no trajectory spans two policy versions"
     assert all(s["interruptions"] >= 1 for s in spanning)
