@@ -125,7 +125,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
         elapsed = time.perf_counter() - t_start
         row = _combine(parts)
         for k in totals:
-            totals[k] += row["samples" if k == "samples" else k]
+            totals[k] += row[k]
         row.update(step=worker.version, version=worker.version, elapsed=elapsed,
                    samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
                    rejected_total=totals["rejected"], ring_full_waits=sum(worker.ring_full_waits.values()),
