@@ -116,7 +116,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
     metrics = JsonlWriter(files.metrics) if lead else None
     progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
     t_start = time.perf_counter()
-    totals = {"samples": 0.0, "tokens": 0.0, "rejected": 0.0}
+    totals = {"samples": 0.0, "tokens": 0.0, "rejected": 0.0, "downweighted": 0.0}
     for _ in range(cfg.run.steps):
         local = worker.step()
         parts = ctx.role_comm.gather(local, root=0)
@@ -149,6 +149,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
             "accuracy_before": acc_before, "accuracy_after": acc_after, "train_seconds": train_seconds,
             "samples_trained": totals["samples"], "samples_per_s": totals["samples"] / train_seconds,
             "tokens_per_s": totals["tokens"] / train_seconds, "rejected": totals["rejected"],
+            "downweighted": totals["downweighted"],
             "leftover_at_stop": sum(s["leftover"] for s in stops),
             "generated": sum(s["pushed"] for s in rs), "abandoned_in_flight": sum(s["abandoned"] for s in rs),
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
@@ -168,6 +169,7 @@ def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
         "accuracy": sum(p["correct"] for p in parts) / n, "tokens": sum(p["tokens"] for p in parts),
         "staleness_mean": sum(p["stale_sum"] for p in parts) / n,
         "staleness_max": max(p["stale_max"] for p in parts), "rejected": sum(p["rejected"] for p in parts),
+        "downweighted": sum(p["downweighted"] for p in parts),
         "interrupted": sum(p["interrupted"] for p in parts), "multi_version": sum(p["multi_version"] for p in parts),
         "t_data": max(p["t_data"] for p in parts), "t_step": max(p["t_step"] for p in parts),
     }

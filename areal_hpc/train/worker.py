@@ -32,6 +32,20 @@ class NoDataError(RuntimeError):
     pass
 
 
+def screen_group(versions: list[np.ndarray], trained_version: int, eta: int, policy: str,
+                 stale_weight: float) -> tuple[list[int], list[float] | None]:
+    """Staleness of each sample (trained version − its oldest token's version) and the group's fate.
+
+    Returns per-sample loss weights, or None when the group is rejected: with ``policy='reject'`` a
+    group with any sample staler than η is dropped whole (its advantages need every member); with
+    ``'downweight'`` the stale samples get ``stale_weight`` and the rest 1.
+    """
+    stale = [trained_version - int(v.min()) for v in versions]
+    if max(stale) > eta and policy == "reject":
+        return stale, None
+    return stale, [stale_weight if st > eta else 1.0 for st in stale]
+
+
 class TrainerWorker:
     def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
                  run_id: str) -> None:
@@ -102,16 +116,16 @@ class TrainerWorker:
                 continue
             while self._ready and len(accepted) < self.local_groups * self.G:
                 src, group = self._ready.pop(self._oldest_ready())
-                stale = [self.version - int(s["versions"].min()) for s in group]
-                too_stale = max(stale) > eta
-                if too_stale and policy == "reject":
+                stale, group_weights = screen_group([s["versions"] for s in group], self.version, eta, policy,
+                                                    self.cfg.trainer.stale_weight)
+                if group_weights is None:
                     rejected.extend((int(s["sample_id"]), st) for s, st in zip(group, stale))
                     self.ctx.send(src, {"type": "credit", "groups": 1})
                     continue
                 for s, st in zip(group, stale):
                     s["staleness"] = st
-                    accepted.append(s)
-                    weights.append(self.cfg.trainer.stale_weight if st > eta else 1.0)
+                accepted.extend(group)
+                weights.extend(group_weights)
         self.wait_seconds += time.perf_counter() - t0
         self.rejected_total += len(rejected)
         self.downweighted_total += sum(w < 1.0 for w in weights)
@@ -151,6 +165,7 @@ class TrainerWorker:
             "correct": float(sum(bool(s["answer_ok"]) for s in samples)),
             "tokens": float(sum(len(b.response_tokens) for b in batch)),
             "stale_sum": float(sum(staleness)), "stale_max": float(max(staleness)), "rejected": float(len(rejected)),
+            "downweighted": float(sum(w < 1.0 for w in weights)),
             "interrupted": float(sum(int(s.get("interruptions", 0)) > 0 for s in samples)),
             "multi_version": float(sum(len(set(s["versions"].tolist())) > 1 for s in samples)),
             "t_data": t_data, "t_step": time.perf_counter() - t0, **{f"train/{k}": v for k, v in stats.items()},
