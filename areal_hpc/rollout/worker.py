@@ -20,7 +20,7 @@ from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
 from areal_hpc.rollout.reward import math_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.records import JsonlWriter, RunFiles
-from areal_hpc.tasks import build_task
+from areal_hpc.tasks import Problem, build_task
 from areal_hpc.transport.codec import encode_sample_parts
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
 from areal_hpc.weights.broadcast import WeightReceiver
@@ -59,6 +59,7 @@ class RolloutWorker:
         self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
         self.records = JsonlWriter(files.samples(self.index))
         self._groups: dict[int, list[Generation]] = {}
+        self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
         self._next_local_prompt = 0
         self.pushed = 0
         self.stop = False
@@ -93,6 +94,7 @@ class RolloutWorker:
             prompt_index = self._next_local_prompt * self.n_rollout + self.index
             self._next_local_prompt += 1
             problem = self.task.train_problem(prompt_index)
+            self._problems[prompt_index] = problem
             tokens = self.tok.encode(problem.prompt)
             self.engine.submit(
                 GenRequest(sample_id=prompt_index * self.G + j, prompt_id=prompt_index, group_id=prompt_index,
@@ -105,11 +107,11 @@ class RolloutWorker:
         members.append(g)
         if len(members) == self.G:
             del self._groups[g.request.group_id]
+            problem = self._problems.pop(g.request.group_id)
             for m in sorted(members, key=lambda x: x.request.sample_id):
-                self._push(m)
+                self._push(m, problem)
 
-    def _push(self, g: Generation) -> None:
-        problem = self.task.train_problem(g.request.prompt_id)
+    def _push(self, g: Generation, problem: Problem) -> None:
         out = [t for t in g.tokens if t != self.tok.eos_id]
         text = self.tok.decode(out)
         reward = math_reward(text, problem.answer)
