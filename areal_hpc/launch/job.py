@@ -128,8 +128,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
             totals[k] += row[k]
         row.update(step=worker.version, version=worker.version, elapsed=elapsed,
                    samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
-                   rejected_total=totals["rejected"], ring_full_waits=sum(worker.ring_full_waits.values()),
-                   weight_send_wait_s=worker.sender.seconds_waiting)
+                   rejected_total=totals["rejected"], weight_send_wait_s=worker.sender.seconds_waiting)
         metrics.write(row)
         progress.update(row)
     train_seconds = time.perf_counter() - t_start
@@ -162,7 +161,8 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
 
 
 def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Merge per-trainer step stats: sums for counts, max for maxima, token-weighted train stats."""
+    """Merge per-trainer step stats: sums for counts, max for maxima; the engine's train stats are
+    already global (reduced over the data-parallel group), so their mean is the value itself."""
     n = sum(p["n"] for p in parts)
     row: dict[str, float] = {
         "samples": n, "reward": sum(p["reward_sum"] for p in parts) / n,
@@ -170,6 +170,7 @@ def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
         "staleness_mean": sum(p["stale_sum"] for p in parts) / n,
         "staleness_max": max(p["stale_max"] for p in parts), "rejected": sum(p["rejected"] for p in parts),
         "downweighted": sum(p["downweighted"] for p in parts),
+        "ring_full_waits": sum(p["ring_full_waits"] for p in parts),
         "interrupted": sum(p["interrupted"] for p in parts), "multi_version": sum(p["multi_version"] for p in parts),
         "t_data": max(p["t_data"] for p in parts), "t_step": max(p["t_step"] for p in parts),
     }

@@ -104,7 +104,8 @@ class TrainerWorker:
         deadline = time.monotonic() + self.cfg.run.timeout_s
         t0 = time.perf_counter()
         while len(accepted) < self.local_groups * self.G:
-            if not self._ready and self._drain() == 0:
+            self._drain()  # everything that has arrived, so the oldest-first choice sees it all
+            if not self._ready:
                 for src, msg in self.ctx.poll():
                     raise RuntimeError(f"trainer {self.ctx.rank}: unexpected {msg} from rank {src} during training")
                 if time.monotonic() > deadline:
@@ -166,6 +167,7 @@ class TrainerWorker:
             "tokens": float(sum(len(b.response_tokens) for b in batch)),
             "stale_sum": float(sum(staleness)), "stale_max": float(max(staleness)), "rejected": float(len(rejected)),
             "downweighted": float(sum(w < 1.0 for w in weights)),
+            "ring_full_waits": float(sum(self.ring_full_waits.values())),
             "interrupted": float(sum(int(s.get("interruptions", 0)) > 0 for s in samples)),
             "multi_version": float(sum(len(set(s["versions"].tolist())) > 1 for s in samples)),
             "t_data": t_data, "t_step": time.perf_counter() - t0, **{f"train/{k}": v for k, v in stats.items()},
