@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _fresh_run_dir(run_dir) -> None:
     """A new run replaces the records of an earlier run of the same name (they would mix otherwise)."""
-    for sub in ("samples", "steps", "errors", "logs", "ranks"):
+    for sub in ("rollout_log", "trainer_log", "errors", "logs", "ranks", "analysis"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
     for f in ("metrics.jsonl", "summary.json"):
         (run_dir / f).unlink(missing_ok=True)
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.lr=2e-5 rollout.eta=4")
     p.set_defaults(func=_train)
+    from areal_hpc.analysis.cli import add_parser as add_analyze
+
+    add_analyze(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -81,6 +81,7 @@ class MPIContext:
             )
         self.topo = Topology(n_trainer, n_rollout, self.world.rank)
         self.role_comm = self.world.Split(color=0 if self.topo.is_trainer else 1, key=self.world.rank)
+        self.hosts: list[str] = self.world.allgather(MPI.Get_processor_name())
         self._pending_sends: list[Any] = []
 
     @property
@@ -108,7 +109,10 @@ class MPIContext:
         self._pending_sends.clear()
 
     def hostname(self) -> str:
-        return self._MPI.Get_processor_name()
+        return self.hosts[self.rank]
+
+    def same_node(self, a: int, b: int) -> bool:
+        return self.hosts[a] == self.hosts[b]
 
     def abort(self, code: int = 1) -> None:
         self.world.Abort(code)

@@ -714,6 +714,12 @@ def validate(cfg: Config) -> None:
         "must be >= 65536",
         "set transport.ring_bytes=8388608",
     )
+    _need(tp.poll_s > 0, "transport.poll_s", tp.poll_s, "must be > 0", "set transport.poll_s=0.002")
+    lg = cfg.log
+    _need(lg.shard_samples >= 1, "log.shard_samples", lg.shard_samples, "must be >= 1", "set log.shard_samples=512")
+    _need(lg.flush_s > 0, "log.flush_s", lg.flush_s, "must be > 0", "set log.flush_s=2.0")
+    _need(lg.trainer_shard_steps >= 1, "log.trainer_shard_steps", lg.trainer_shard_steps, "must be >= 1",
+          "set log.trainer_shard_steps=20")
     _need(
         wt.bucket_mb >= 1,
         "weights.bucket_mb",

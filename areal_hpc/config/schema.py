@@ -166,8 +166,25 @@ class TrainerConfig:
 class TransportConfig:
     """Rollout -> trainer sample transport."""
 
-    kind: str = _f("shm", "shared-memory ring buffer", ("shm",))
+    kind: str = _f(
+        "auto",
+        "shm: shared-memory ring; hdf5: finished log shards on a shared filesystem; "
+        "auto: shm for rollout/trainer pairs on one node, hdf5 across nodes",
+        ("auto", "shm", "hdf5"),
+    )
     ring_bytes: int = _f(8388608, "ring buffer size in bytes (>= 65536)")
+    retain_shards: bool = _f(True, "keep consumed rollout shards as the log (false: delete them in hdf5 mode)")
+    poll_s: float = _f(0.002, "how often a trainer looks for new shards in hdf5 mode (seconds)")
+
+
+@dataclass
+class LogConfig:
+    """The HDF5 rollout log (docs/rollout-log.md): shard sizes and compression."""
+
+    shard_samples: int = _f(512, "samples per rollout shard (a shard also closes when old or idle)")
+    flush_s: float = _f(2.0, "close an open rollout shard after this many seconds")
+    trainer_shard_steps: int = _f(20, "training steps per trainer shard")
+    compression: str = _f("gzip", "dataset compression", ("gzip", "lzf", "none"))
 
 
 @dataclass
@@ -223,6 +240,7 @@ class Config:
     transport: TransportConfig = field(
         default_factory=TransportConfig, metadata={"help": "sample transport"}
     )
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "HDF5 rollout log"})
     weights: WeightsConfig = field(
         default_factory=WeightsConfig, metadata={"help": "weight broadcast"}
     )

@@ -19,9 +19,11 @@ from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
 from areal_hpc.rollout.reward import math_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
-from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.storage.records import RunFiles
+from areal_hpc.storage.writers import RolloutLogWriter
 from areal_hpc.tasks import Problem, build_task
 from areal_hpc.transport.codec import encode_sample_parts
+from areal_hpc.transport.select import log_attrs, pair_uses_ring
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
 from areal_hpc.weights.broadcast import WeightReceiver
 
@@ -56,8 +58,12 @@ class RolloutWorker:
                 f"{self.trainer}; raise trainer.batch_size or lower cluster.n_rollout"
             )
         self.gate = StalenessGate(eta=cfg.rollout.eta, share=share)
-        self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
-        self.records = JsonlWriter(files.samples(self.index))
+        self.ring = None
+        if pair_uses_ring(cfg.transport.kind, ctx, ctx.rank, self.trainer):
+            self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
+        self.log = RolloutLogWriter(
+            files.rollout_log, self.index, attrs=log_attrs(files, run_id, ctx.rank),
+            shard_samples=cfg.log.shard_samples, flush_s=cfg.log.flush_s, compression=cfg.log.compression)
         self._groups: dict[int, list[Generation]] = {}
         self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
         self._next_local_prompt = 0
@@ -122,16 +128,12 @@ class RolloutWorker:
             "behav_logprobs": np.asarray(g.logprobs, dtype=np.float32),
             "versions": np.asarray(g.versions, dtype=np.int32), "reward": reward, "t_start": g.t_start,
             "t_end": g.t_end, "answer_ok": reward > 0, "interruptions": g.interruptions,
-            "ring_full_waits": self.ring.full_waits,
         }
-        self.ring.push_parts(encode_sample_parts(record), poll=self.poll)
+        if self.ring is not None:
+            self.ring.push_parts(encode_sample_parts({**record, "ring_full_waits": self.ring.full_waits}),
+                                 poll=self.poll)
+        self.log.add(record, text, problem.answer)  # in hdf5 mode the log's shards are the transport
         self.pushed += 1
-        self.records.write({
-            "sample_id": g.request.sample_id, "prompt_id": g.request.prompt_id, "group_id": g.request.group_id,
-            "rank": self.ctx.rank, "n_prompt": len(g.request.prompt_tokens), "n_response": len(g.tokens),
-            "versions": g.versions, "reward": reward, "t_start": g.t_start, "t_end": g.t_end,
-            "interruptions": g.interruptions, "response": text, "answer": problem.answer,
-        })
 
     def run(self) -> dict[str, float]:
         log.info("rollout %d: share %d groups/step, eta %d, feeding trainer %d", self.index, self.gate.share,
@@ -144,7 +146,10 @@ class RolloutWorker:
             if self.engine.num_active():
                 for g in self.engine.step():
                     self._finish(g)
+                self.log.flush_if_due()
             else:  # the gate holds us until a newer version (or a credit) arrives
+                # Shards are the transport without a ring: a waiting trainer must see what is buffered.
+                self.log.flush_if_due(idle=self.ring is None)
                 t = time.perf_counter()
                 time.sleep(0.0005)
                 self.idle_seconds += time.perf_counter() - t
@@ -153,12 +158,15 @@ class RolloutWorker:
         while self.receiver.busy:
             self._apply_ready(block=True)
         abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
+        self.log.flush()
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
-        self.records.close()
         stats = {"pushed": self.pushed, "abandoned": abandoned, "idle_seconds": self.idle_seconds,
                  "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
-                 "ring_full_waits": self.ring.full_waits, "ring_wait_seconds": self.ring.wait_seconds}
-        self.ring.close()
+                 "ring_full_waits": self.ring.full_waits if self.ring else 0,
+                 "ring_wait_seconds": self.ring.wait_seconds if self.ring else 0.0,
+                 "shards_written": self.log.shards_written}
+        if self.ring is not None:
+            self.ring.close()
         log.info("rollout %d done: %s", self.index, stats)
         return stats

@@ -1,8 +1,7 @@
-"""Append-only JSONL records of a run: per-sample (rollout ranks) and per-step (trainer ranks).
+"""The run folder's layout and its small JSONL files (per-step metrics).
 
-Each line is flushed as it is written so a crash loses at most the line in progress. The fields are
-the ones the HDF5 rollout log will carry as columns; readers here let tests and tools check a run's
-staleness and accounting from its own files.
+Each JSONL line is flushed as it is written, so a crash loses at most the line in progress. Samples
+and training steps live in the HDF5 rollout log (``rollout_log/``, ``trainer_log/``).
 """
 
 from __future__ import annotations
@@ -53,11 +52,13 @@ class RunFiles:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
-    def samples(self, rollout_rank: int) -> Path:
-        return self.root / "samples" / f"rollout{rollout_rank}.jsonl"
+    @property
+    def rollout_log(self) -> Path:
+        return self.root / "rollout_log"
 
-    def steps(self, trainer_rank: int) -> Path:
-        return self.root / "steps" / f"trainer{trainer_rank}.jsonl"
+    @property
+    def trainer_log(self) -> Path:
+        return self.root / "trainer_log"
 
     @property
     def summary(self) -> Path:
@@ -74,9 +75,3 @@ class RunFiles:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
-
-    def all_samples(self) -> list[dict[str, Any]]:
-        return [r for p in sorted((self.root / "samples").glob("*.jsonl")) for r in read_jsonl(p)]
-
-    def all_steps(self) -> list[dict[str, Any]]:
-        return [r for p in sorted((self.root / "steps").glob("*.jsonl")) for r in read_jsonl(p)]

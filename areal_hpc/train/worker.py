@@ -18,10 +18,13 @@ from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.model.build import load_policy
-from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.storage.records import RunFiles
+from areal_hpc.storage.writers import TrainerLogWriter
 from areal_hpc.train.advantages import group_normalized_advantages_flat
 from areal_hpc.train.engine import TorchTrainEngine, TrainSample
 from areal_hpc.transport.codec import decode_sample
+from areal_hpc.transport.hdf5_source import ShardSource
+from areal_hpc.transport.select import log_attrs, pair_uses_ring
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
 from areal_hpc.weights.broadcast import WeightSender
 
@@ -56,17 +59,25 @@ class TrainerWorker:
         self.model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
         self.engine = TorchTrainEngine(self.model, cfg.trainer, pad_id=self.tok.pad_id,
                                        temperature=cfg.rollout.temperature, dp_group=groups.dp)
-        self.rings = {r: ShmRing.create(ring_name(run_id, r, ctx.rank), cfg.transport.ring_bytes)
-                      for r in topo.rollouts_of(ctx.rank)}
+        self.rings: dict[int, ShmRing] = {}
+        self.sources: dict[int, ShardSource] = {}  # rollout ranks on other nodes (or transport.kind=hdf5)
+        for r in topo.rollouts_of(ctx.rank):
+            if pair_uses_ring(cfg.transport.kind, ctx, r, ctx.rank):
+                self.rings[r] = ShmRing.create(ring_name(run_id, r, ctx.rank), cfg.transport.ring_bytes)
+            else:
+                self.sources[r] = ShardSource(files.rollout_log, r - topo.n_trainer,
+                                              retain=cfg.transport.retain_shards)
+        self._next_shard_poll = 0.0
         self.sender = None
         if ctx.rank == 0:
             device = next(self.model.parameters()).device
             self.sender = WeightSender(self.engine.parameters_for_sync(), groups.weights, cfg.weights.bucket_mb, device)
-        self.steps_log = JsonlWriter(files.steps(ctx.rank))
+        self.steps_log = TrainerLogWriter(files.trainer_log, ctx.rank, attrs=log_attrs(files, run_id, ctx.rank),
+                                          shard_steps=cfg.log.trainer_shard_steps, compression=cfg.log.compression)
         self.version = 0
         self._partial: dict[int, list[dict]] = defaultdict(list)
         self._ready: list[tuple[int, list[dict]]] = []  # (source rank, complete group)
-        self.popped = {r: 0 for r in self.rings}
+        self.popped = {r: 0 for r in [*self.rings, *self.sources]}
         self.rejected_total = 0
         self.downweighted_total = 0
         self.wait_seconds = 0.0
@@ -78,14 +89,24 @@ class TrainerWorker:
         for src, ring in self.rings.items():
             for raw in ring.pop_many(256):
                 s = decode_sample(raw)
+                self.ring_full_waits[src] = max(self.ring_full_waits[src], int(s["ring_full_waits"]))
+                self._add(src, s)
                 n += 1
-                self.popped[src] += 1
-                self.ring_full_waits[src] = max(self.ring_full_waits[src], int(s.get("ring_full_waits", 0)))
-                group = self._partial[s["group_id"]]
-                group.append(s)
-                if len(group) == self.G:
-                    self._ready.append((src, self._partial.pop(s["group_id"])))
+        if self.sources and time.monotonic() >= self._next_shard_poll:
+            self._next_shard_poll = time.monotonic() + self.cfg.transport.poll_s
+            for src, source in self.sources.items():
+                for s in source.poll():
+                    self._add(src, s)
+                    n += 1
         return n
+
+    def _add(self, src: int, s: dict) -> None:
+        """File a sample under its group; a group is ready once all its members are in."""
+        self.popped[src] += 1
+        group = self._partial[s["group_id"]]
+        group.append(s)
+        if len(group) == self.G:
+            self._ready.append((src, self._partial.pop(s["group_id"])))
 
     def _oldest_ready(self) -> int:
         """Index of the ready group with the oldest token version (FIFO among equals).
@@ -154,13 +175,8 @@ class TrainerWorker:
             for r in self.ctx.topo.rollout_ranks:
                 self.ctx.send(r, {"type": "weights", "version": self.version})
         staleness = [int(s["staleness"]) for s in samples]
-        self.steps_log.write({
-            "step": trained_version + 1, "trained_version": trained_version, "rank": self.ctx.rank,
-            "used": [b.sample_id for b in batch], "staleness": staleness,
-            "rejected": [i for i, _ in rejected], "rejected_staleness": [st for _, st in rejected],
-            "downweighted": [b.sample_id for b, w in zip(batch, weights) if w < 1.0], "loss": stats.get("loss"),
-            "time": time.time(),
-        })
+        self.steps_log.add(trained_version + 1, trained_version, stats, [b.sample_id for b in batch], staleness,
+                           weights, [i for i, _ in rejected], [st for _, st in rejected])
         return {
             "n": len(batch), "reward_sum": float(rewards.sum()),
             "correct": float(sum(bool(s["answer_ok"]) for s in samples)),
@@ -180,7 +196,7 @@ class TrainerWorker:
                 self.ctx.send(r, {"type": "stop"})
         expected: dict[int, int] = {}
         deadline = time.monotonic() + 120.0
-        while len(expected) < len(self.rings) or any(self.popped[r] < n for r, n in expected.items()):
+        while len(expected) < len(self.popped) or any(self.popped[r] < n for r, n in expected.items()):
             for src, msg in self.ctx.poll():
                 if msg["type"] == "stopped":
                     expected[src] = msg["pushed"]
@@ -190,11 +206,10 @@ class TrainerWorker:
                 time.sleep(0.001)
         leftover = [int(s["sample_id"]) for _, g in self._ready for s in g]
         leftover += [int(s["sample_id"]) for g in self._partial.values() for s in g]
-        self.steps_log.write({"leftover": leftover, "rank": self.ctx.rank, "version": self.version})
+        self.steps_log.flush(leftover=leftover)
         if self.sender is not None:
             self.sender.wait()
         self.ctx.flush_sends()
-        self.steps_log.close()
         for ring in self.rings.values():
             ring.unlink()
         return {"leftover": len(leftover)}

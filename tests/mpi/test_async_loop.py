@@ -15,7 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from areal_hpc.storage.runlog import RunLog
 
 from areal_hpc.storage.records import RunFiles, read_jsonl
 
@@ -27,53 +29,56 @@ STEPS = 150
 
 
 def check_records(run_dir: Path, eta: int, steps: int, group_size: int = 8) -> dict:
-    """The invariants every run must satisfy; returns a few numbers for further asserts."""
+    """The invariants every run must satisfy, read from its HDF5 log; returns what was read."""
     files = RunFiles(run_dir)
     summary = json.loads(files.summary.read_text())
-    samples = files.all_samples()
-    records = files.all_steps()
-    step_rows = [r for r in records if "used" in r]
-    leftover = [i for r in records if "leftover" in r for i in r["leftover"]]
+    log = RunLog(run_dir, strict=True)
+    assert log.finished and not log.partials
+    samples = log.samples()
+    fates = log.step_samples()
+    leftover = [int(i) for i in log.leftover()]
 
     # Every generated sample is trained, rejected or left over at stop: exactly once.
-    ids = [s["sample_id"] for s in samples]
+    ids = samples["sample_id"].tolist()
     assert len(ids) == len(set(ids)), "a sample id was generated twice"
-    used = [i for r in step_rows for i in r["used"]]
-    rejected = [i for r in step_rows for i in r["rejected"]]
-    fates = used + rejected + leftover
-    dup = [i for i, c in Counter(fates).items() if c > 1]
+    used = fates[fates["fate"] == "used"]
+    rejected = fates[fates["fate"] == "rejected"]
+    every = used["sample_id"].tolist() + rejected["sample_id"].tolist() + leftover
+    dup = [i for i, c in Counter(every).items() if c > 1]
     assert not dup, f"samples trained/rejected more than once: {dup[:10]}"
-    assert set(fates) == set(ids), "a generated sample was neither trained, rejected nor left over"
+    assert set(every) == set(ids), "a generated sample was neither trained, rejected nor left over"
     assert summary["generated"] == len(ids)
 
     # Staleness bound, recomputed from the per-token versions the rollout recorded.
-    by_id = {s["sample_id"]: s for s in samples}
-    for r in step_rows:
-        for sid, logged in zip(r["used"], r["staleness"]):
-            staleness = r["trained_version"] - min(by_id[sid]["versions"])
-            assert staleness == logged
-            assert 0 <= staleness <= eta, f"sample {sid} trained {staleness} versions stale (eta={eta})"
-        for sid, logged in zip(r["rejected"], r["rejected_staleness"]):
-            assert r["trained_version"] - min(by_id[sid]["versions"]) == logged > eta
+    joined = fates.merge(samples[["sample_id", "min_version"]], on="sample_id", how="left", validate="one_to_one")
+    assert (joined["trained_version"] - joined["min_version"] == joined["staleness"]).all()
+    kept = joined[joined["fate"] == "used"]
+    assert kept["staleness"].between(0, eta).all(), f"trained a sample more than eta={eta} stale"
+    assert (joined[joined["fate"] == "rejected"]["staleness"] > eta).all()
 
     # Versions only grow: per token within a sample, per finished sample on a rollout rank, per step.
-    for s in samples:
-        assert s["versions"] == sorted(s["versions"]) and len(s["versions"]) == s["n_response"]
-    for path in sorted((run_dir / "samples").glob("*.jsonl")):
-        # in finishing order (groups are written when their last member ends, so file order differs)
-        last = [s["versions"][-1] for s in sorted(read_jsonl(path), key=lambda s: s["t_end"])]
-        assert last == sorted(last), f"{path.name}: policy version went backwards"
-    for rank in {r["rank"] for r in step_rows}:
-        trained = [r["trained_version"] for r in step_rows if r["rank"] == rank]
-        assert trained == list(range(steps))
+    sample_ids, offsets, fields = log.tokens("response")
+    versions = fields["versions"]
+    assert (np.diff(offsets) == samples.set_index("sample_id").loc[sample_ids, "response_len"].to_numpy()).all()
+    steps_within = np.ones(len(versions), bool)
+    steps_within[offsets[:-1]] = False  # first token of each sample has no predecessor in it
+    assert (np.diff(versions, prepend=0)[steps_within] >= 0).all(), "version went backwards inside a sample"
+    for rank, per_rank in samples.sort_values("t_end", kind="stable").groupby("rank"):
+        last = per_rank["max_version"].to_numpy()
+        assert (np.diff(last) >= 0).all(), f"rollout rank {rank}: policy version went backwards"
+    steps_df = log.steps()
+    for _, per_rank in steps_df.groupby("rank"):
+        assert per_rank.sort_values("step")["trained_version"].tolist() == list(range(steps))
     assert summary["final_version"] == steps
 
     # Whole groups only: advantages are normalised within a group.
-    group_sizes = Counter(by_id[i]["group_id"] for i in used)
-    assert set(group_sizes.values()) == {group_size}
+    group_of = samples.set_index("sample_id")["group_id"]
+    sizes = Counter(group_of.loc[used["sample_id"]].tolist())
+    assert set(sizes.values()) == {group_size}
     metrics = list(read_jsonl(files.metrics))
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-    return {"summary": summary, "used": used, "rejected": rejected, "samples": samples, "metrics": metrics}
+    return {"summary": summary, "used": used["sample_id"].tolist(), "rejected": rejected["sample_id"].tolist(),
+            "samples": samples, "metrics": metrics, "log": log}
 
 
 def assert_learned(summary: dict, margin: float = 0.06) -> None:
@@ -107,8 +112,8 @@ def test_sync_mode_trains_on_fresh_data_only(job_root):
     job = run_train(job_root, "sync_1x2", "run.steps=40", "async=false", "rollout.eta=0")
     assert job.rc == 0, job.output[-3000:]
     rec = check_records(job.run_dir, eta=0, steps=40)
-    staleness = [s for r in RunFiles(job.run_dir).all_steps() if "used" in r for s in r["staleness"]]
-    assert staleness and set(staleness) == {0}
+    staleness = rec["log"].step_samples()["staleness"]
+    assert len(staleness) and set(staleness) == {0}
     assert rec["rejected"] == []
 
 
@@ -155,8 +160,10 @@ def test_killed_rollout_rank_ends_job_quickly(job_root):
     assert proc.returncode != 0
     assert elapsed < 20, f"job took {elapsed:.1f}s to end after a rank died"
     assert "killed" in out.lower(), out[-2000:]
-    # Data already written survives: the per-step records up to the crash are intact.
+    # Data already written survives: metrics up to the crash, and the log's finished shards read.
     assert len(list(read_jsonl(run_dir / "metrics.jsonl"))) >= 3
+    crashed = RunLog(run_dir, strict=True)
+    assert not crashed.finished and len(crashed.samples()) > 0
 
     # The crash left the trainer's ring segments behind; the next start of this run removes them.
     leftover = list(Path("/dev/shm").glob(f"areal_{_run_id(run_dir)}_*"))
@@ -195,9 +202,9 @@ def test_interrupted_trajectories_span_versions(job_root):
                     "rollout.max_concurrent_groups=1", "cluster.n_rollout=1", "eval.enabled=false")
     assert job.rc == 0, job.output[-3000:]
     rec = check_records(job.run_dir, eta=2, steps=15)
-    spanning = [s for s in rec["samples"] if len(set(s["versions"])) > 1]
-    assert spanning, "no trajectory spans two policy versions"
-    assert all(s["interruptions"] >= 1 for s in spanning)
+    spanning = rec["samples"][rec["samples"]["n_versions"] > 1]
+    assert len(spanning), "no trajectory spans two policy versions"
+    assert (spanning["interruptions"] >= 1).all()
 
 
 def test_hf_checkpoint_and_jsonl_dataset(job_root, tmp_path):
@@ -216,7 +223,7 @@ def test_hf_checkpoint_and_jsonl_dataset(job_root, tmp_path):
                     "eval.n=50")
     assert job.rc == 0, job.output[-3000:]
     rec = check_records(job.run_dir, eta=4, steps=5)
-    prompts = {s["answer"] for s in rec["samples"]}
+    prompts = set(rec["samples"]["answer"])
     assert prompts <= {str(a + b) for a in range(10, 40) for b in range(10, 40)}
     assert 0.0 <= rec["summary"]["accuracy_before"] <= 1.0
 
@@ -226,3 +233,22 @@ def test_missing_model_path_is_explained(job_root):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "model.path" in proc.stderr and "/no/such/checkpoint" in proc.stderr
+
+
+def test_hdf5_transport_two_trainers_two_rollouts(job_root):
+    """Shards on the filesystem instead of rings (the cross-node path): same guarantees, same log."""
+    job = run_train(job_root, "hdf5_2x2", "run.steps=40", "cluster.n_trainer=2", "cluster.n_rollout=2",
+                    "transport.kind=hdf5", "log.shard_samples=64", "eval.enabled=false")
+    assert job.rc == 0, job.output[-3000:]
+    rec = check_records(job.run_dir, eta=4, steps=40)
+    assert len(list((job.run_dir / "rollout_log").glob("rollout-r*.h5"))) >= 4
+    assert not any(Path("/dev/shm").glob(f"areal_{_run_id(job.run_dir)}_*")), "hdf5 mode created rings"
+    assert rec["summary"]["ring_full_waits"] == 0
+
+
+def test_hdf5_transport_can_delete_consumed_shards(job_root):
+    job = run_train(job_root, "hdf5_delete", "run.steps=5", "transport.kind=hdf5", "transport.retain_shards=false",
+                    "eval.enabled=false")
+    assert job.rc == 0, job.output[-3000:]
+    assert not list((job.run_dir / "rollout_log").glob("rollout-r*.h5"))
+    assert list((job.run_dir / "trainer_log").glob("trainer-t*.h5"))

@@ -1,0 +1,480 @@
+"""Load one run folder (read-only) and reduce its HDF5 rollout log to the tables of ``areal-hpc analyze``.
+
+Everything is computed from the log itself (``rollout_log/``, ``trainer_log/``) so a crashed or still
+running job can be studied; ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` only add context
+when they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from areal_hpc.storage.records import read_jsonl
+from areal_hpc.storage.schema import LOG_DIRS, ROLLOUT, TRAINER, parse_leftover_name, parse_shard_name
+
+log = logging.getLogger(__name__)
+
+# Columns read from the rollout shards: the text columns are left on disk (they dominate the log's size).
+SAMPLE_FIELDS = ["sample_id", "rank", "reward", "answer_ok", "t_start", "t_end", "interruptions", "response_len",
+                 "n_versions", "shard"]
+# More staleness columns than this make the step table unreadable; larger values share one "gt" column.
+MAX_STALE_COLUMNS = 8
+TABLES = ("step_ranges", "throughput", "rollout_ranks")
+# Columns kept for machines (JSON/CSV) but not worth terminal width.
+_HIDDEN = {"step_first", "step_last", "version_first", "version_last"}
+
+
+class RunFolderError(Exception):
+    """The path is not something ``analyze`` can read (missing, empty, not a run, or nothing written yet)."""
+
+
+@dataclass
+class RunData:
+    """Everything the tables and plots need from one run, loaded once."""
+
+    path: Path
+    config: dict[str, Any]
+    samples: pd.DataFrame
+    steps: pd.DataFrame
+    step_samples: pd.DataFrame
+    finished: bool
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    partials: list[Path] = field(default_factory=list)
+    leftover: int = 0
+    metrics: pd.DataFrame | None = None
+    summary: dict[str, Any] | None = None
+    n_rollout_shards: int = 0
+    n_trainer_shards: int = 0
+    _trained: pd.DataFrame | None = field(default=None, repr=False)  # cache of trained_samples()
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def eta(self) -> int | None:
+        v = _get(self.config, "rollout", "eta")
+        if v is None and self.summary:
+            v = self.summary.get("eta")
+        return None if v is None else int(v)
+
+    @property
+    def is_async(self) -> bool | None:
+        v = self.config.get("async")
+        if v is None and self.summary:
+            v = self.summary.get("async")
+        return None if v is None else bool(v)
+
+    @property
+    def label(self) -> str:
+        """Legend text: a sweep is told apart by its name and staleness bound."""
+        mode = "" if self.is_async is not False else ", sync"
+        return f"{self.name} (η={self.eta if self.eta is not None else '?'}{mode})"
+
+    def essentials(self) -> dict[str, Any]:
+        """The config keys that decide how to read the numbers."""
+        s = self.summary or {}
+        out = {
+            "async": self.is_async,
+            "eta": self.eta,
+            "n_trainer": _get(self.config, "cluster", "n_trainer", default=s.get("n_trainer")),
+            "n_rollout": _get(self.config, "cluster", "n_rollout", default=s.get("n_rollout")),
+            "steps_planned": _get(self.config, "run", "steps", default=s.get("steps")),
+            "batch_size": _get(self.config, "trainer", "batch_size"),
+            "stale_policy": _get(self.config, "trainer", "stale_policy"),
+            "transport": _get(self.config, "transport", "kind"),
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+    def info(self) -> dict[str, Any]:
+        """Header facts of the report, JSON-ready."""
+        used = self.step_samples[self.step_samples["fate"] == "used"] if len(self.step_samples) else self.step_samples
+        out: dict[str, Any] = {
+            "run_dir": str(self.path),
+            "name": self.name,
+            "config": self.essentials(),
+            "finished": self.finished,
+            "steps_done": int(self.steps["step"].max()) if len(self.steps) else 0,
+            "samples_generated": len(self.samples),
+            "samples_trained": len(used),
+            "samples_rejected": int((self.step_samples["fate"] == "rejected").sum()) if len(self.step_samples) else 0,
+            "leftover": self.leftover,
+            "rollout_shards": self.n_rollout_shards,
+            "trainer_shards": self.n_trainer_shards,
+            "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
+            "partials": [str(p) for p in self.partials],
+        }
+        if self.summary:
+            for k in ("accuracy_before", "accuracy_after", "train_seconds", "samples_per_s", "tokens_per_s"):
+                if k in self.summary:
+                    out[k] = self.summary[k]
+        return out
+
+
+def _get(cfg: dict[str, Any], section: str, key: str, default: Any = None) -> Any:
+    sub = cfg.get(section)
+    return sub.get(key, default) if isinstance(sub, dict) else default
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """Refuse early, with one clear sentence, what cannot be a run folder."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise RunFolderError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise RunFolderError(f"{path}: not a folder")
+    if not any(path.iterdir()):
+        raise RunFolderError(f"{path}: empty folder, not a run folder")
+    logs = [path / LOG_DIRS[ROLLOUT], path / LOG_DIRS[TRAINER]]
+    if not any(d.is_dir() for d in logs):
+        raise RunFolderError(f"{path}: not a run folder (no {logs[0].name}/ or {logs[1].name}/ inside)")
+    if not any(_count_shards(d) for d in logs):
+        n_partial = sum(1 for d in logs if d.is_dir() for f in d.iterdir() if parse_leftover_name(f.name))
+        raise RunFolderError(f"{path}: no finished shards in {logs[0].name}/ or {logs[1].name}/ yet"
+                             + (f" ({n_partial} partial file(s): being written or crashed)" if n_partial else ""))
+    return path
+
+
+def _count_shards(log_dir: Path) -> int:
+    if not log_dir.is_dir():
+        return 0
+    return sum(1 for f in log_dir.iterdir() if parse_shard_name(f.name) and f.is_file())
+
+
+def _read_config(path: Path, runlog: Any) -> dict[str, Any]:
+    """config.yaml of the run folder, else the resolved config every shard carries."""
+    for source in (lambda: yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), runlog.config):
+        try:
+            cfg = source()
+        except Exception as e:  # noqa: BLE001 - a missing or odd config only loses header context
+            log.debug("%s: config not readable: %s", path, e)
+            continue
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return {}
+
+
+def _read_extras(path: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    metrics = summary = None
+    if (path / "metrics.jsonl").is_file():
+        try:
+            metrics = pd.DataFrame(list(read_jsonl(path / "metrics.jsonl")))
+        except (OSError, ValueError) as e:
+            log.warning("%s: metrics.jsonl not readable, ignored: %s", path, e)
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("%s: summary.json not readable, ignored: %s", path, e)
+    return metrics, summary
+
+
+def load_run(run_dir: str | Path, *, strict: bool = False) -> RunData:
+    """Read a run folder without changing it; damaged shards are skipped (raised with ``strict``)."""
+    from areal_hpc.storage.runlog import RunLog
+
+    path = check_run_dir(run_dir)
+    rl = RunLog(path, strict=strict)
+    samples = rl.samples(fields=SAMPLE_FIELDS)
+    steps = rl.steps()
+    step_samples = rl.step_samples()
+    if len(samples) == 0 and len(steps) == 0:
+        raise RunFolderError(f"{path}: no readable shards ({len(rl.skipped)} damaged shard(s) skipped)")
+    if "shard" in samples.columns:
+        samples["rollout_index"] = samples["shard"].astype(str).map(_rollout_index).astype(float)
+    metrics, summary = _read_extras(path)
+    try:
+        leftover = len(rl.leftover())
+    except Exception as e:  # noqa: BLE001 - leftover is a header detail, a running run has none
+        log.debug("%s: no leftover: %s", path, e)
+        leftover = 0
+    return RunData(
+        path=path, config=_read_config(path, rl), samples=samples, steps=steps, step_samples=step_samples,
+        finished=bool(rl.finished), skipped=list(rl.skipped), partials=list(rl.partials), leftover=leftover,
+        metrics=metrics, summary=summary,
+        n_rollout_shards=_count_shards(path / LOG_DIRS[ROLLOUT]),
+        n_trainer_shards=_count_shards(path / LOG_DIRS[TRAINER]),
+    )
+
+
+def _rollout_index(shard: Any) -> float:
+    parsed = parse_shard_name(Path(str(shard)).name)
+    return float(parsed[1]) if parsed and parsed[0] == ROLLOUT else math.nan
+
+
+def trained_samples(run: RunData) -> pd.DataFrame:
+    """The trainer's view of each sample (step, staleness, fate) joined with what the rollout logged about it."""
+    if run._trained is not None:
+        return run._trained
+    ss = run.step_samples
+    cols = ["sample_id", "reward", "answer_ok", "response_len"]
+    if len(ss) == 0:
+        out = pd.DataFrame(columns=[*ss.columns, *cols[1:]])
+    else:
+        s = run.samples[[c for c in cols if c in run.samples.columns]].drop_duplicates("sample_id")
+        out = ss.merge(s, on="sample_id", how="left")
+    run._trained = out
+    return out
+
+
+def _stale_cap(run: RunData, staleness: pd.Series) -> int:
+    eta = run.eta
+    if eta is None:
+        eta = int(staleness.max()) if len(staleness) else 0
+    return max(0, min(eta, MAX_STALE_COLUMNS))
+
+
+def split_steps(steps: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """About ``n`` contiguous ranges of roughly equal numbers of steps, as (first, last)."""
+    u = np.unique(steps)
+    if len(u) == 0:
+        return []
+    return [(int(c[0]), int(c[-1])) for c in np.array_split(u, min(max(1, n), len(u)))]
+
+
+def step_range_table(run: RunData, bins: int = 10) -> pd.DataFrame:
+    """What was trained, how well, and how stale, per range of training steps."""
+    ts = trained_samples(run)
+    stale_cap = _stale_cap(run, ts["staleness"] if len(ts) else pd.Series(dtype=int))
+    stale_cols = [f"stale_{k}" for k in range(stale_cap + 1)] + [f"stale_gt{stale_cap}"]
+    all_steps = np.concatenate([run.steps["step"].to_numpy() if len(run.steps) else np.empty(0, np.int64),
+                                ts["step"].to_numpy() if len(ts) else np.empty(0, np.int64)])
+    rows = []
+    for lo, hi in split_steps(all_steps.astype(np.int64), bins):
+        part = ts[(ts["step"] >= lo) & (ts["step"] <= hi)] if len(ts) else ts
+        used = part[part["fate"] == "used"] if len(part) else part
+        st = run.steps[(run.steps["step"] >= lo) & (run.steps["step"] <= hi)] if len(run.steps) else run.steps
+        stale = used["staleness"].to_numpy(dtype=float) if len(used) else np.empty(0)
+        v_lo = int(st["trained_version"].min()) if len(st) else None
+        v_hi = int(st["trained_version"].max()) if len(st) else None
+        row: dict[str, Any] = {
+            "steps": f"{lo}-{hi}" if hi != lo else str(lo), "step_first": lo, "step_last": hi,
+            "versions": "" if v_lo is None else (f"{v_lo}-{v_hi}" if v_hi != v_lo else str(v_lo)),
+            "version_first": v_lo, "version_last": v_hi,
+            "trained": len(used),
+            "rejected": int((part["fate"] == "rejected").sum()) if len(part) else 0,
+            "reward": _mean(used, "reward"),
+            "accuracy": _mean(used, "answer_ok"),
+            "resp_len": _mean(used, "response_len"),
+            "stale_mean": float(stale.mean()) if len(stale) else math.nan,
+            "stale_p50": float(np.percentile(stale, 50)) if len(stale) else math.nan,
+            "stale_p90": float(np.percentile(stale, 90)) if len(stale) else math.nan,
+            "stale_max": int(stale.max()) if len(stale) else None,
+        }
+        for k in range(stale_cap + 1):
+            row[f"stale_{k}"] = int((stale == k).sum())
+        row[f"stale_gt{stale_cap}"] = int((stale > stale_cap).sum())
+        rows.append(row)
+    cols = ["steps", "step_first", "step_last", "versions", "version_first", "version_last", "trained", "rejected",
+            "reward", "accuracy", "resp_len", "stale_mean", "stale_p50", "stale_p90", "stale_max", *stale_cols]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _mean(df: pd.DataFrame, col: str) -> float:
+    if len(df) == 0 or col not in df.columns:
+        return math.nan
+    v = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return float(v.mean()) if v.notna().any() else math.nan
+
+
+def time_origin(run: RunData) -> float:
+    """Unix time of the first recorded event: elapsed times of all tables and plots count from here."""
+    ts = [run.samples["t_start"].min() if len(run.samples) else math.nan,
+          run.steps["time"].min() if len(run.steps) else math.nan]
+    ts = [t for t in ts if not math.isnan(t)]
+    return float(min(ts)) if ts else 0.0
+
+
+def throughput_table(run: RunData, bins: int = 10) -> pd.DataFrame:
+    """Generation (by t_end) and training (by step time) per equal time bucket, to see stalls and ramp-up."""
+    cols = ["t_from_s", "t_to_s", "generated", "gen_tokens", "samples_per_s", "tokens_per_s", "reward",
+            "steps", "trained", "trained_per_s"]
+    t0 = time_origin(run)
+    t_end = run.samples["t_end"].to_numpy(float) - t0 if len(run.samples) else np.empty(0)
+    t_step = run.steps["time"].to_numpy(float) - t0 if len(run.steps) else np.empty(0)
+    both = np.concatenate([t_end, t_step])
+    if len(both) == 0:
+        return pd.DataFrame(columns=cols)
+    span = float(both.max())
+    edges = np.linspace(0.0, span if span > 0 else 1.0, max(1, bins) + 1)
+    width = edges[1] - edges[0]
+    b_gen = np.clip(np.searchsorted(edges, t_end, side="right") - 1, 0, len(edges) - 2)
+    b_step = np.clip(np.searchsorted(edges, t_step, side="right") - 1, 0, len(edges) - 2)
+    resp = run.samples["response_len"].to_numpy(float) if len(run.samples) else np.empty(0)
+    reward = run.samples["reward"].to_numpy(float) if len(run.samples) else np.empty(0)
+    n_used = run.steps["n_used"].to_numpy(float) if len(run.steps) and "n_used" in run.steps else np.zeros(len(t_step))
+    step_no = run.steps["step"].to_numpy() if len(run.steps) else np.empty(0)
+    rows = []
+    for b in range(len(edges) - 1):
+        g, s = b_gen == b, b_step == b
+        n, tok = int(g.sum()), float(resp[g].sum())
+        rows.append({
+            "t_from_s": float(edges[b]), "t_to_s": float(edges[b + 1]), "generated": n, "gen_tokens": int(tok),
+            "samples_per_s": n / width, "tokens_per_s": tok / width,
+            "reward": float(reward[g].mean()) if n else math.nan,
+            "steps": len(np.unique(step_no[s])), "trained": int(n_used[s].sum()),
+            "trained_per_s": float(n_used[s].sum()) / width,
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def rollout_rank_table(run: RunData) -> pd.DataFrame:
+    """Per generating rank: balance, speed, and how often weight updates hit samples in flight."""
+    cols = ["rank", "index", "generated", "share", "gen_s_mean", "gen_s_p90", "resp_len", "reward", "interrupted",
+            "interruptions", "multi_version", "samples_per_s"]
+    s = run.samples
+    if len(s) == 0:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for rank, g in s.groupby("rank", sort=True):
+        dur = (g["t_end"] - g["t_start"]).to_numpy(float)
+        span = float(g["t_end"].max() - g["t_start"].min())
+        idx = g["rollout_index"].dropna() if "rollout_index" in g else pd.Series(dtype=float)
+        rows.append({
+            "rank": int(rank), "index": int(idx.iloc[0]) if len(idx) and idx.nunique() == 1 else None,
+            "generated": len(g), "share": len(g) / len(s),
+            "gen_s_mean": float(dur.mean()), "gen_s_p90": float(np.percentile(dur, 90)),
+            "resp_len": _mean(g, "response_len"), "reward": _mean(g, "reward"),
+            "interrupted": int((g["interruptions"] > 0).sum()), "interruptions": int(g["interruptions"].sum()),
+            "multi_version": int((g["n_versions"] > 1).sum()) if "n_versions" in g else None,
+            "samples_per_s": len(g) / span if span > 0 else math.nan,
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def per_step(run: RunData) -> pd.DataFrame:
+    """Reward and accuracy of the samples each step trained on (metrics.jsonl when the trainer log has none)."""
+    ts = trained_samples(run)
+    used = ts[ts["fate"] == "used"] if len(ts) else ts
+    if len(used):
+        g = used.groupby("step")
+        return pd.DataFrame({"reward": g["reward"].mean(), "accuracy": g["answer_ok"].mean().astype(float),
+                             "trained": g.size()}).reset_index()
+    m = run.metrics
+    if m is not None and len(m) and {"step", "reward"} <= set(m.columns):
+        out = m[["step", "reward"]].copy()
+        out["accuracy"] = m["accuracy"] if "accuracy" in m.columns else math.nan
+        out["trained"] = m["samples"] if "samples" in m.columns else math.nan
+        return out
+    return pd.DataFrame(columns=["step", "reward", "accuracy", "trained"])
+
+
+def tables_of(run: RunData, bins: int = 10) -> dict[str, pd.DataFrame]:
+    return {"step_ranges": step_range_table(run, bins), "throughput": throughput_table(run, bins),
+            "rollout_ranks": rollout_rank_table(run)}
+
+
+def summarize(run_dir: str | Path, *, bins: int = 10, strict: bool = False) -> dict[str, pd.DataFrame]:
+    """The report's tables of one run: ``step_ranges``, ``throughput`` and ``rollout_ranks``."""
+    return tables_of(load_run(run_dir, strict=strict), bins)
+
+
+# ---- terminal rendering -------------------------------------------------------------------------------------------
+
+
+def _decimals(values: pd.Series) -> int:
+    """One precision per column, so a column's numbers line up: fewer decimals for larger magnitudes."""
+    v = pd.to_numeric(values, errors="coerce").abs()
+    top = float(v.max()) if v.notna().any() else 0.0
+    return 3 if top < 10 else 1 if top < 1000 else 0
+
+
+def _cell(v: Any, decimals: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return f"{v:,.{decimals}f}"
+    return str(v)
+
+
+def format_table(df: pd.DataFrame, title: str) -> str:
+    """Aligned plain-text table: numbers right-aligned, text left-aligned, NaN as '-'."""
+    cols = [c for c in df.columns if c not in _HIDDEN]
+    if len(df) == 0:
+        return f"{title}\n  (no data)"
+    dec = [_decimals(df[c]) for c in cols]
+    cells = [[_cell(v, d) for v, d in zip(row, dec)] for row in df[cols].itertuples(index=False, name=None)]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) or all(_is_num(r[i]) for r in cells) for i, c in enumerate(cols)]
+    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+
+    def line(vals: list[str]) -> str:
+        return "  " + "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric))
+
+    out = [title, line([str(c) for c in cols]), "  " + "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _is_num(s: str) -> bool:
+    try:
+        float(s.replace(",", ""))
+        return True
+    except ValueError:
+        return s == "-"
+
+
+def format_header(run: RunData) -> list[str]:
+    info = run.info()
+    cfg = run.essentials()
+    lines = [f"== run {run.path}",
+             "config: " + (" ".join(f"{k}={v}" for k, v in cfg.items()) or "(no config.yaml or shard config)")]
+    planned = cfg.get("steps_planned")
+    state = "finished" if run.finished else "NOT finished (no final trainer shard: still running or crashed)"
+    lines.append(f"status: {state}; {info['steps_done']}" + (f"/{planned}" if planned else "") + " steps; "
+                 f"{info['samples_generated']} samples generated, {info['samples_trained']} trained, "
+                 f"{info['samples_rejected']} rejected as stale" + (f", {run.leftover} left over at stop"
+                                                                    if run.finished else ""))
+    if "accuracy_before" in info and "accuracy_after" in info:
+        lines.append(f"held-out accuracy (summary.json): {_cell(info['accuracy_before'])} -> "
+                     f"{_cell(info['accuracy_after'])} in {_cell(info.get('train_seconds'), 1)} s of training")
+    lines.append(f"log: {run.n_rollout_shards} rollout + {run.n_trainer_shards} trainer shards; "
+                 f"damaged shards skipped: {len(run.skipped)}; partial files: {len(run.partials)}")
+    lines += [f"WARNING: skipped damaged shard {p}: {r}" for p, r in run.skipped]
+    lines += [f"partial file (writer running or crashed): {p}" for p in run.partials]
+    return lines
+
+
+_TITLES = {
+    "step_ranges": "Training by step range (trained samples; staleness = versions behind the trained policy)",
+    "throughput": "Throughput over time (seconds since the first sample; generation by t_end)",
+    "rollout_ranks": "Rollout ranks (gen_s = t_end - t_start; interrupted = weight updates in flight)",
+}
+
+
+def render_run(run: RunData, tables: dict[str, pd.DataFrame]) -> str:
+    parts = ["\n".join(format_header(run))]
+    parts += [format_table(df, _TITLES.get(name, name)) for name, df in tables.items()]
+    return "\n\n".join(parts)
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, NaN/inf as null (JSON has neither)."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def run_to_json(run: RunData, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    return jsonable({"info": run.info(),
+                     "tables": {k: df.astype(object).to_dict("records") for k, df in tables.items()}})
