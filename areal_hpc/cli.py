@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 
 from areal_hpc.config import ConfigError, load_config, save_config
@@ -47,11 +46,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _fresh_run_dir(run_dir) -> None:
-    """A new run replaces the records of an earlier run of the same name (they would mix otherwise)."""
-    for sub in ("rollout_log", "trainer_log", "errors", "logs", "ranks", "analysis"):
-        shutil.rmtree(run_dir / sub, ignore_errors=True)
-    for f in ("metrics.jsonl", "summary.json"):
-        (run_dir / f).unlink(missing_ok=True)
+    """Start a run in an empty folder; an earlier run of the same name is moved aside, never deleted."""
+    import time
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            n += 1
+        run_dir.rename(aside)
+        print(f"areal-hpc: {run_dir} held an earlier run; moved it to {aside}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

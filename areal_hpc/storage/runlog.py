@@ -161,8 +161,9 @@ class RunLog:
     def _damaged(self, path: Path, err: ShardError) -> None:
         if self.strict:
             raise err
-        if all(p != path for p, _ in self.skipped):
-            self.skipped.append((path, str(err)))
+        if any(p == path for p, _ in self.skipped):
+            return  # warned when first found
+        self.skipped.append((path, str(err)))
         log.warning("skipping damaged shard (%d skipped so far): %s", len(self.skipped), err)
 
     def _info(self, path: Path) -> ShardInfo | None:

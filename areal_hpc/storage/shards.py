@@ -78,12 +78,14 @@ class Shard:
 class ShardWriter:
     """Writes numbered shards of one (kind, index); a new writer continues a resumed run's numbering.
 
+    ``compression`` defaults to lzf: tools/bench/shard_io.py measured it writing about twice as fast as
+    gzip level 1 for files only ~8% larger (neither reaches 0.7 of plain-file speed on a 2-core VM).
     Construction sets aside (renames, never deletes) ``.partial`` files an earlier, crashed writer of
     the same (kind, index) left behind; their new paths are in :attr:`recovered_partials`.
     """
 
     def __init__(self, directory: str | Path, kind: str, index: int, *, attrs: dict[str, Any],
-                 compression: str = "gzip") -> None:
+                 compression: str = "lzf") -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown shard kind {kind!r}; expected one of {KINDS}")
         if compression not in COMPRESSIONS:
@@ -439,7 +441,7 @@ def read_shard(path: str | Path, fields: Iterable[str] | None = None) -> Shard:
             want_ragged = {g: list(fs) for g, fs in ragged_spec.items()}
             want_extra = list(optional)
         else:
-            fields = list(dict.fromkeys(fields))
+            fields = list(dict.fromkeys([fields] if isinstance(fields, str) else fields))
             want_rows, want_ragged, want_extra = [], {}, []
             for name in fields:
                 group = field_group(kind, name)

@@ -11,7 +11,7 @@ compression that meets it on write and read, else the compressed one with the be
 The page cache is not dropped (that needs root): every read comes right after its write, cache-warm
 for raw and shards alike, so read numbers measure decoding cost more than the disk.
 
-    python tools/bench/shard_io.py --samples 40000 --out tools/bench/results/shard_io_cpu.json
+    python tools/bench/shard_io.py --samples 50000 --out tools/bench/results/shard_io_cpu.json
 """
 
 from __future__ import annotations
