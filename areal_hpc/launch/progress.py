@@ -50,6 +50,7 @@ def summary_table(s: dict[str, Any]) -> str:
         ("rollout idle fraction", f"{s['rollout_idle_fraction']:.2f}"),
         ("run folder", s["run_dir"]),
         ("final policy", s["checkpoint"]),
+        ("study it", f"areal-hpc analyze {s['run_dir']}"),
     ]
     w = max(len(k) for k, _ in rows)
     line = "-" * (w + 3 + max(len(v) for _, v in rows))
