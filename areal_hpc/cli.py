@@ -25,6 +25,13 @@ def _train(args: argparse.Namespace) -> int:
     if inside_mpi_job():  # started by mpiexec/srun: this process is one rank
         from mpi4py import MPI
 
+        from areal_hpc.comm.mpi import check_world_matches_launcher
+
+        try:
+            check_world_matches_launcher(MPI.COMM_WORLD.size)
+        except RuntimeError as e:
+            print(f"areal-hpc: {e}", file=sys.stderr)
+            return 2
         if MPI.COMM_WORLD.rank == 0:
             _fresh_run_dir(run_dir)
             save_config(cfg, resolved)
