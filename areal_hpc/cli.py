@@ -33,7 +33,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"areal-hpc: {e}", file=sys.stderr)
             return 2
         if MPI.COMM_WORLD.rank == 0:
-            _fresh_run_dir(run_dir)
+            if not _resumable(cfg, run_dir):
+                _fresh_run_dir(run_dir)
             save_config(cfg, resolved)
         MPI.COMM_WORLD.Barrier()
         job_main(str(resolved))
@@ -42,7 +43,10 @@ def _train(args: argparse.Namespace) -> int:
         print("areal-hpc: cluster.launcher=none but this process is not an MPI rank; start it with "
               "mpiexec/srun or set cluster.launcher=auto", file=sys.stderr)
         return 2
-    _fresh_run_dir(run_dir)
+    if _resumable(cfg, run_dir):
+        print(f"areal-hpc: resuming the run in {run_dir} from its latest checkpoint", file=sys.stderr)
+    else:
+        _fresh_run_dir(run_dir)
     save_config(cfg, resolved)
     print(f"areal-hpc: run folder {run_dir}", file=sys.stderr)
     try:
@@ -50,6 +54,16 @@ def _train(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
+
+
+def _resumable(cfg, run_dir) -> bool:
+    """A checkpoint exists and the run did not finish: a requeued or restarted job continues it."""
+    import json
+
+    if cfg.run.resume != "auto" or not (run_dir / "checkpoints" / "latest.json").exists():
+        return False
+    summary = run_dir / "summary.json"
+    return not summary.exists() or bool(json.loads(summary.read_text()).get("preempted"))
 
 
 def _fresh_run_dir(run_dir) -> None:
@@ -78,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     from areal_hpc.analysis.cli import add_parser as add_analyze
 
     add_analyze(sub)
+    from areal_hpc.launch.status import add_parser as add_status
+    from areal_hpc.launch.submit import add_parser as add_submit
+
+    add_submit(sub)
+    add_status(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -714,6 +714,8 @@ def validate(cfg: Config) -> None:
         "must be >= 65536",
         "set transport.ring_bytes=8388608",
     )
+    _need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 0",
+          "set run.checkpoint_every=0 (checkpoint on preemption only) or a positive step count")
     _need(tp.poll_s > 0, "transport.poll_s", tp.poll_s, "must be > 0", "set transport.poll_s=0.002")
     lg = cfg.log
     _need(lg.shard_samples >= 1, "log.shard_samples", lg.shard_samples, "must be >= 1", "set log.shard_samples=512")

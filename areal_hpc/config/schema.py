@@ -39,6 +39,13 @@ class RunConfig:
     timeout_s: float = _f(
         1800.0, "whole-job watchdog in seconds; the job aborts after this"
     )
+    resume: str = _f(
+        "auto",
+        "auto: continue from RUN/checkpoints/latest when it exists (a requeued job); never: always start fresh",
+        ("auto", "never"),
+    )
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only on preemption signals)")
+    requeue: bool = _f(True, "after a preemption checkpoint under Slurm, requeue the job (scontrol requeue)")
 
 
 @dataclass

@@ -14,11 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort
 from areal_hpc.config import Config, load_config
+from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
+from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
 from areal_hpc.launch.progress import Progress, summary_table
 from areal_hpc.model.build import save_policy
 from areal_hpc.model.initial import prepare_initial_policy
@@ -73,13 +76,20 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     topo = ctx.topo
     run_id = run_id_of(files.root)
     task = build_task(cfg.task)
-    policy = None
+    policy, resume = None, None
     if ctx.rank == 0:
         removed = cleanup_stale(f"areal_{run_id}_")
         if removed:
             log.warning("removed %d shared-memory segments left by a crashed earlier start: %s", len(removed), removed)
-        policy = prepare_initial_policy(cfg, task)
-    policy = ctx.world.bcast(policy, root=0)
+        if cfg.run.resume == "auto":
+            resume = load_latest(files.checkpoints)
+        if resume is not None:
+            log.warning("resuming from %s (version %d, attempt %d)", resume.path, resume.version, resume.attempt + 1)
+            policy = str(resume.path)
+        else:
+            policy = prepare_initial_policy(cfg, task)
+    policy, resume = ctx.world.bcast((policy, resume), root=0)
+    preempt = PreemptionFlag.install()
     groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s)
     log.info("rank %d: %s %d of %d on %s", ctx.rank, topo.role, topo.role_rank,
              topo.n_trainer if topo.is_trainer else topo.n_rollout, ctx.hostname())
@@ -88,76 +98,117 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
         {"rank": ctx.rank, "role": topo.role, "role_rank": topo.role_rank, "pid": os.getpid(),
          "host": ctx.hostname()}))
     if topo.is_trainer:
-        _run_trainer(cfg, ctx, groups, files, policy, run_id, task)
+        _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
     else:
-        _run_rollout(cfg, ctx, groups, files, policy, run_id)
+        _run_rollout(cfg, ctx, groups, files, policy, run_id, resume)
     shutdown_distributed()
 
 
-def _run_rollout(cfg, ctx, groups, files, policy, run_id) -> None:
+def _run_rollout(cfg, ctx, groups, files, policy, run_id, resume) -> None:
     from areal_hpc.rollout.worker import RolloutWorker
 
-    worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id)
+    worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
     ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
     stats = worker.run()
     ctx.world.gather(stats, root=0)
     ctx.world.Barrier()
 
 
-def _run_trainer(cfg, ctx, groups, files, policy, run_id, task) -> None:
+def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt) -> None:
     from areal_hpc.train.worker import TrainerWorker
 
-    worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id)
+    worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
     lead = ctx.rank == 0
     n_eval = min(cfg.eval.n, len(task.eval_problems)) if cfg.eval.enabled else 0
-    acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
-        if lead and n_eval else float("nan")
+    if resume is not None:
+        acc_before = resume.accuracy_before
+    elif lead and n_eval:
+        acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens)
+    else:
+        acc_before = float("nan")
     ctx.world.Barrier()
     metrics = JsonlWriter(files.metrics) if lead else None
     progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
     t_start = time.perf_counter()
     totals = {"samples": 0.0, "tokens": 0.0, "rejected": 0.0, "downweighted": 0.0}
-    for _ in range(cfg.run.steps):
+    attempt = resume.attempt + 1 if resume is not None else 0
+    preempted = False
+    while worker.version < cfg.run.steps:
         local = worker.step()
         parts = ctx.role_comm.gather(local, root=0)
-        if not lead:
-            continue
-        elapsed = time.perf_counter() - t_start
-        row = _combine(parts)
-        for k in totals:
-            totals[k] += row[k]
-        row.update(step=worker.version, version=worker.version, elapsed=elapsed,
-                   samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
-                   rejected_total=totals["rejected"], weight_send_wait_s=worker.sender.seconds_waiting)
-        metrics.write(row)
-        progress.update(row)
+        # Every trainer must leave the loop at the same step: agree on the preemption flag.
+        preempted = bool(ctx.role_comm.allreduce(int(preempt.raised), op=_mpi_max()))
+        periodic = cfg.run.checkpoint_every and worker.version % cfg.run.checkpoint_every == 0
+        if periodic and not preempted and worker.version < cfg.run.steps:
+            _checkpoint(worker, ctx, files, attempt, acc_before)
+        if lead:
+            elapsed = time.perf_counter() - t_start
+            row = _combine(parts)
+            for k in totals:
+                totals[k] += row[k]
+            row.update(step=worker.version, version=worker.version, elapsed=elapsed, attempt=attempt,
+                       samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
+                       rejected_total=totals["rejected"], weight_send_wait_s=worker.sender.seconds_waiting)
+            metrics.write(row)
+            progress.update(row)
+        if preempted:
+            break
     train_seconds = time.perf_counter() - t_start
     progress.close()
     stop = worker.stop_rollouts()
     stops = ctx.role_comm.gather(stop, root=0)
     rollout_stats = ctx.world.gather({}, root=0)
+    if preempted:
+        ckpt = _checkpoint(worker, ctx, files, attempt, acc_before)
     if lead:
-        acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
-            if n_eval else float("nan")
-        ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
-        torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+        if preempted:
+            acc_after = float("nan")
+            log.warning("preempted at version %d: checkpoint %s", worker.version, ckpt)
+        else:
+            acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
+                if n_eval else float("nan")
+            ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
+            torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
         rs = [s for s in rollout_stats if s]
         summary = {
             "run_dir": str(files.root), "async": cfg.async_, "eta": cfg.rollout.eta, "steps": cfg.run.steps,
-            "n_trainer": cfg.cluster.n_trainer, "n_rollout": cfg.cluster.n_rollout,
-            "accuracy_before": acc_before, "accuracy_after": acc_after, "train_seconds": train_seconds,
+            "n_trainer": cfg.cluster.n_trainer, "n_rollout": cfg.cluster.n_rollout, "preempted": preempted,
+            "attempt": attempt, "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "train_seconds": train_seconds,
             "samples_trained": totals["samples"], "samples_per_s": totals["samples"] / train_seconds,
             "tokens_per_s": totals["tokens"] / train_seconds, "rejected": totals["rejected"],
             "downweighted": totals["downweighted"],
             "leftover_at_stop": sum(s["leftover"] for s in stops),
             "generated": sum(s["pushed"] for s in rs), "abandoned_in_flight": sum(s["abandoned"] for s in rs),
+            "abandoned_prompts": sorted(p for s in rs for p in s["abandoned_prompts"]),
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
             "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
             "final_version": worker.version,
         }
         files.summary.write_text(json.dumps(summary, indent=2))
-        print(summary_table(summary), flush=True)
+        if not preempted:
+            print(summary_table(summary), flush=True)
     ctx.world.Barrier()
+    if preempted and lead and cfg.run.requeue:
+        requeue_this_job()
+
+
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def _checkpoint(worker, ctx, files: RunFiles, attempt: int, acc_before: float):
+    """Gather what every trainer consumed; trainer 0 writes the checkpoint (DP replicas are identical)."""
+    consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
+    if ctx.rank != 0:
+        return None
+    path = save_checkpoint(files.checkpoints, model=worker.model, tokenizer=worker.tok,
+                           trainer_state=worker.engine.state_dict(), version=worker.version, attempt=attempt,
+                           consumed_prompts=np.concatenate(consumed), accuracy_before=acc_before)
+    prune(files.checkpoints)
+    return path
 
 
 def _combine(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -117,6 +117,10 @@ class TorchEngine:
     def num_active(self) -> int:
         return len(self._live) + len(self._pending)
 
+    def active_groups(self) -> set[int]:
+        """Group ids with a sequence queued or in flight."""
+        return {g.request.group_id for g in self._live} | {r.group_id for r in self._pending}
+
     def free_slots(self) -> int:
         return self.max_batch - len(self._live) - len(self._pending)
 

@@ -15,6 +15,7 @@ import numpy as np
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
+from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
 from areal_hpc.rollout.reward import math_reward
@@ -29,10 +30,12 @@ from areal_hpc.weights.broadcast import WeightReceiver
 
 log = logging.getLogger(__name__)
 
+SAMPLE_ID_ATTEMPT_STRIDE = 10**12
+
 
 class RolloutWorker:
     def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
-                 run_id: str) -> None:
+                 run_id: str, resume: ResumeState | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         topo = ctx.topo
         self.index = topo.role_rank
@@ -58,6 +61,17 @@ class RolloutWorker:
                 f"{self.trainer}; raise trainer.batch_size or lower cluster.n_rollout"
             )
         self.gate = StalenessGate(eta=cfg.rollout.eta, share=share)
+        # Data position: prompts the trainers have not consumed are regenerated first after a resume.
+        self._redo: list[int] = []
+        self._attempt = 0
+        if resume is not None:
+            self._redo, self._next_local_prompt_start = resume.rollout_plan(self.index, self.n_rollout)
+            self._attempt = resume.attempt + 1
+            self.engine.version = resume.version
+            self.engine.generator.manual_seed(cfg.run.seed * 7919 + ctx.rank + 104729 * self._attempt)
+            self.gate.admitted = resume.version * share  # not the true count: see launch/checkpoint.py
+        else:
+            self._next_local_prompt_start = 0
         self.ring = None
         if pair_uses_ring(cfg.transport.kind, ctx, ctx.rank, self.trainer):
             self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
@@ -66,7 +80,7 @@ class RolloutWorker:
             shard_samples=cfg.log.shard_samples, flush_s=cfg.log.flush_s, compression=cfg.log.compression)
         self._groups: dict[int, list[Generation]] = {}
         self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
-        self._next_local_prompt = 0
+        self._next_local_prompt = self._next_local_prompt_start
         self.pushed = 0
         self.stop = False
         self.idle_seconds = 0.0
@@ -97,13 +111,19 @@ class RolloutWorker:
     # -- generation ---------------------------------------------------------------------------------
     def _admit(self) -> None:
         while self.engine.free_slots() >= self.G and self.gate.admit(self.engine.version):
-            prompt_index = self._next_local_prompt * self.n_rollout + self.index
-            self._next_local_prompt += 1
+            if self._redo:
+                local = self._redo.pop(0)
+            else:
+                local = self._next_local_prompt
+                self._next_local_prompt += 1
+            prompt_index = local * self.n_rollout + self.index
             problem = self.task.train_problem(prompt_index)
             self._problems[prompt_index] = problem
             tokens = self.tok.encode(problem.prompt)
             self.engine.submit(
-                GenRequest(sample_id=prompt_index * self.G + j, prompt_id=prompt_index, group_id=prompt_index,
+                # ids stay unique across resumed attempts that regenerate the same prompt
+                GenRequest(sample_id=self._attempt * SAMPLE_ID_ATTEMPT_STRIDE + prompt_index * self.G + j,
+                           prompt_id=prompt_index, group_id=prompt_index,
                            prompt_tokens=tokens)
                 for j in range(self.G)
             )
@@ -158,6 +178,7 @@ class RolloutWorker:
         while self.receiver.busy:
             self._apply_ready(block=True)
         abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
+        abandoned_prompts = sorted(self._groups.keys() | self.engine.active_groups())
         self.log.flush()
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
@@ -165,7 +186,7 @@ class RolloutWorker:
                  "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
                  "ring_full_waits": self.ring.full_waits if self.ring else 0,
                  "ring_wait_seconds": self.ring.wait_seconds if self.ring else 0.0,
-                 "shards_written": self.log.shards_written}
+                 "shards_written": self.log.shards_written, "abandoned_prompts": abandoned_prompts}
         if self.ring is not None:
             self.ring.close()
         log.info("rollout %d done: %s", self.index, stats)

@@ -13,10 +13,12 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
+from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import TrainerLogWriter
@@ -51,7 +53,7 @@ def screen_group(versions: list[np.ndarray], trained_version: int, eta: int, pol
 
 class TrainerWorker:
     def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
-                 run_id: str) -> None:
+                 run_id: str, resume: ResumeState | None = None) -> None:
         self.cfg, self.ctx, self.files = cfg, ctx, files
         topo = ctx.topo
         self.G = cfg.rollout.group_size
@@ -75,6 +77,12 @@ class TrainerWorker:
         self.steps_log = TrainerLogWriter(files.trainer_log, ctx.rank, attrs=log_attrs(files, run_id, ctx.rank),
                                           shard_steps=cfg.log.trainer_shard_steps, compression=cfg.log.compression)
         self.version = 0
+        self._consumed: list[int] = []  # prompt (= group) ids trained or rejected here, for checkpoints
+        if resume is not None:
+            self.engine.load_state_dict(torch.load(resume.path / "trainer_state.pt", weights_only=False))
+            self.version = resume.version
+            if ctx.rank == 0:  # the cumulative record travels with trainer 0's next checkpoint
+                self._consumed = resume.consumed_prompts.tolist()
         self._partial: dict[int, list[dict]] = defaultdict(list)
         self._ready: list[tuple[int, list[dict]]] = []  # (source rank, complete group)
         self.popped = {r: 0 for r in [*self.rings, *self.sources]}
@@ -140,6 +148,7 @@ class TrainerWorker:
                 src, group = self._ready.pop(self._oldest_ready())
                 stale, group_weights = screen_group([s["versions"] for s in group], self.version, eta, policy,
                                                     self.cfg.trainer.stale_weight)
+                self._consumed.append(int(group[0]["group_id"]))
                 if group_weights is None:
                     rejected.extend((int(s["sample_id"]), st) for s, st in zip(group, stale))
                     self.ctx.send(src, {"type": "credit", "groups": 1})
@@ -188,6 +197,9 @@ class TrainerWorker:
             "multi_version": float(sum(len(set(s["versions"].tolist())) > 1 for s in samples)),
             "t_data": t_data, "t_step": time.perf_counter() - t0, **{f"train/{k}": v for k, v in stats.items()},
         }
+
+    def consumed_prompts(self) -> np.ndarray:
+        return np.asarray(self._consumed, dtype=np.int64)
 
     def stop_rollouts(self) -> dict[str, int]:
         """Stop generation, then drain this trainer's rings until each rollout's last record is in."""
