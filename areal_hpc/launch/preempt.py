@@ -1,6 +1,6 @@
 """Preemption and time limits: Slurm signals the job before it ends it; the run checkpoints.
 
-``--signal=USR1@120`` (our sbatch template) or a preemption's SIGTERM only raises a flag here; the
+``--signal=USR1@120`` (our sbatch template), submitit's USR2 or a preemption's SIGTERM only raise a flag; the
 trainers agree on it at the end of a step, stop the rollouts, write a checkpoint and, under Slurm,
 requeue the job, which resumes from that checkpoint (``run.resume: auto``).
 """
@@ -21,7 +21,9 @@ class PreemptionFlag:
         self.signum: int | None = None
 
     @classmethod
-    def install(cls, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> PreemptionFlag:
+    def install(cls, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)) -> PreemptionFlag:
+        """USR1: our sbatch template's ``--signal``; USR2: submitit's (we take it over, so the run
+        checkpoints itself before requeueing); TERM: preemption or ``scontrol requeue``."""
         flag = cls()
 
         def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -40,6 +42,9 @@ def requeue_this_job() -> bool:
         log.warning("preempted outside Slurm: checkpoint written; start the same command again to resume")
         return False
     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0 and "pending" in proc.stderr.lower():
+        log.warning("Slurm job %s is already being requeued (scontrol requeue / preemption)", job)
+        return True
     if proc.returncode != 0:
         log.error("scontrol requeue %s failed: %s; resubmit the job to resume", job, proc.stderr.strip())
         return False
