@@ -72,8 +72,12 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -
     return model, load_tokenizer(p)
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path) -> Path:
-    """Write model + tokenizer atomically: a half-written checkpoint never appears under ``path``."""
+def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path, replace: bool = True) -> Path:
+    """Write model + tokenizer atomically: a half-written checkpoint never appears under ``path``.
+
+    ``replace=False`` (shared caches): if another process finished the same checkpoint first, keep
+    theirs and drop ours, so a reader never sees the directory vanish.
+    """
     _quiet_transformers()
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
@@ -84,6 +88,14 @@ def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path) 
     if isinstance(tokenizer, CharTokenizer) or hasattr(tokenizer, "save"):
         tokenizer.save(tmp)  # type: ignore[attr-defined]
     if final.exists():
+        if not replace:
+            shutil.rmtree(tmp)
+            return final
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another writer renamed its copy in between
+        if replace or not (final / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return final

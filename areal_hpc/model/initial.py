@@ -54,6 +54,6 @@ def prepare_initial_policy(cfg, task) -> str:
         losses = supervised_warmup(model, tok, task, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
                                    lr=cfg.warmup.lr, seed=cfg.run.seed, flaw=cfg.warmup.flaw)
     model.to(torch.float32)
-    save_policy(model, tok, target)
+    save_policy(model, tok, target, replace=False)  # concurrent jobs may share the cache
     (target / "warmup.json").write_text(json.dumps({"losses": losses}))
     return str(target)
