@@ -10,7 +10,8 @@ from areal_hpc.config import ConfigError, load_config, save_config
 
 
 def _train(args: argparse.Namespace) -> int:
-    from areal_hpc.comm.mpi import inside_mpi_job
+    from areal_hpc.comm.mpi import world_barrier, world_rank, world_size
+    from areal_hpc.launch.environment import check_world_matches_launcher, inside_mpi_job
     from areal_hpc.launch.job import main as job_main
     from areal_hpc.launch.job import run_dir_of
     from areal_hpc.launch.local import launch_local
@@ -23,20 +24,16 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = run_dir_of(cfg)
     resolved = run_dir / "config.yaml"
     if inside_mpi_job():  # started by mpiexec/srun: this process is one rank
-        from mpi4py import MPI
-
-        from areal_hpc.comm.mpi import check_world_matches_launcher
-
         try:
-            check_world_matches_launcher(MPI.COMM_WORLD.size)
+            check_world_matches_launcher(world_size())
         except RuntimeError as e:
             print(f"areal-hpc: {e}", file=sys.stderr)
             return 2
-        if MPI.COMM_WORLD.rank == 0:
+        if world_rank() == 0:
             if not _resumable(cfg, run_dir):
                 _fresh_run_dir(run_dir)
             save_config(cfg, resolved)
-        MPI.COMM_WORLD.Barrier()
+        world_barrier()
         job_main(str(resolved))
         return 0
     if cfg.cluster.launcher == "none":

@@ -18,25 +18,22 @@ log = logging.getLogger(__name__)
 
 CONTROL_TAG = 17
 
-# Environment variables that process managers set for every rank they start.
-_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "HYDI_CONTROL_FD")
+def world_size() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.size
 
 
-def inside_mpi_job() -> bool:
-    """True when a process manager (mpiexec, or srun starting several tasks) made this process a rank."""
-    if any(k in os.environ for k in _MPI_ENV):
-        return True
-    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+def world_rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.rank
 
 
-def check_world_matches_launcher(world_size: int) -> None:
-    """srun without MPI wiring starts N tasks that each see an MPI world of one: say so, clearly."""
-    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
-    if "SLURM_STEP_ID" in os.environ and tasks > 1 and world_size == 1:
-        raise RuntimeError(
-            f"srun started {tasks} tasks but MPI sees a world of 1 in each: srun did not wire MPI up. "
-            f"Use `srun --mpi=pmi2` (or --mpi=pmix, as your site's MPI needs) or set MpiDefault in slurm.conf"
-        )
+def world_barrier() -> None:
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,6 @@ class MPIContext:
 
         self._MPI = MPI
         self.world = MPI.COMM_WORLD
-        check_world_matches_launcher(self.world.size)
         expected = n_trainer + n_rollout
         if self.world.size != expected:
             raise RuntimeError(
@@ -120,6 +116,10 @@ class MPIContext:
         for r in self._pending_sends:
             r.wait()
         self._pending_sends.clear()
+
+    def any_in_role(self, flag: bool) -> bool:
+        """True on every rank of this role if ``flag`` is set on any (ranks agree to stop together)."""
+        return bool(self.role_comm.allreduce(int(flag), op=self._MPI.MAX))
 
     def hostname(self) -> str:
         return self.hosts[self.rank]

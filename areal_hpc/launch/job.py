@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
-from areal_hpc.comm.mpi import MPIContext, run_or_abort
+from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
 from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
+from areal_hpc.launch.environment import check_world_matches_launcher
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
 from areal_hpc.launch.progress import Progress, summary_table
 from areal_hpc.model.build import save_policy
@@ -64,6 +65,7 @@ def _threads_per_rank(world: int) -> int:
 
 def main(config_path: str) -> None:
     cfg = load_config(config_path)
+    check_world_matches_launcher(world_size())
     ctx = MPIContext(cfg.cluster.n_trainer, cfg.cluster.n_rollout)
     files = RunFiles(run_dir_of(cfg))
     setup_logging(files, ctx.rank, ctx.topo.role, cfg.run.log_level)
@@ -137,7 +139,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
         local = worker.step()
         parts = ctx.role_comm.gather(local, root=0)
         # Every trainer must leave the loop at the same step: agree on the preemption flag.
-        preempted = bool(ctx.role_comm.allreduce(int(preempt.raised), op=_mpi_max()))
+        preempted = ctx.any_in_role(preempt.raised)
         periodic = cfg.run.checkpoint_every and worker.version % cfg.run.checkpoint_every == 0
         if periodic and not preempted and worker.version < cfg.run.steps:
             _checkpoint(worker, ctx, files, attempt, acc_before)
@@ -193,19 +195,14 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
         requeue_this_job()
 
 
-def _mpi_max():
-    from mpi4py import MPI
-
-    return MPI.MAX
-
-
 def _checkpoint(worker, ctx, files: RunFiles, attempt: int, acc_before: float):
     """Gather what every trainer consumed; trainer 0 writes the checkpoint (DP replicas are identical)."""
     consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
     if ctx.rank != 0:
         return None
     path = save_checkpoint(files.checkpoints, model=worker.model, tokenizer=worker.tok,
-                           trainer_state=worker.engine.state_dict(), version=worker.version, attempt=attempt,
+                           trainer_state={**worker.engine.state_dict(), "torch_rng": torch.get_rng_state()},
+                           version=worker.version, attempt=attempt,
                            consumed_prompts=np.concatenate(consumed), accuracy_before=acc_before)
     prune(files.checkpoints)
     return path

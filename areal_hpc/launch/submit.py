@@ -68,19 +68,18 @@ class RunTask(_checkpointable_base()):  # type: ignore[misc]
         self.resumed = resumed
 
     def __call__(self) -> dict[str, Any] | None:
-        from mpi4py import MPI
-
-        from areal_hpc.comm.mpi import check_world_matches_launcher
+        from areal_hpc.comm.mpi import world_barrier, world_rank, world_size
+        from areal_hpc.launch.environment import check_world_matches_launcher
         from areal_hpc.launch.job import main as job_main
 
-        check_world_matches_launcher(MPI.COMM_WORLD.size)  # srun without --mpi=...: say so clearly
+        check_world_matches_launcher(world_size())  # srun without --mpi=...: say so clearly
         run_dir = Path(self.config_path).parent
-        if self.resumed and MPI.COMM_WORLD.rank == 0:
+        if self.resumed and world_rank() == 0:
             _move_aside(run_dir / "errors", "preempted")  # the interrupted start's SystemExit is not a failure
-        MPI.COMM_WORLD.Barrier()
+        world_barrier()
         job_main(self.config_path)
         summary = run_dir / "summary.json"
-        return json.loads(summary.read_text()) if MPI.COMM_WORLD.rank == 0 and summary.exists() else None
+        return json.loads(summary.read_text()) if world_rank() == 0 and summary.exists() else None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on rank 0 only, when Slurm signals preemption or the time limit."""

@@ -79,7 +79,11 @@ class TrainerWorker:
         self.version = 0
         self._consumed: list[int] = []  # prompt (= group) ids trained or rejected here, for checkpoints
         if resume is not None:
-            self.engine.load_state_dict(torch.load(resume.path / "trainer_state.pt", weights_only=False))
+            state = torch.load(resume.path / "trainer_state.pt", weights_only=False)
+            rng = state.pop("torch_rng", None)
+            self.engine.load_state_dict(state)
+            if rng is not None:
+                torch.set_rng_state(rng)
             self.version = resume.version
             if ctx.rank == 0:  # the cumulative record travels with trainer 0's next checkpoint
                 self._consumed = resume.consumed_prompts.tolist()
