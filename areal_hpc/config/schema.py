@@ -70,8 +70,13 @@ class ModelConfig:
 
     kind: str = _f(
         "tiny",
-        "tiny: built-in small transformer; hf: local HF checkpoint",
-        ("tiny", "hf"),
+        "tiny: built-in small transformer; hf: local HF checkpoint; "
+        "random: a real architecture's shape (model.preset) with random weights, for throughput work",
+        ("tiny", "hf", "random"),
+    )
+    preset: str = _f(
+        "qwen2-0.5b", "shape used when kind=random (vocab, layers, heads as the released model)",
+        ("qwen2-0.5b", "qwen2-1.5b"),
     )
     path: str | None = _f(None, "local HF checkpoint directory (required when kind=hf)")
     hidden_size: int = _f(128, "tiny model hidden size")
@@ -106,8 +111,9 @@ class TaskConfig:
 
     kind: str = _f(
         "arithmetic",
-        "arithmetic: generated sums; jsonl: prompt/answer files",
-        ("arithmetic", "jsonl"),
+        "arithmetic: generated sums; jsonl: prompt/answer files; "
+        "synthetic: random token prompts with long-tailed response lengths (throughput work)",
+        ("arithmetic", "jsonl", "synthetic"),
     )
     train_path: str | None = _f(None, "training JSONL file (required when kind=jsonl)")
     eval_path: str | None = _f(None, "held-out JSONL file (required when kind=jsonl)")
@@ -115,6 +121,9 @@ class TaskConfig:
     ops: str = _f("+", "arithmetic: operator characters to sample from, e.g. '+-'")
     n_eval: int = _f(200, "arithmetic: size of the generated held-out set")
     seed: int = _f(1234, "seed of the task generator (independent of run.seed)")
+    prompt_len: int = _f(128, "synthetic: prompt length in tokens")
+    len_median: float = _f(48.0, "synthetic: median response length in tokens (log-normal)")
+    len_sigma: float = _f(1.0, "synthetic: log-normal sigma of response lengths; a few reach max_new_tokens")
 
 
 @dataclass
@@ -135,6 +144,13 @@ class RolloutConfig:
         "on new weights, recompute the KV cache of in-flight sequences or keep the stale one",
         ("recompute", "keep"),
     )
+    engine: str = _f(
+        "auto",
+        "hf: HF forward with a dynamic cache; fast: continuous batching over a preallocated per-slot KV "
+        "cache (CUDA graphs on GPU); auto: fast on CUDA, hf on CPU",
+        ("auto", "hf", "fast"),
+    )
+    cuda_graphs: bool = _f(True, "fast engine: capture the decode step in a CUDA graph")
 
 
 @dataclass
@@ -158,6 +174,20 @@ class TrainerConfig:
     )
     token_budget: int = _f(2048, "micro-batch token budget")
     grad_clip: float = _f(1.0, "max global gradient norm")
+    packing: str = _f(
+        "auto",
+        "packed: variable-length sequences concatenated without padding (varlen attention); "
+        "padded: right-padded rows; auto: packed on CUDA, padded on CPU",
+        ("auto", "packed", "padded"),
+    )
+    compute_dtype: str = _f(
+        "auto",
+        "matmul precision; bfloat16 keeps fp32 master weights and optimizer state (autocast); "
+        "auto: bfloat16 on CUDA, float32 on CPU",
+        ("auto", "float32", "bfloat16"),
+    )
+    activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)")
+    compile: bool = _f(False, "torch.compile each transformer layer of the packed path (CUDA)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_betas: list[float] = field(
         default_factory=lambda: [0.9, 0.999],
@@ -206,6 +236,13 @@ class WeightsConfig:
         "auto", "auto: nccl on GPU, gloo on CPU", ("auto", "gloo", "nccl")
     )
     bucket_mb: int = _f(64, "broadcast bucket size in MiB")
+    kind: str = _f(
+        "auto",
+        "broadcast: gloo/NCCL bucketed broadcast; shared: trainer and rollout on one node share buffers "
+        "(CUDA IPC on a shared GPU, shared memory on CPU), no copy through the network or host; "
+        "auto: shared when every rollout rank is on trainer rank 0's node and device, else broadcast",
+        ("auto", "broadcast", "shared"),
+    )
 
 
 @dataclass

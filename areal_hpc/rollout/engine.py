@@ -25,6 +25,9 @@ class GenRequest:
     prompt_id: int
     group_id: int
     prompt_tokens: list[int]
+    # Finish after this many tokens even without EOS (0: the engine's max_new_tokens). Synthetic
+    # throughput workloads draw it from a long-tailed distribution, since a random model never says EOS.
+    max_tokens: int = 0
 
 
 @dataclass
@@ -155,7 +158,8 @@ class TorchEngine:
             g.tokens.append(tok_l[i])
             g.logprobs.append(logp_l[i])
             g.versions.append(self._logits_version)
-            if tok_l[i] == self.tok.eos_id or len(g.tokens) >= self.max_new_tokens:
+            limit = min(g.request.max_tokens or self.max_new_tokens, self.max_new_tokens)
+            if tok_l[i] == self.tok.eos_id or len(g.tokens) >= limit:
                 g.finished, g.t_end = True, now
                 done_rows.append(i)
             else:
