@@ -551,6 +551,18 @@ def validate(cfg: Config) -> None:
     if t.kind == "jsonl":
         _check_existing_file("task.train_path", t.train_path, "task.kind")
         _check_existing_file("task.eval_path", t.eval_path, "task.kind")
+    if t.kind == "synthetic":
+        _need(t.prompt_len >= 1, "task.prompt_len", t.prompt_len, "must be >= 1", "set task.prompt_len=128")
+        _need(t.len_median >= 1, "task.len_median", t.len_median, "must be >= 1", "set task.len_median=48")
+        _need(t.len_sigma >= 0, "task.len_sigma", t.len_sigma, "must be >= 0 (0: every response has the median length)",
+              "set task.len_sigma=1.0")
+        need = t.prompt_len + cfg.rollout.max_new_tokens
+        _need(m.max_seq_len >= need, "model.max_seq_len", m.max_seq_len,
+              f"must cover task.prompt_len + rollout.max_new_tokens = {need}",
+              f"set model.max_seq_len={need} or shorten task.prompt_len / rollout.max_new_tokens")
+    _need(m.kind != "random" or t.kind == "synthetic", "model.kind", m.kind,
+          f"needs task.kind=synthetic (a random-weight model has no tokenizer for task.kind={t.kind} text)",
+          "set task.kind=synthetic, or use model.kind=tiny|hf")
 
     # rollout
     _need(

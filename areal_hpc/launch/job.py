@@ -77,7 +77,7 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     torch.manual_seed(cfg.run.seed + ctx.rank)
     topo = ctx.topo
     run_id = run_id_of(files.root)
-    task = build_task(cfg.task)
+    task = build_task(cfg)
     policy, resume = None, None
     if ctx.rank == 0:
         removed = cleanup_stale(f"areal_{run_id}_")

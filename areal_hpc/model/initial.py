@@ -1,4 +1,5 @@
-"""The policy a run starts from: a local HF checkpoint, or the tiny model after a cached warm-up."""
+"""The policy a run starts from: a local HF checkpoint, the tiny model after a cached warm-up, or a
+released architecture's shape with random weights (cached too: building 1.5B parameters takes a while)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from areal_hpc.model.build import build_tiny_model, save_policy
-from areal_hpc.model.tokenizer import CharTokenizer
+from areal_hpc.model.build import DTYPES, build_tiny_model, save_policy
+from areal_hpc.model.tokenizer import CharTokenizer, initial_tokenizer
 from areal_hpc.model.warmup import supervised_warmup
 
 log = logging.getLogger(__name__)
@@ -31,29 +32,54 @@ def prepare_initial_policy(cfg, task) -> str:
 
     ``model.kind=hf`` uses ``model.path`` as it is (a real checkpoint is already past SFT). The tiny
     model is built, warmed up and cached under ``run.cache_dir`` keyed by the settings it depends on,
-    so repeated runs and test cases skip the warm-up.
+    so repeated runs and test cases skip the warm-up. A random preset is built once per
+    (preset, seed, dtype, max_seq_len) and cached the same way, without warm-up: its weights only
+    stand in for a real checkpoint's shape.
     """
     if cfg.model.kind == "hf":
         return str(Path(cfg.model.path).expanduser())
+    if cfg.model.kind == "random":
+        return _random_policy(cfg, task)
     target = Path(cfg.run.cache_dir) / f"tiny-{warmup_key(cfg)}"
     if (target / "config.json").exists():
         log.info("initial policy from cache %s", target)
         return str(target)
     tok = CharTokenizer(task.alphabet)
-    need = task.max_prompt_chars() + cfg.rollout.max_new_tokens
-    if need > cfg.model.max_seq_len:
-        raise ValueError(
-            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the longest prompt plus "
-            f"rollout.max_new_tokens ({need}); raise model.max_seq_len"
-        )
+    _check_fits(cfg, task)
     model = build_tiny_model(cfg.model.hidden_size, cfg.model.n_layers, cfg.model.n_heads, cfg.model.intermediate_size,
                              cfg.model.max_seq_len, tok.vocab_size, cfg.run.seed)
     losses: list[float] = []
-    if cfg.warmup.enabled:
+    if cfg.warmup.enabled and cfg.task.kind == "synthetic":
+        log.info("no warm-up for task.kind=synthetic: its prompts have no answer format to teach")
+    elif cfg.warmup.enabled:
         log.info("supervised warm-up: %d steps (cached afterwards in %s)", cfg.warmup.steps, target)
         losses = supervised_warmup(model, tok, task, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
                                    lr=cfg.warmup.lr, seed=cfg.run.seed, flaw=cfg.warmup.flaw)
     model.to(torch.float32)
     save_policy(model, tok, target, replace=False)  # concurrent jobs may share the cache
     (target / "warmup.json").write_text(json.dumps({"losses": losses}))
+    return str(target)
+
+
+def _check_fits(cfg, task) -> None:
+    need = task.max_prompt_chars() + cfg.rollout.max_new_tokens
+    if need > cfg.model.max_seq_len:
+        raise ValueError(
+            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the longest prompt plus "
+            f"rollout.max_new_tokens ({need}); raise model.max_seq_len"
+        )
+
+
+def _random_policy(cfg, task) -> str:
+    from areal_hpc.model.presets import build_random
+
+    m = cfg.model
+    _check_fits(cfg, task)
+    target = Path(cfg.run.cache_dir) / f"random-{m.preset}-seed{cfg.run.seed}-{m.dtype}-pos{m.max_seq_len}"
+    if (target / "config.json").exists():
+        log.info("initial policy from cache %s", target)
+        return str(target)
+    log.info("building random-weight %s (cached afterwards in %s)", m.preset, target)
+    model = build_random(m.preset, seed=cfg.run.seed, dtype=DTYPES[m.dtype], device="cpu", max_positions=m.max_seq_len)
+    save_policy(model, initial_tokenizer(m, task.alphabet), target, replace=False)  # concurrent jobs share it
     return str(target)

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Protocol
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+ID_TOKENIZER_FILE = "id_tokenizer.json"
+# Qwen2's <|endoftext|>: its eos and pad id, kept so random-weight presets stop and pad where Qwen2 would.
+QWEN2_EOS_ID = 151643
 
 
 class Tokenizer(Protocol):
@@ -55,6 +58,42 @@ class CharTokenizer:
         return cls(json.loads(Path(directory, CHAR_TOKENIZER_FILE).read_text())["alphabet"])
 
 
+class IdTokenizer:
+    """Text is the ids written as decimal numbers: for random-weight models, whose tokens mean nothing.
+
+    It saves with the checkpoint like :class:`CharTokenizer`, so a random preset loads through the same
+    path as every other policy and its logged responses read as the ids themselves.
+    """
+
+    def __init__(self, vocab_size: int, eos_id: int, pad_id: int | None = None, bos_id: int | None = None) -> None:
+        pad_id = eos_id if pad_id is None else pad_id
+        for name, i in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id)):
+            if i is not None and not 0 <= i < vocab_size:
+                raise ValueError(f"{name}={i} is outside the vocabulary of {vocab_size} ids")
+        self.vocab_size, self.eos_id, self.pad_id, self.bos_id = vocab_size, eos_id, pad_id, bos_id
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise ValueError(f"an id tokenizer encodes space-separated integers, got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ids {bad[:5]} are outside the vocabulary of {self.vocab_size} ids")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, ID_TOKENIZER_FILE).write_text(json.dumps(
+            {"vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id, "bos_id": self.bos_id}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> IdTokenizer:
+        return cls(**json.loads(Path(directory, ID_TOKENIZER_FILE).read_text()))
+
+
 class HFTokenizer:
     """Adapter over a ``transformers`` tokenizer loaded from a local checkpoint."""
 
@@ -78,7 +117,26 @@ class HFTokenizer:
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The char tokenizer if the checkpoint carries one, else the checkpoint's HF tokenizer."""
+    """The char or id tokenizer if the checkpoint carries one, else the checkpoint's HF tokenizer."""
     if Path(directory, CHAR_TOKENIZER_FILE).exists():
         return CharTokenizer.load(directory)
+    if Path(directory, ID_TOKENIZER_FILE).exists():
+        return IdTokenizer.load(directory)
     return HFTokenizer(directory)
+
+
+def initial_tokenizer(model_cfg, alphabet: str) -> Tokenizer:
+    """The tokenizer the initial policy of ``model_cfg`` carries, known before any checkpoint exists.
+
+    Token-level tasks draw prompt ids from its vocabulary: the tiny model's characters of the task's
+    ``alphabet``, a random preset's full vocabulary, or a local checkpoint's own tokenizer.
+    """
+    if model_cfg.kind == "tiny":
+        return CharTokenizer(alphabet)
+    if model_cfg.kind == "random":
+        from areal_hpc.model.presets import PRESETS
+
+        if model_cfg.preset not in PRESETS:
+            raise ValueError(f"unknown model.preset {model_cfg.preset!r}; choose one of {sorted(PRESETS)}")
+        return IdTokenizer(PRESETS[model_cfg.preset]["vocab_size"], eos_id=QWEN2_EOS_ID)
+    return load_tokenizer(Path(model_cfg.path).expanduser())

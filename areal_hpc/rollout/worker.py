@@ -18,11 +18,11 @@ from areal_hpc.config import Config
 from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
-from areal_hpc.rollout.reward import math_reward
+from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import RolloutLogWriter
-from areal_hpc.tasks import Problem, build_task
+from areal_hpc.tasks import Problem, build_task, prompt_ids
 from areal_hpc.transport.codec import encode_sample_parts
 from areal_hpc.transport.select import log_attrs, pair_uses_ring
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
@@ -41,7 +41,7 @@ class RolloutWorker:
         self.index = topo.role_rank
         self.n_rollout = topo.n_rollout
         self.G = cfg.rollout.group_size
-        self.task = build_task(cfg.task)
+        self.task = build_task(cfg)
         model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
         self.engine = TorchEngine(
             model, self.tok, max_batch=cfg.rollout.max_concurrent_groups * self.G,
@@ -119,12 +119,12 @@ class RolloutWorker:
             prompt_index = local * self.n_rollout + self.index
             problem = self.task.train_problem(prompt_index)
             self._problems[prompt_index] = problem
-            tokens = self.tok.encode(problem.prompt)
+            tokens = prompt_ids(problem, self.tok)
             self.engine.submit(
                 # ids stay unique across resumed attempts that regenerate the same prompt
                 GenRequest(sample_id=self._attempt * SAMPLE_ID_ATTEMPT_STRIDE + prompt_index * self.G + j,
                            prompt_id=prompt_index, group_id=prompt_index,
-                           prompt_tokens=tokens)
+                           prompt_tokens=tokens, max_tokens=problem.max_tokens)
                 for j in range(self.G)
             )
 
@@ -140,14 +140,14 @@ class RolloutWorker:
     def _push(self, g: Generation, problem: Problem) -> None:
         out = [t for t in g.tokens if t != self.tok.eos_id]
         text = self.tok.decode(out)
-        reward = math_reward(text, problem.answer)
+        reward = problem_reward(problem, out, text)
         record = {
             "sample_id": g.request.sample_id, "prompt_id": g.request.prompt_id, "group_id": g.request.group_id,
             "rank": self.ctx.rank, "prompt_tokens": np.asarray(g.request.prompt_tokens, dtype=np.int32),
             "response_tokens": np.asarray(g.tokens, dtype=np.int32),
             "behav_logprobs": np.asarray(g.logprobs, dtype=np.float32),
             "versions": np.asarray(g.versions, dtype=np.int32), "reward": reward, "t_start": g.t_start,
-            "t_end": g.t_end, "answer_ok": reward > 0, "interruptions": g.interruptions,
+            "t_end": g.t_end, "answer_ok": reward >= 1.0, "interruptions": g.interruptions,
         }
         if self.ring is not None:
             self.ring.push_parts(encode_sample_parts({**record, "ring_full_waits": self.ring.full_waits}),

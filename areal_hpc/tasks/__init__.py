@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from areal_hpc.tasks.arithmetic import ArithmeticTask
-from areal_hpc.tasks.base import Problem
+from areal_hpc.tasks.base import Problem, prompt_ids
 from areal_hpc.tasks.jsonl import JsonlTask
+from areal_hpc.tasks.synthetic import ALPHABET as SYNTHETIC_ALPHABET
+from areal_hpc.tasks.synthetic import SyntheticTask
 
-__all__ = ["ArithmeticTask", "JsonlTask", "Problem", "build_task"]
+__all__ = ["ArithmeticTask", "JsonlTask", "Problem", "SyntheticTask", "build_task", "prompt_ids"]
 
 
-def build_task(cfg) -> ArithmeticTask | JsonlTask:
-    """The task a :class:`~areal_hpc.config.schema.TaskConfig` describes (eval size from ``n_eval``)."""
-    if cfg.kind == "arithmetic":
-        return ArithmeticTask(cfg.digits, cfg.ops, cfg.seed, cfg.n_eval)
-    return JsonlTask(cfg.train_path, cfg.eval_path, cfg.n_eval)
+def build_task(cfg) -> ArithmeticTask | JsonlTask | SyntheticTask:
+    """The task a config describes (eval size from ``task.n_eval``).
+
+    Takes the whole :class:`~areal_hpc.config.schema.Config` (or only its ``task`` section for text
+    tasks): the synthetic task also needs the policy's vocabulary (``model``) and the longest response
+    (``rollout.max_new_tokens``) to draw prompt ids and clip target lengths.
+    """
+    t = getattr(cfg, "task", cfg)
+    if t.kind == "arithmetic":
+        return ArithmeticTask(t.digits, t.ops, t.seed, t.n_eval)
+    if t.kind == "jsonl":
+        return JsonlTask(t.train_path, t.eval_path, t.n_eval)
+    if not hasattr(cfg, "task"):
+        raise TypeError("build_task(cfg.task) cannot build task.kind=synthetic: pass the whole config, "
+                        "whose model and rollout sections fix its vocabulary and lengths")
+    from areal_hpc.model.tokenizer import initial_tokenizer
+
+    tok = initial_tokenizer(cfg.model, SYNTHETIC_ALPHABET)
+    specials = [i for i in (tok.pad_id, tok.eos_id, tok.bos_id) if i is not None]
+    return SyntheticTask(prompt_len=t.prompt_len, len_median=t.len_median, len_sigma=t.len_sigma,
+                         max_len=cfg.rollout.max_new_tokens, vocab_size=tok.vocab_size, special_ids=specials,
+                         seed=t.seed, n_eval=t.n_eval)

@@ -1,0 +1,51 @@
+"""A whole job on the synthetic workload: responses stop at their drawn target lengths, rewards verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from areal_hpc.config import load_config
+from areal_hpc.storage.runlog import RunLog
+from areal_hpc.tasks import build_task
+
+from .conftest import QUICKSTART, run_train
+
+pytestmark = pytest.mark.mpi
+
+SYNTHETIC = ["task.kind=synthetic", "task.prompt_len=6", "task.len_median=4", "task.len_sigma=1.0",
+             "rollout.max_new_tokens=12", "model.max_seq_len=24", "cluster.n_rollout=1", "trainer.batch_size=32",
+             "eval.n=16", "run.steps=10", "warmup.enabled=false", "warmup.flaw=0"]
+
+
+def test_synthetic_task_lengths_follow_targets(job_root):
+    job = run_train(job_root, "synthetic", *SYNTHETIC, timeout=120)
+    assert job.rc == 0, job.output[-3000:]
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["final_version"] == 10
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+
+    log = RunLog(job.run_dir, strict=True)
+    samples = log.samples().set_index("sample_id")
+    sample_ids, offsets, fields = log.tokens("response", ["response_tokens"])
+    tokens = fields["response_tokens"]
+    task = build_task(load_config(QUICKSTART, [f"run.output_dir={job_root}", *SYNTHETIC]))
+    eos = 2  # the tiny char tokenizer's eos
+    equal = 0
+    for k, sid in enumerate(sample_ids):
+        row = samples.loc[sid]
+        problem = task.train_problem(int(row["prompt_id"]))
+        resp = tokens[offsets[k]:offsets[k + 1]].tolist()
+        assert row["answer"] == f"len={problem.max_tokens}"  # the log carries the target it was given
+        assert 1 <= len(resp) <= problem.max_tokens
+        if len(resp) < problem.max_tokens:
+            assert resp[-1] == eos, "a response stopped short of its target without EOS"
+        equal += len(resp) == problem.max_tokens
+        out = [t for t in resp if t != eos]
+        assert row["reward"] == pytest.approx(sum(t % 2 == 0 for t in out) / len(out) if out else 0.0)
+    assert equal >= 0.6 * len(sample_ids), f"only {equal}/{len(sample_ids)} responses reached their target"
+    rewards = samples["reward"].to_numpy()
+    assert ((rewards >= 0) & (rewards <= 1)).all() and 0.1 < rewards.mean() < 0.9
+    assert len(np.unique(samples["response_len"])) > 3  # lengths vary: the long-tailed targets
