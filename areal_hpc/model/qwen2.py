@@ -88,7 +88,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
@@ -140,8 +140,8 @@ class PackedQwen2:
             q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
         else:
             q, k, v = F.linear(h, L.wq, L.bq), F.linear(h, L.wk, L.bk), F.linear(h, L.wv, L.bv)
-        q = _rope(q.reshape(T, s.n_heads, s.head_dim), cos, sin)
-        k = _rope(k.reshape(T, s.n_kv_heads, s.head_dim), cos, sin)
+        q = rope(q.reshape(T, s.n_heads, s.head_dim), cos, sin)
+        k = rope(k.reshape(T, s.n_kv_heads, s.head_dim), cos, sin)
         v = v.reshape(T, s.n_kv_heads, s.head_dim)
         o = attend(i, q, k, v)
         x = x + F.linear(o.reshape(T, s.n_heads * s.head_dim), L.wo)

@@ -1,0 +1,357 @@
+"""Continuous-batching engine over a preallocated per-slot KV cache, with CUDA-graph decode.
+
+The engine owns ``max_batch`` slots. A sequence holds one slot from its prefill to its last token;
+the moment it finishes, the slot goes to the next queued request, so a long tail of a few long
+sequences never leaves the batch half empty (the HF engine has to wait for half its rows).
+
+One ``step()``:
+1. prefill newly admitted prompts, packed without padding (varlen attention), straight into their
+   slots' KV cache, and sample each one's first token; a per-step prompt-token budget keeps a burst
+   of admissions from stalling decode for long;
+2. one decode step for every slot: a fixed-shape forward that writes the new K/V at each slot's
+   position, attends over the slot's prefix, samples on the GPU and advances its own inputs. On CUDA
+   it is captured once in a CUDA graph and replayed, so a step costs one launch instead of hundreds.
+
+Weights are updated in place (the graph keeps pointing at the same storage). With
+``interrupt='recompute'`` the KV cache of every live sequence is rebuilt under the new weights by a
+packed prefill; with ``'keep'`` decoding continues on the old cache. Every token records the
+version of the weights that computed its logits.
+
+Sampling uses a per-sequence seed (``sampling.py``), so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from areal_hpc.model.attention import cached_decode, causal_varlen
+from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
+from areal_hpc.model.tokenizer import Tokenizer
+from areal_hpc.rollout.engine import Generation, GenRequest
+from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, triton_available
+
+log = logging.getLogger(__name__)
+
+
+def decode_layer(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, wo: Tensor,
+                 ln2: Tensor, w_gu: Tensor, wd: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, pos: Tensor,
+                 lengths: Tensor, s: Qwen2Shape) -> Tensor:
+    """One transformer layer for one token per slot, its weights as arguments.
+
+    Every layer calls this with same-shaped tensors, so ``torch.compile`` builds it once and fuses
+    the norms, rotary embedding, cache writes and SiLU into a handful of kernels (an eager layer is
+    ~40 launches, which at small batch costs more than reading the weights).
+    """
+    B = x.shape[0]
+    h = rms_norm(x, ln1, s.eps)
+    qkv = torch.nn.functional.linear(h, w_qkv, b_qkv)
+    q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
+    q = rope(q.reshape(B, s.n_heads, s.head_dim), cos, sin)
+    k = rope(k.reshape(B, s.n_kv_heads, s.head_dim), cos, sin)
+    kc[rows, :, pos] = k
+    vc[rows, :, pos] = v.reshape(B, s.n_kv_heads, s.head_dim)
+    o = cached_decode(q, kc, vc, lengths)
+    x = x + torch.nn.functional.linear(o.reshape(B, s.n_heads * s.head_dim), wo)
+    g, u = torch.nn.functional.linear(rms_norm(x, ln2, s.eps), w_gu).chunk(2, dim=-1)
+    return x + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, wd)
+
+
+class FastEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int, max_new_tokens: int,
+                 max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
+                 version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
+                 admit_min_free: int | None = None, compile_decode: bool = True) -> None:
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.max_batch, self.max_new_tokens, self.max_seq_len = max_batch, max_new_tokens, max_seq_len
+        self.temperature, self.top_p, self.interrupt = temperature, top_p, interrupt
+        self.version = version
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.generator = torch.Generator().manual_seed(seed)  # its seed is the base of per-sequence seeds
+        self.prefill_token_budget = prefill_token_budget
+        self.admit_min_free = admit_min_free if admit_min_free is not None else max(1, max_batch // 16)
+        with torch.no_grad():
+            self.runner = PackedQwen2(model, max_positions=max_seq_len, fuse=True)
+        self._params = dict(model.named_parameters())
+        s = self.runner.shape
+        B, L, dev = max_batch, max_seq_len, self.device
+        cache_shape = (s.n_layers, B, s.n_kv_heads, L, s.head_dim)
+        self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
+        self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
+        # Decode inputs per slot: the token to feed, its position, its sequence seed and token index.
+        self._tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._pos = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._seed = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._ctr = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._out_tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._out_logp = torch.zeros(B, dtype=torch.float32, device=dev)
+        self._pre_tok = torch.zeros(B, dtype=torch.int64, device=dev)  # first tokens sampled by prefill
+        self._pre_logp = torch.zeros(B, dtype=torch.float32, device=dev)
+        pin = dev.type == "cuda"
+        self._host = [[torch.zeros(B, dtype=torch.int64, pin_memory=pin), torch.zeros(B, dtype=torch.float32, pin_memory=pin),
+                       torch.zeros(B, dtype=torch.int64, pin_memory=pin), torch.zeros(B, dtype=torch.float32, pin_memory=pin)]
+                      for _ in range(2)]
+        self._inflight: dict | None = None
+        self._rows = torch.arange(B, device=dev)
+        self._slots: list[Generation | None] = [None] * B
+        self._pending: list[GenRequest] = []
+        self._stale: bool = False
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._use_graph = cuda_graphs and dev.type == "cuda"
+        self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
+        self._layer = decode_layer
+        if compile_decode and dev.type == "cuda" and triton_available(dev):
+            self._layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+        self.tokens_generated = 0
+        self.prefill_tokens = 0
+        self.decode_steps = 0
+
+    # -- public API (same as TorchEngine) --------------------------------------------------------
+    def submit(self, requests: Iterable[GenRequest]) -> None:
+        for r in requests:
+            need = len(r.prompt_tokens) + self._limit(r)
+            if need > self.max_seq_len:
+                raise ValueError(
+                    f"request {r.sample_id}: prompt of {len(r.prompt_tokens)} tokens + up to {self._limit(r)} new "
+                    f"tokens exceeds the KV cache length model.max_seq_len={self.max_seq_len}; raise model.max_seq_len"
+                )
+            self._pending.append(r)
+
+    def num_active(self) -> int:
+        return self._n_live() + len(self._pending) + (self._inflight is not None)
+
+    def active_groups(self) -> set[int]:
+        return {g.request.group_id for g in self._slots if g is not None} | {r.group_id for r in self._pending}
+
+    def free_slots(self) -> int:
+        return self.max_batch - self._n_live() - len(self._pending)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        for name, tensor in named_tensors:
+            self._params[name].copy_(tensor)
+        self.version = version
+        live = [g for g in self._slots if g is not None]
+        for g in live:
+            g.interruptions += 1
+        if live and self.interrupt == "recompute":
+            self._stale = True
+
+    @torch.no_grad()
+    def step(self) -> list[Generation]:
+        """Launch the next decode step, then process the previous one while the GPU runs this one.
+
+        Results therefore arrive one step late; a sequence that finished in the previous step costs
+        one wasted row in this one, and the host's bookkeeping and prefill launches overlap device work.
+        """
+        finished: list[Generation] = []
+        if self._stale:
+            finished += self._drain()  # the rebuilt cache must cover every token sampled so far
+            self._recompute()
+        admitted = self._admit()
+        launch = self._launch(admitted) if self._n_live() else None
+        finished += self._drain()
+        self._inflight = launch
+        return finished
+
+    def generate(self, requests: list[GenRequest], greedy: bool = False) -> list[Generation]:
+        """Run requests to completion (evaluation); only valid while no other work is in flight."""
+        self._drain()
+        assert not self._n_live() and not self._pending, "generate() needs an idle engine"
+        saved = self.temperature, self._fused_sampler, self._use_graph
+        if greedy:
+            self.temperature, self._fused_sampler, self._use_graph = 0.0, False, False
+        try:
+            self.submit(requests)
+            out: list[Generation] = []
+            while self.num_active():
+                out.extend(self.step())
+            return sorted(out, key=lambda g: g.request.sample_id)
+        finally:
+            self.temperature, self._fused_sampler, self._use_graph = saved
+
+    # -- internals -------------------------------------------------------------------------------
+    def _n_live(self) -> int:
+        return sum(g is not None for g in self._slots)
+
+    def _limit(self, r: GenRequest) -> int:
+        return min(r.max_tokens or self.max_new_tokens, self.max_new_tokens)
+
+    def _append(self, slot: int, g: Generation, tok: int, logp: float, version: int, now: float) -> bool:
+        """Record one sampled token; on EOS or the length limit finish ``g`` and free its slot."""
+        self.tokens_generated += 1
+        g.tokens.append(tok)
+        g.logprobs.append(logp)
+        g.versions.append(version)
+        if tok == self.tok.eos_id or len(g.tokens) >= self._limit(g.request):
+            g.finished, g.t_end = True, now
+            self._slots[slot] = None
+            return True
+        return False
+
+    def _prefill(self, slots: list[int], seqs: list[list[int]], sample_next: bool) -> tuple[Tensor, Tensor] | None:
+        """Packed prefill of ``seqs`` into ``slots``' caches; optionally sample each one's next token."""
+        dev = self.device
+        lens = [len(s) for s in seqs]
+        cu_list = [0]
+        for n in lens:
+            cu_list.append(cu_list[-1] + n)
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
+        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)).to(dev, non_blocking=True)
+        cu = torch.tensor(cu_list, dtype=torch.int32).to(dev, non_blocking=True)
+        max_len = max(lens)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.k_cache[i][slot_of, :, pos] = k
+            self.v_cache[i][slot_of, :, pos] = v
+            return causal_varlen(q, k, v, cu, max_len, cu_list)
+
+        h = self.runner.hidden(ids, pos, attend)
+        self.prefill_tokens += cu_list[-1]
+        if not sample_next:
+            return None
+        last = torch.tensor(cu_list[1:], device=dev) - 1
+        logits = self.runner.logits(h[last])
+        idx = torch.tensor(slots, device=dev)
+        return sample(logits, self.temperature, self.top_p, self._seed[idx], self._ctr[idx])
+
+    def _admit(self) -> list[int]:
+        """Move queued requests into free slots and prefill them (device side only, no sync).
+
+        Admission waits until ``admit_min_free`` slots are free (or none is live): each prefill is a
+        burst of eager launches, so admitting one request per step would cost more than it gains.
+        """
+        free = [i for i, g in enumerate(self._slots) if g is None]
+        if not self._pending or not free or (self._n_live() and len(free) < min(self.admit_min_free,
+                                                                                 len(self._pending))):
+            return []
+        take: list[tuple[int, GenRequest]] = []
+        budget = self.prefill_token_budget
+        while self._pending and len(take) < len(free):
+            r = self._pending[0]
+            if take and len(r.prompt_tokens) > budget:
+                break
+            budget -= len(r.prompt_tokens)
+            take.append((free[len(take)], self._pending.pop(0)))
+        base = self.generator.initial_seed()
+        slots = [s for s, _ in take]
+        idx = torch.tensor(slots).to(self.device, non_blocking=True)
+        seeds = torch.tensor([sequence_seed(base, r.sample_id) for _, r in take]).to(self.device, non_blocking=True)
+        self._seed[idx] = seeds
+        self._ctr[idx] = 0
+        tok, logp = self._prefill(slots, [r.prompt_tokens for _, r in take], sample_next=True)
+        self._pre_tok[idx] = tok
+        self._pre_logp[idx] = logp
+        # Decode inputs: the sampled token goes in at position len(prompt), as token index 1.
+        self._tok[idx] = tok
+        self._pos[idx] = torch.tensor([len(r.prompt_tokens) for _, r in take]).to(self.device, non_blocking=True)
+        self._ctr[idx] = 1
+        for slot, r in take:
+            self._slots[slot] = Generation(r)
+        return slots
+
+    def _recompute(self) -> None:
+        """Rebuild the KV cache of every live sequence (prompt + tokens fed so far) under new weights."""
+        live = [(i, g) for i, g in enumerate(self._slots) if g is not None]
+        self._stale = False
+        if live:
+            self._prefill([i for i, _ in live], [g.request.prompt_tokens + g.tokens[:-1] for _, g in live],
+                          sample_next=False)
+
+    def _decode_body(self) -> None:
+        pos = self._pos
+        lengths = pos + 1
+        run, shape = self.runner, self.runner.shape
+        x = torch.nn.functional.embedding(self._tok, run.embed)
+        cos, sin = run.rope_tables(pos, x.dtype)
+        for i, L in enumerate(run.layers):
+            x = self._layer(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, L.wo, L.ln2, L.w_gu, L.wd, self.k_cache[i],
+                            self.v_cache[i], self._rows, pos, lengths, shape)
+        logits = run.logits(rms_norm(x, run.norm, shape.eps))
+        if self._fused_sampler:
+            sample_fused(logits, self.temperature, self._seed, self._ctr, self._out_tok, self._out_logp)
+        else:
+            tok, logp = sample(logits, self.temperature, self.top_p, self._seed, self._ctr)
+            self._out_tok.copy_(tok)
+            self._out_logp.copy_(logp)
+        # The graph advances its own inputs; idle slots are clamped inside the cache and ignored.
+        self._tok.copy_(self._out_tok)
+        self._pos.copy_((pos + 1).clamp(max=self.max_seq_len - 1))
+        self._ctr.add_(1)
+
+    def _capture(self) -> None:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        saved = [t.clone() for t in (self._tok, self._pos, self._ctr, self.k_cache, self.v_cache)]
+        with torch.cuda.stream(s):
+            try:
+                self._decode_body()
+            except Exception as e:  # an inductor failure must not stop generation: run the eager layer
+                if self._layer is decode_layer:
+                    raise
+                log.warning("torch.compile of the decode layer failed (%s); decoding with the eager layer", e)
+                self._layer = decode_layer
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels, outside the capture
+                self._decode_body()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_body()
+        for dst, src in zip((self._tok, self._pos, self._ctr, self.k_cache, self.v_cache), saved):
+            dst.copy_(src)
+        del saved
+        self._graph = graph
+        log.info("decode step captured in a CUDA graph (batch %d, cache length %d)", self.max_batch, self.max_seq_len)
+
+    def _launch(self, admitted: list[int]) -> dict:
+        """Enqueue one decode step and the copy of its results (and of new first tokens) to the host."""
+        if self._use_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._decode_body()
+        self.decode_steps += 1
+        k = self.decode_steps % 2  # double-buffered pinned outputs: the host reads one while the next fills
+        host = self._host[k]
+        host[0].copy_(self._out_tok, non_blocking=True)
+        host[1].copy_(self._out_logp, non_blocking=True)
+        if admitted:
+            host[2].copy_(self._pre_tok, non_blocking=True)
+            host[3].copy_(self._pre_logp, non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        return {"slots": list(self._slots), "admitted": set(admitted), "version": self.version, "host": host,
+                "event": event}
+
+    def _drain(self) -> list[Generation]:
+        """Apply the in-flight step's tokens to their sequences; free the slots of finished ones."""
+        launch, self._inflight = self._inflight, None
+        if launch is None:
+            return []
+        if launch["event"] is not None:
+            launch["event"].synchronize()
+        host = launch["host"]
+        tok_l, logp_l = host[0].tolist(), host[1].tolist()
+        if launch["admitted"]:
+            pre_tok, pre_logp = host[2].tolist(), host[3].tolist()
+        v = launch["version"]
+        now = time.time()
+        done: list[Generation] = []
+        for slot, g in enumerate(launch["slots"]):
+            if g is None or g.finished:
+                continue
+            if slot in launch["admitted"] and self._append(slot, g, pre_tok[slot], pre_logp[slot], v, now):
+                done.append(g)
+                continue
+            if self._append(slot, g, tok_l[slot], logp_l[slot], v, now):
+                done.append(g)
+        return done

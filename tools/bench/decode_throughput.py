@@ -1,0 +1,172 @@
+"""Decode throughput of the fast engine vs HF ``generate()`` and vs the HBM roofline, in one run.
+
+Qwen2-0.5B shape, random bf16 weights, 128 prompt tokens, 256 sampled tokens per sequence
+(temperature 1, no EOS: a random model's lengths are set by the workload). For each batch size:
+
+* ``ours``: the FastEngine (continuous batching, CUDA-graph decode, fused sampler), B requests;
+* ``hf``: ``model.generate()`` with the default cache, same prompts (``--hf-new`` tokens, fewer than
+  256 by default to save device time: its per-token rate barely depends on the length);
+* ``roofline``: B / (bytes read per decode step / copy bandwidth measured in this run), the bytes
+  being every weight once plus the KV cache of the average context (prompt + 128) once;
+* ``tail``: a long-tailed workload (log-normal lengths, median 48, max 256) of 4B requests through
+  the same engine with continuous batching vs in waves of B (each wave waits for its longest).
+
+    python tools/bench/decode_throughput.py --batch 64 256 --out tools/bench/results/decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from areal_hpc.model.presets import build_random  # noqa: E402
+from areal_hpc.model.qwen2 import Qwen2Shape  # noqa: E402
+from areal_hpc.rollout.engine import GenRequest  # noqa: E402
+from areal_hpc.rollout.fast_engine import FastEngine  # noqa: E402
+from tools.bench.common import copy_bandwidth, device_info, sync, write_result  # noqa: E402
+
+
+class _NoEos:
+    eos_id = -1
+    pad_id = 0
+
+
+def requests(n: int, prompt_len: int, lengths: list[int], vocab: int, seed: int) -> list[GenRequest]:
+    rng = np.random.default_rng(seed)
+    return [GenRequest(i, i, i, rng.integers(3, vocab, prompt_len).tolist(), max_tokens=int(lengths[i]))
+            for i in range(n)]
+
+
+def time_engine(engine: FastEngine, reqs: list[GenRequest], wave: int = 0) -> tuple[float, int]:
+    """Seconds and tokens to finish ``reqs``; ``wave`` > 0 submits them in waves (static batching)."""
+    sync()
+    t = time.perf_counter()
+    groups = [reqs[i:i + wave] for i in range(0, len(reqs), wave)] if wave else [reqs]
+    n_tok = 0
+    for grp in groups:
+        engine.submit(grp)
+        while engine.num_active():
+            for g in engine.step():
+                n_tok += len(g.tokens)
+    sync()
+    return time.perf_counter() - t, n_tok
+
+
+def profile(engine: FastEngine, B: int, prompt: int, vocab: int) -> dict:
+    """Device time of one decode step alone (graph replays back to back), and of one prefill burst."""
+    n = 50
+    step = engine._graph.replay if engine._graph is not None else engine._decode_body
+    step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    decode_ms = 1e3 * (time.perf_counter() - t) / n
+    k = max(1, B // 16)
+    seqs = [r.prompt_tokens for r in requests(k, prompt, [1] * k, vocab, seed=5)]
+    engine._prefill(list(range(k)), seqs, sample_next=True)
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        engine._prefill(list(range(k)), seqs, sample_next=True)
+    sync()
+    return {"device_decode_ms": decode_ms, "prefill_ms": 1e3 * (time.perf_counter() - t) / 5, "prefill_prompts": k}
+
+
+def hf_generate(model, reqs: list[GenRequest], new: int) -> float:
+    ids = torch.tensor([r.prompt_tokens for r in reqs], device=model.device)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+              pad_token_id=0, attention_mask=torch.ones_like(ids))
+    model.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    sync()
+    t = time.perf_counter()
+    model.generate(ids, **kw)
+    sync()
+    return len(reqs) * new / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen2-0.5b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--hf-new", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-tail", action="store_true")
+    ap.add_argument("--no-graph", action="store_true", help="eager decode (to measure what the graph saves)")
+    ap.add_argument("--eager-layers-too", action="store_true",
+                    help="also time each batch with the uncompiled layer inside the graph (what torch.compile buys)")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
+    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if args.quick:
+        args.batch, args.prompt, args.new, args.hf_new = [4], 16, 16, 8
+    model = build_random(args.preset, seed=0, dtype=dtype, device=dev, max_positions=args.prompt + args.new + 8)
+    if args.quick:  # two layers are enough to exercise every path on a CPU
+        model.model.layers = model.model.layers[:2]
+        model.config.num_hidden_layers = 2
+    shape = Qwen2Shape.of(model.config)
+    bw = copy_bandwidth(dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
+    rows = []
+    variants = [(B, True) for B in args.batch] + ([(B, False) for B in args.batch] if args.eager_layers_too else [])
+    for B, compiled in variants:
+        eng = FastEngine(model, _NoEos(), max_batch=B, max_new_tokens=args.new, max_seq_len=args.prompt + args.new,
+                         temperature=1.0, top_p=1.0, cuda_graphs=not args.no_graph, seed=1, compile_decode=compiled)
+        time_engine(eng, requests(B, args.prompt, [8] * B, shape.vocab, seed=99))  # capture + warm-up
+        reqs = requests(B, args.prompt, [args.new] * B, shape.vocab, seed=B)
+        secs, n_tok = time_engine(eng, reqs)
+        ours = n_tok / secs
+        avg_ctx = args.prompt + args.new / 2
+        step_bytes = weight_bytes + B * avg_ctx * kv_per_token
+        roof = B / (step_bytes / (bw * 1e9))
+        row = {"batch": B, "compiled_layer": compiled, "ours_tok_s": ours, "roofline_tok_s": roof, "fraction_of_roofline": ours / roof,
+               "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
+               "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
+        row.update(profile(eng, B, args.prompt, shape.vocab))
+        if not args.no_hf and compiled:
+            hf = hf_generate(model, reqs, args.hf_new)
+            row.update(hf_tok_s=hf, speedup_vs_hf=ours / hf)
+        if not args.no_tail and compiled:
+            rng = np.random.default_rng(7)
+            lens = np.clip(np.round(np.exp(rng.normal(math.log(48), 1.0, 4 * B))), 1, args.new).astype(int)
+            tail = requests(4 * B, args.prompt, lens.tolist(), shape.vocab, seed=3 * B)
+            s_cont, t_cont = time_engine(eng, tail)
+            s_wave, t_wave = time_engine(eng, tail, wave=B)
+            row.update(tail_continuous_tok_s=t_cont / s_cont, tail_waves_tok_s=t_wave / s_wave,
+                       tail_speedup=(t_cont / s_cont) / (t_wave / s_wave), tail_tokens=t_cont)
+        rows.append(row)
+        del eng
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'batch':>5} {'layer':>8} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF':>7} {'roofline':>9} {'of roof':>8} "
+          f"{'step ms':>8} {'gpu ms':>7} {'prefill ms':>10} {'tail cont/waves':>16}")
+    for r in rows:
+        print(f"{r['batch']:>5} {'compiled' if r['compiled_layer'] else 'eager':>8} {r['ours_tok_s']:>11.0f} {r.get('hf_tok_s', float('nan')):>9.0f} "
+              f"{r.get('speedup_vs_hf', float('nan')):>6.1f}x {r['roofline_tok_s']:>9.0f} "
+              f"{r['fraction_of_roofline']:>7.1%} {r['step_ms']:>8.2f} {r['device_decode_ms']:>7.2f} "
+              f"{r['prefill_ms']:>10.2f} {r.get('tail_speedup', float('nan')):>15.2f}x")
+    result = {**device_info(dev), "preset": args.preset, "prompt": args.prompt, "new": args.new,
+              "hf_new": args.hf_new, "cuda_graphs": not args.no_graph, "copy_GBps": bw,
+              "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "rows": rows}
+    write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

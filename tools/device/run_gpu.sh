@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: environment probe, GPU tests and the issue-5 benchmarks, results under $OUT.
+# Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
+#   stages: probe tests decode train weights e2e   (default: all)
+set -u -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/areal_gpu_out}; mkdir -p "$OUT"
+stages=${*:-probe tests decode train weights e2e}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+fi
+for s in $stages; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    probe)
+      nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
+      python3 -c "import torch, inspect; from torch.nn.attention.varlen import varlen_attn as v; print(torch.__version__, inspect.signature(v))"
+      python3 -c "import mpi4py; from mpi4py import MPI; print(mpi4py.__version__, MPI.Get_library_version()[:60])"
+      which mpiexec || true ;;
+    tests)
+      python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_engine.py tests/test_train_packed.py \
+        tests/test_weights_shared.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --out "$OUT/decode.json" ;;
+    train) python3 tools/bench/train_throughput.py --out "$OUT/train.json" ;;
+    weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
+    e2e) python3 tools/bench/e2e_one_gpu.py --out "$OUT/e2e.json" ;;
+  esac
+done
