@@ -151,6 +151,13 @@ class RolloutConfig:
         ("auto", "hf", "fast"),
     )
     cuda_graphs: bool = _f(True, "fast engine: capture the decode step in a CUDA graph")
+    compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
+    dtype: str = _f(
+        "auto",
+        "dtype of the rollout's copy of the weights (the trainer keeps model.dtype as master weights); "
+        "auto: bfloat16 on CUDA, model.dtype on CPU",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
 
 
 @dataclass

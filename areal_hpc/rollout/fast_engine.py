@@ -94,8 +94,7 @@ class FastEngine:
         self._pre_tok = torch.zeros(B, dtype=torch.int64, device=dev)  # first tokens sampled by prefill
         self._pre_logp = torch.zeros(B, dtype=torch.float32, device=dev)
         pin = dev.type == "cuda"
-        self._host = [[torch.zeros(B, dtype=torch.int64, pin_memory=pin), torch.zeros(B, dtype=torch.float32, pin_memory=pin),
-                       torch.zeros(B, dtype=torch.int64, pin_memory=pin), torch.zeros(B, dtype=torch.float32, pin_memory=pin)]
+        self._host = [[torch.zeros(B, dtype=dt, pin_memory=pin) for dt in (torch.int64, torch.float32) * 2]
                       for _ in range(2)]
         self._inflight: dict | None = None
         self._rows = torch.arange(B, device=dev)

@@ -17,7 +17,6 @@ Qwen2-0.5B shape, random bf16 weights, 128 prompt tokens, 256 sampled tokens per
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -135,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         avg_ctx = args.prompt + args.new / 2
         step_bytes = weight_bytes + B * avg_ctx * kv_per_token
         roof = B / (step_bytes / (bw * 1e9))
-        row = {"batch": B, "compiled_layer": compiled, "ours_tok_s": ours, "roofline_tok_s": roof, "fraction_of_roofline": ours / roof,
+        row = {"batch": B, "compiled_layer": compiled, "ours_tok_s": ours, "roofline_tok_s": roof,
+               "fraction_of_roofline": ours / roof,
                "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
                "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
         row.update(profile(eng, B, args.prompt, shape.vocab))
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'batch':>5} {'layer':>8} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF':>7} {'roofline':>9} {'of roof':>8} "
           f"{'step ms':>8} {'gpu ms':>7} {'prefill ms':>10} {'tail cont/waves':>16}")
     for r in rows:
-        print(f"{r['batch']:>5} {'compiled' if r['compiled_layer'] else 'eager':>8} {r['ours_tok_s']:>11.0f} {r.get('hf_tok_s', float('nan')):>9.0f} "
+        layer = "compiled" if r["compiled_layer"] else "eager"
+        print(f"{r['batch']:>5} {layer:>8} {r['ours_tok_s']:>11.0f} {r.get('hf_tok_s', float('nan')):>9.0f} "
               f"{r.get('speedup_vs_hf', float('nan')):>6.1f}x {r['roofline_tok_s']:>9.0f} "
               f"{r['fraction_of_roofline']:>7.1%} {r['step_ms']:>8.2f} {r['device_decode_ms']:>7.2f} "
               f"{r['prefill_ms']:>10.2f} {r.get('tail_speedup', float('nan')):>15.2f}x")

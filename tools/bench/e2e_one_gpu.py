@@ -1,0 +1,98 @@
+"""End to end on one GPU: the synchronous baseline against the asynchronous loop at several η.
+
+Rollout and trainer are separate MPI ranks sharing the GPU (``configs/gpu-synthetic.yaml``: the
+Qwen2-0.5B shape with random weights, prompts of 128 tokens, long-tailed response lengths). Every
+mode runs the same steps on the same data; the table gives samples/s and tokens/s, the speedup over
+sync, the rollout's idle fraction, and the reward at the start and end of training (from the HDF5
+log), so a speedup is not bought with learning. Per-step rewards go into the JSON.
+
+    python tools/bench/e2e_one_gpu.py --steps 30 --eta 1 2 4 8 --out tools/bench/results/e2e_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tools.bench.common import device_info, write_result  # noqa: E402
+
+
+def reward_curve(run_dir: Path) -> list[float]:
+    """Mean reward of the samples each step trained on, in step order."""
+    from areal_hpc.storage.runlog import RunLog
+
+    log = RunLog(run_dir)
+    used = log.step_samples()
+    used = used[used["fate"] == "used"]
+    rewards = log.samples(["sample_id", "reward"]).set_index("sample_id")["reward"]
+    used = used.join(rewards, on="sample_id")
+    return [float(x) for x in used.groupby("step")["reward"].mean().tolist()]
+
+
+def run(config: str, root: Path, name: str, overrides: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "areal_hpc.cli", "train", config, f"run.output_dir={root}", f"run.name={name}",
+           "run.progress=false", *overrides]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+        return {"mode": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+    summary = json.loads((root / name / "summary.json").read_text())
+    curve = reward_curve(root / name)
+    k = max(1, len(curve) // 5)
+    return {**summary, "wall_seconds": wall, "reward_per_step": curve,
+            "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "gpu-synthetic.yaml"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eta", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
+    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
+    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = args.cache_dir or str(root / "cache")
+        common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
+        rows.append({"mode": "sync", "eta": 0,
+                     **run(args.config, root, "sync", [*common, "async=false", "rollout.eta=0"], args.timeout)})
+        for eta in args.eta:
+            rows.append({"mode": "async", "eta": eta,
+                         **run(args.config, root, f"async_eta{eta}", [*common, f"rollout.eta={eta}"], args.timeout)})
+    ok = [r for r in rows if not r.get("failed")]
+    base = rows[0].get("samples_per_s") if not rows[0].get("failed") else None
+    print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'idle':>6} "
+          f"{'reward first':>12} {'reward last':>11}")
+    for r in ok:
+        r["speedup_vs_sync"] = r["samples_per_s"] / base if base else float("nan")
+        print(f"{r['mode']:6} {r['eta']:>3} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
+              f"{r['speedup_vs_sync']:>7.2f}x {r['rollout_idle_fraction']:>6.2f} {r['reward_first']:>12.4f} "
+              f"{r['reward_last']:>11.4f}")
+    for r in rows:
+        if r.get("failed"):
+            print(f"{r['mode']} eta {r['eta']}: FAILED rc {r['rc']}")
+    import torch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {**device_info(dev), "config": Path(args.config).name, "steps": args.steps,
+              "overrides": args.overrides, "runs": rows}
+    write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
