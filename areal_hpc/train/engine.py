@@ -25,7 +25,14 @@ from torch import Tensor
 
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.train.loss import decoupled_ppo_loss, token_logprobs
-from areal_hpc.train.packing import ffd_pack, pad_microbatch
+from areal_hpc.train.packed import (
+    PackedLogp,
+    autocast_for,
+    resolve_compute_dtype,
+    resolve_packing,
+    set_hf_checkpointing,
+)
+from areal_hpc.train.packing import ffd_pack, pack_sequences, pad_microbatch
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,10 @@ class TorchTrainEngine:
     ``dp_group`` is the torch.distributed group of the data-parallel replicas (None: single
     replica). Every rank of the group must call ``train_batch`` for every step, even with an empty
     share of samples, because the step contains collectives.
+
+    Micro-batches run packed (``cfg.packing``: one token stream, varlen attention, lm_head only at
+    response-predicting rows; see ``train/packed.py``) or padded (HF forward on right-padded rows),
+    both under ``cfg.compute_dtype`` (bf16 = autocast over fp32 master weights and AdamW state).
     """
 
     def __init__(
@@ -110,6 +121,19 @@ class TorchTrainEngine:
         self.dp_group = dp_group
         self.device = next(model.parameters()).device
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.packing = resolve_packing(cfg.packing, model, self.device)
+        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device)
+        self._packed: PackedLogp | None = None
+        if self.packing == "packed":
+            self._packed = PackedLogp(model, compute_dtype=self.compute_dtype,
+                                      checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+        else:
+            if cfg.compile:
+                logger.warning("trainer.compile=true applies to the packed path only; ignored with padding")
+            if cfg.activation_checkpointing:
+                set_hf_checkpointing(model, True)
+        logger.info("trainer: %s micro-batches, compute %s, activation checkpointing %s",
+                    self.packing, str(self.compute_dtype).removeprefix("torch."), cfg.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(
             self._params,
             lr=cfg.lr,
@@ -258,36 +282,31 @@ class TorchTrainEngine:
         lengths = [samples[i].n_prompt + samples[i].n_response for i in live]
         for bin_ in ffd_pack(lengths, self.cfg.token_budget):
             idx = [live[b] for b in bin_]
-            seqs = [
-                torch.from_numpy(
-                    np.concatenate(
-                        [samples[i].prompt_tokens, samples[i].response_tokens]
-                    ).astype(np.int64)
-                )
-                for i in idx
-            ]
-            input_ids, attn = pad_microbatch(seqs, self.pad_id)
-            input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+            if self._packed is not None:
+                mb = pack_sequences([samples[i].prompt_tokens for i in idx],
+                                    [samples[i].response_tokens for i in idx], self.device)
+                yield idx, self._packed(mb, self.temperature)
+                continue
+            yield idx, self._padded_logp(samples, idx)
+
+    def _padded_logp(self, samples: Sequence[TrainSample], idx: list[int]) -> Tensor:
+        """HF forward on right-padded rows (any architecture); full logits, then the response rows."""
+        seqs = [
+            torch.from_numpy(np.concatenate([samples[i].prompt_tokens, samples[i].response_tokens]).astype(np.int64))
+            for i in idx
+        ]
+        input_ids, attn = pad_microbatch(seqs, self.pad_id)
+        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+        rows = np.concatenate([np.full(samples[i].n_response, r) for r, i in enumerate(idx)])
+        cols = np.concatenate(
+            [np.arange(samples[i].n_prompt - 1, samples[i].n_prompt - 1 + samples[i].n_response) for i in idx]
+        )
+        rows_t = torch.from_numpy(rows).to(self.device)
+        cols_t = torch.from_numpy(cols).to(self.device)
+        with autocast_for(self.device, self.compute_dtype):
             # Right padding: default positions 0..L-1 are correct for every row.
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attn, use_cache=False
-            ).logits
-            rows = np.concatenate(
-                [np.full(samples[i].n_response, r) for r, i in enumerate(idx)]
-            )
-            cols = np.concatenate(
-                [
-                    np.arange(
-                        samples[i].n_prompt - 1,
-                        samples[i].n_prompt - 1 + samples[i].n_response,
-                    )
-                    for i in idx
-                ]
-            )
-            rows_t = torch.from_numpy(rows).to(self.device)
-            cols_t = torch.from_numpy(cols).to(self.device)
-            targets = input_ids[rows_t, cols_t + 1]
-            yield idx, token_logprobs(logits[rows_t, cols_t], targets, self.temperature)
+            logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
+            return token_logprobs(logits[rows_t, cols_t], input_ids[rows_t, cols_t + 1], self.temperature)
 
     def _tensor(self, a: np.ndarray) -> Tensor:
         return torch.from_numpy(a).to(self.device)

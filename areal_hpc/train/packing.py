@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ffd_pack", "pad_microbatch"]
+__all__ = ["PackedMicrobatch", "ffd_pack", "pack_sequences", "pad_microbatch"]
 
 
 def ffd_pack(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -77,3 +79,55 @@ def pad_microbatch(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     attention_mask = (positions[None, :] < lengths[:, None]).long()
     return input_ids, attention_mask
+
+
+@dataclass(frozen=True)
+class PackedMicrobatch:
+    """Sequences of one micro-batch laid end to end: no pad token is ever computed on.
+
+    ``pred_rows[j]`` is the stream position whose logits predict ``targets[j]``; rows follow the
+    sequences in order and, inside each, its response tokens in order (the ``_microbatch_logp``
+    contract of the trainer).
+    """
+
+    ids: Tensor  # int64 [T], all tokens of all sequences
+    pos: Tensor  # int64 [T], positions restarting at 0 for every sequence
+    cu_seqlens: Tensor  # int32 [n + 1], sequence starts and the total T
+    cu_list: list[int]  # cu_seqlens on the host: the attention fallback needs it without a sync
+    max_len: int
+    pred_rows: Tensor  # int64 [N], N = total response tokens
+    targets: Tensor  # int64 [N]
+
+
+def pack_sequences(
+    prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], device: torch.device | str = "cpu"
+) -> PackedMicrobatch:
+    """Concatenate ``prompt + response`` sequences; response token j of a sequence starting at c
+    (prompt length P) is predicted by the logits at stream position ``c + P - 1 + j``."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"pack_sequences needs matching, non-empty lists, got {len(prompts)}/{len(responses)}")
+    seqs = [np.concatenate([p, r]).astype(np.int64) for p, r in zip(prompts, responses, strict=True)]
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
+    rows = np.concatenate(
+        [c + len(p) - 1 + np.arange(len(r), dtype=np.int64) for c, p, r in zip(starts, prompts, responses)]
+    )
+    ids = np.concatenate(seqs)
+    # One host-to-device copy for everything (pinned, asynchronous on CUDA), then views.
+    flat = torch.from_numpy(np.concatenate([ids, pos, starts, rows, ids[rows + 1]]))
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    T, n, N = len(ids), len(starts), len(rows)
+    ids_t, pos_t, cu_t, rows_t, tgt_t = torch.split(flat, [T, T, n, N, N])
+    return PackedMicrobatch(
+        ids=ids_t,
+        pos=pos_t,
+        cu_seqlens=cu_t.to(torch.int32),
+        cu_list=[int(x) for x in starts],
+        max_len=int(lens.max()),
+        pred_rows=rows_t,
+        targets=tgt_t,
+    )

@@ -1,0 +1,279 @@
+"""Trainer throughput: our packed bf16 path against the HF padded reference, tokens/s and MFU in one run.
+
+Workload per optimizer step: ``rows x row_len`` tokens (default 8 x 2048 = 16384) made of
+variable-length sequences whose lengths sum to ``row_len`` in every row (log-normal, median 256).
+Each sequence is a one-token prompt plus a response, so the loss covers every token but the first of
+each sequence. Ours: ``TorchTrainEngine.train_batch`` with the decoupled PPO loss (AdamW, grad clip),
+token budget ``rows x row_len`` (one packed micro-batch), bf16 autocast over fp32 master weights, in
+four variants (activation checkpointing off/on x torch.compile off/on); forward-only ``compute_logp``
+is timed too. Reference: HF ``model(input_ids, labels=input_ids)`` on the same rows as 8 padded-free
+2048-token rows (cross-entropy loss, gradient checkpointing, the same autocast and AdamW).
+
+    MFU = (6 * N_matmul * tokens + attention) / step time / peak
+    attention = 6 * n_layers * n_heads * head_dim * sum(L^2)     (causal QK^T and PV, fwd + 2x bwd)
+
+N_matmul counts the matmul parameters with the lm_head (``Qwen2Shape.matmul_params``); L runs over
+the sequences each variant attends over (ours: the packed sequences; HF: the 2048-token rows).
+Recomputation (checkpointing, the chunked loss head) is not counted: this is model FLOPs utilisation.
+Peak is a bf16 8192^3 matmul measured in the same run. Forward-only MFU uses 2x instead of 6x.
+
+    python tools/bench/train_throughput.py                 # CUDA, Qwen2-0.5B shape, random weights
+    python tools/bench/train_throughput.py --quick         # CPU smoke run on a tiny Qwen2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from areal_hpc.config.schema import TrainerConfig
+from areal_hpc.model.presets import build_random
+from areal_hpc.model.qwen2 import Qwen2Shape
+from areal_hpc.train.engine import TorchTrainEngine, TrainSample
+from areal_hpc.train.packed import autocast_for, set_hf_checkpointing
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    checkpointing: bool = False
+    compile: bool = False
+
+
+OURS = (Variant("ours packed"), Variant("ours packed", checkpointing=True), Variant("ours packed", compile=True),
+        Variant("ours packed", checkpointing=True, compile=True))
+
+
+def tiny_qwen2(seed: int, device: str) -> torch.nn.Module:
+    """--quick: a Qwen2 small enough for a CPU smoke run (same code paths as the 0.5B preset)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg).to(device)
+
+
+def row_lengths(rng: np.random.Generator, row_len: int, median: float, min_len: int = 16) -> list[int]:
+    """Log-normal lengths that sum exactly to ``row_len`` (a short tail joins the previous sequence)."""
+    out: list[int] = []
+    left = row_len
+    while left > 0:
+        n = int(np.clip(rng.lognormal(np.log(median), 0.6), min_len, left))
+        if left - n < min_len:
+            n = left
+        out.append(n)
+        left -= n
+    return out
+
+
+def make_rows(rows: int, row_len: int, vocab: int, seed: int) -> tuple[list[list[np.ndarray]], list[TrainSample]]:
+    rng = np.random.default_rng(seed)
+    median = max(16.0, row_len / 8)
+    seqs = [[rng.integers(0, vocab, n).astype(np.int32) for n in row_lengths(rng, row_len, median)]
+            for _ in range(rows)]
+    samples = []
+    for row in seqs:
+        for s in row:
+            r = len(s) - 1
+            samples.append(TrainSample(
+                sample_id=len(samples), group_id=len(samples), prompt_tokens=s[:1], response_tokens=s[1:],
+                behav_logprobs=(-np.log(vocab) + 0.1 * rng.standard_normal(r)).astype(np.float32),
+                versions=np.zeros(r, np.int32), reward=0.0))
+    return seqs, samples
+
+
+def timed(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call after ``warmup`` calls; CUDA events bracket each call, then synchronize."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Measured dense matmul rate (FLOP/s) of an n^3 product: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, steps=10, warmup=3, device=device)
+    return 2 * n**3 / float(np.median(times))
+
+
+def attn_flops(shape: Qwen2Shape, lengths: list[int], fwd_only: bool) -> float:
+    per = 2 if fwd_only else 6
+    return per * shape.n_layers * shape.n_heads * shape.head_dim * float(sum(n * n for n in lengths))
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
+             steps: int, warmup: int) -> dict:
+    device = next(model.parameters()).device
+    cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
+                        activation_checkpointing=v.checkpointing, compile=v.compile)
+    eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
+    rng = np.random.default_rng(0)
+    adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
+    weight = np.ones(len(samples), np.float32)
+    prox = eng.compute_logp(samples)  # also the first (compiling) forward
+    stats: dict = {}
+
+    def step() -> None:
+        stats.update(eng.train_batch(samples, prox, adv, weight))
+
+    t_step = timed(step, steps, warmup, device)
+    t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
+    out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
+               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"])
+    return out
+
+
+def run_hf(model: torch.nn.Module, seqs: list[list[np.ndarray]], compute_dtype: torch.dtype, steps: int,
+           warmup: int) -> dict:
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(np.stack([np.concatenate(r) for r in seqs]).astype(np.int64)).to(device)
+    set_hf_checkpointing(model, True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    loss_box: list[float] = []
+
+    def step() -> None:
+        with autocast_for(device, compute_dtype):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_box.append(float(loss.detach()))
+
+    t_step = timed(step, steps, warmup, device)
+    set_hf_checkpointing(model, False)
+    model.eval()
+    return dict(step_s=float(np.median(t_step)), peak_mem_gib=peak_gib(device), loss=loss_box[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny Qwen2, 2 x 128 tokens, fp32")
+    ap.add_argument("--preset", default="qwen2-0.5b")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--row-len", type=int, default=2048)
+    ap.add_argument("--token-budget", type=int, default=0, help="micro-batch token budget (0: rows x row_len)")
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF reference")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if args.quick:
+        args.rows, args.row_len, args.steps, args.warmup = 2, 128, 2, 1
+        model, dtype_name, peak_n = tiny_qwen2(args.seed, "cpu"), "float32", 1024
+    else:
+        if device.type != "cuda":
+            raise SystemExit("the full benchmark needs CUDA; use --quick for a CPU smoke run")
+        model = build_random(args.preset, seed=args.seed, dtype=torch.float32, device=device,
+                             max_positions=max(args.row_len, 4096))
+        dtype_name, peak_n = "bfloat16", 8192
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    shape = Qwen2Shape.of(model.config)
+    n_matmul = shape.matmul_params()
+    budget = args.token_budget or args.rows * args.row_len
+    seqs, samples = make_rows(args.rows, args.row_len, shape.vocab, args.seed)
+    tokens = args.rows * args.row_len
+    lengths = [len(s) for row in seqs for s in row]
+    peak = peak_flops(device, compute_dtype, peak_n)
+
+    results = []
+    for v in OURS:
+        if v.compile and device.type != "cuda":
+            continue  # compile is CUDA-only (ignored with a warning on CPU): nothing new to time
+        free_memory(device)
+        t0 = time.perf_counter()
+        r = run_ours(model, v, samples, budget, dtype_name, args.steps, args.warmup)
+        flops = 6 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=False)
+        flops_fwd = 2 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=True)
+        results.append(dict(variant=v.name, checkpointing=v.checkpointing, compile=v.compile, **r,
+                            tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
+                            logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
+                            wall_s=time.perf_counter() - t0))
+    if not args.no_hf:
+        free_memory(device)
+        t0 = time.perf_counter()
+        r = run_hf(model, seqs, compute_dtype, args.steps, args.warmup)
+        flops = 6 * n_matmul * tokens + attn_flops(shape, [args.row_len] * args.rows, fwd_only=False)
+        results.append(dict(variant="hf padded", checkpointing=True, compile=False, **r,
+                            tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
+                            wall_s=time.perf_counter() - t0))
+    hf = next((r for r in results if r["variant"] == "hf padded"), None)
+    for r in results:
+        r["speedup_vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
+
+    print(f"{device.type}: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.machine()}, "
+          f"{tokens} tokens/step in {len(lengths)} sequences, compute {dtype_name}, "
+          f"peak {peak / 1e12:.3g} TFLOP/s ({dtype_name} {peak_n}^3 matmul)")
+    print(f"{'variant':12} {'ckpt':>4} {'compile':>7} {'step ms':>8} {'tokens/s':>10} {'MFU':>6} "
+          f"{'vs HF':>6} {'mem GiB':>7} {'fwd tok/s':>10} {'fwd MFU':>7}")
+    for r in results:
+        fwd = (f"{r['logp_tokens_per_s']:>10.0f} {r['logp_mfu']:>7.1%}" if "logp_s" in r else f"{'-':>10} {'-':>7}")
+        print(f"{r['variant']:12} {'on' if r['checkpointing'] else 'off':>4} {'on' if r['compile'] else 'off':>7} "
+              f"{r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['speedup_vs_hf']:>5.2f}x "
+              f"{r['peak_mem_gib']:>7.1f} {fwd}")
+
+    result = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
+        torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        model=("tiny-qwen2" if args.quick else args.preset), matmul_params=n_matmul, compute_dtype=dtype_name,
+        rows=args.rows, row_len=args.row_len, tokens_per_step=tokens, n_sequences=len(lengths),
+        token_budget=budget, steps=args.steps, warmup=args.warmup, peak_flops=peak, peak_matmul_n=peak_n,
+        loss="ours: decoupled PPO over all tokens but each sequence's first; hf: next-token cross-entropy",
+        flops_formula="6*matmul_params*tokens + 6*n_layers*n_heads*head_dim*sum(L^2) (fwd-only: 2x, 2x)",
+        runs=results)
+    out = Path(args.out) if args.out else (
+        REPO / "tools" / "bench" / "results" / f"train_throughput_{'cpu_quick' if args.quick else device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
