@@ -121,6 +121,14 @@ class MPIContext:
         """True on every rank of this role if ``flag`` is set on any (ranks agree to stop together)."""
         return bool(self.role_comm.allreduce(int(flag), op=self._MPI.MAX))
 
+    def allgather(self, obj: Any) -> list[Any]:
+        """Collective over every rank: each rank's ``obj``, in rank order (e.g. placements)."""
+        return self.world.allgather(obj)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Collective over every rank: ``root``'s ``obj`` (e.g. a shared-memory handle)."""
+        return self.world.bcast(obj, root=root)
+
     def hostname(self) -> str:
         return self.hosts[self.rank]
 

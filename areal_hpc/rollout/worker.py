@@ -26,7 +26,7 @@ from areal_hpc.tasks import Problem, build_task, prompt_ids
 from areal_hpc.transport.codec import encode_sample_parts
 from areal_hpc.transport.select import log_attrs, pair_uses_ring
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
-from areal_hpc.weights.broadcast import WeightReceiver
+from areal_hpc.weights.select import build_receiver
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ class RolloutWorker:
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, interrupt=cfg.rollout.interrupt, seed=cfg.run.seed * 7919 + ctx.rank,
         )
-        self.receiver = WeightReceiver(list(model.named_parameters()), groups.weights, cfg.weights.bucket_mb,
-                                       self.engine.device)
+        # Collective with trainer 0's build_sender (before the ring attach, which waits on the trainer).
+        self.receiver = build_receiver(cfg.weights, ctx, groups.weights, list(model.named_parameters()),
+                                       self.engine.device, cfg.run.timeout_s)
         self.trainer = topo.trainer_of(ctx.rank)
         siblings = topo.rollouts_of(self.trainer)
         groups_per_trainer = cfg.trainer.batch_size // self.G // topo.n_trainer
@@ -177,6 +178,8 @@ class RolloutWorker:
         # broadcast already announced is received so the trainer's collective completes.
         while self.receiver.busy:
             self._apply_ready(block=True)
+        if hasattr(self.receiver, "close"):
+            self.receiver.close()  # shared weights: hand the CUDA IPC mapping back before the trainer exits
         abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
         abandoned_prompts = sorted(self._groups.keys() | self.engine.active_groups())
         self.log.flush()

@@ -28,7 +28,7 @@ from areal_hpc.transport.codec import decode_sample
 from areal_hpc.transport.hdf5_source import ShardSource
 from areal_hpc.transport.select import log_attrs, pair_uses_ring
 from areal_hpc.transport.shm_ring import ShmRing, ring_name
-from areal_hpc.weights.broadcast import WeightSender
+from areal_hpc.weights.select import build_sender
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,9 @@ class TrainerWorker:
                 self.sources[r] = ShardSource(files.rollout_log, r - topo.n_trainer,
                                               retain=cfg.transport.retain_shards)
         self._next_shard_poll = 0.0
-        self.sender = None
-        if ctx.rank == 0:
-            device = next(self.model.parameters()).device
-            self.sender = WeightSender(self.engine.parameters_for_sync(), groups.weights, cfg.weights.bucket_mb, device)
+        # Collective with the rollouts' build_receiver (after the rings exist: rollouts wait on them next).
+        self.sender = build_sender(cfg.weights, ctx, groups.weights, self.engine.parameters_for_sync(),
+                                   next(self.model.parameters()).device, run_id, cfg.run.timeout_s)
         self.steps_log = TrainerLogWriter(files.trainer_log, ctx.rank, attrs=log_attrs(files, run_id, ctx.rank),
                                           shard_steps=cfg.log.trainer_shard_steps, compression=cfg.log.compression)
         self.version = 0
