@@ -81,7 +81,7 @@ class FastEngine:
         self._params = dict(model.named_parameters())
         s = self.runner.shape
         B, L, dev = max_batch, max_seq_len, self.device
-        cache_shape = (s.n_layers, B, s.n_kv_heads, L, s.head_dim)
+        cache_shape = (s.n_layers, B + 1, s.n_kv_heads, L, s.head_dim)  # slot B: scratch for graph padding
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
         # Decode inputs per slot: the token to feed, its position, its sequence seed and token index.
@@ -98,6 +98,10 @@ class FastEngine:
                       for _ in range(2)]
         self._inflight: dict | None = None
         self._rows = torch.arange(B, device=dev)
+        self._graph_pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self._prefill_graphs: dict[tuple[int, int], dict] = {}
+        top = 1 << max(8, (prefill_token_budget - 1).bit_length())
+        self._prefill_buckets = [b for b in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768) if b < top] + [top]
         self._slots: list[Generation | None] = [None] * B
         self._pending: list[GenRequest] = []
         self._stale: bool = False
@@ -195,9 +199,23 @@ class FastEngine:
         return False
 
     def _prefill(self, slots: list[int], seqs: list[list[int]], sample_next: bool) -> tuple[Tensor, Tensor] | None:
-        """Packed prefill of ``seqs`` into ``slots``' caches; optionally sample each one's next token."""
-        dev = self.device
+        """Packed prefill of ``seqs`` into ``slots``' caches; optionally sample each one's next token.
+
+        On CUDA it replays a graph captured for the smallest (tokens, sequences) bucket that fits: an
+        eager prefill is ~1500 small launches, which on a slow host costs tens of milliseconds.
+        """
         lens = [len(s) for s in seqs]
+        total = sum(lens)
+        self.prefill_tokens += total
+        if self._use_graph and total <= self._prefill_buckets[-1] and len(seqs) <= self.max_batch:
+            return self._prefill_graphed(slots, seqs, lens, sample_next)
+        if self._use_graph:  # too large for one graph: split (only a mass recompute gets here)
+            half = len(seqs) // 2 or 1
+            if len(seqs) > 1:
+                a = self._prefill(slots[:half], seqs[:half], sample_next)
+                b = self._prefill(slots[half:], seqs[half:], sample_next)
+                return None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+        dev = self.device
         cu_list = [0]
         for n in lens:
             cu_list.append(cu_list[-1] + n)
@@ -205,21 +223,83 @@ class FastEngine:
         pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
         slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)).to(dev, non_blocking=True)
         cu = torch.tensor(cu_list, dtype=torch.int32).to(dev, non_blocking=True)
-        max_len = max(lens)
+        last = (torch.tensor(cu_list[1:]) - 1).to(dev, non_blocking=True)
+        idx = torch.tensor(slots).to(dev, non_blocking=True)
+        return self._prefill_body(ids, pos, slot_of, cu, max(lens), cu_list, last, self._seed[idx], self._ctr[idx],
+                                  sample_next)
 
+    def _prefill_body(self, ids: Tensor, pos: Tensor, slot_of: Tensor, cu: Tensor, max_len: int,
+                      cu_list: list[int] | None, last: Tensor, seeds: Tensor, ctr: Tensor,
+                      sample_next: bool) -> tuple[Tensor, Tensor] | None:
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.k_cache[i][slot_of, :, pos] = k
             self.v_cache[i][slot_of, :, pos] = v
             return causal_varlen(q, k, v, cu, max_len, cu_list)
 
         h = self.runner.hidden(ids, pos, attend)
-        self.prefill_tokens += cu_list[-1]
         if not sample_next:
             return None
-        last = torch.tensor(cu_list[1:], device=dev) - 1
-        logits = self.runner.logits(h[last])
-        idx = torch.tensor(slots, device=dev)
-        return sample(logits, self.temperature, self.top_p, self._seed[idx], self._ctr[idx])
+        return sample(self.runner.logits(h[last]), self.temperature, self.top_p, seeds, ctr)
+
+    def _prefill_graphed(self, slots: list[int], seqs: list[list[int]], lens: list[int],
+                         sample_next: bool) -> tuple[Tensor, Tensor] | None:
+        total, n = sum(lens), len(seqs)
+        T = next(b for b in self._prefill_buckets if b >= total)
+        N = next((b for b in (8, 32, 128, 512, 2048) if b >= n), self.max_batch)
+        g = self._prefill_graphs.get((T, N)) or self._capture_prefill(T, N)
+        # Host side: padding tokens write into the scratch slot; unused sequences have length zero.
+        ids = torch.zeros(T, dtype=torch.int64)
+        pos = torch.zeros(T, dtype=torch.int64)
+        slot_of = torch.full((T,), self.max_batch, dtype=torch.int64)
+        cu = torch.full((N + 1,), total, dtype=torch.int32)
+        last = torch.zeros(N, dtype=torch.int64)
+        off = 0
+        for j, (slot, seq) in enumerate(zip(slots, seqs)):
+            ids[off:off + len(seq)] = torch.tensor(seq)
+            pos[off:off + len(seq)] = torch.arange(len(seq))
+            slot_of[off:off + len(seq)] = slot
+            cu[j] = off
+            off += len(seq)
+            last[j] = off - 1
+        for dst, src in zip(g["inputs"], (ids, pos, slot_of, cu, last)):
+            dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
+        idx = torch.tensor(slots).to(self.device, non_blocking=True)
+        g["seeds"][:n] = self._seed[idx]
+        g["ctr"][:n] = self._ctr[idx]
+        g["graph"].replay()
+        if not sample_next:
+            return None
+        return g["tok"][:n], g["logp"][:n]
+
+    def _capture_prefill(self, T: int, N: int) -> dict:
+        dev = self.device
+        ids, pos = torch.zeros(T, dtype=torch.int64, device=dev), torch.zeros(T, dtype=torch.int64, device=dev)
+        slot_of = torch.full((T,), self.max_batch, dtype=torch.int64, device=dev)
+        cu = torch.zeros(N + 1, dtype=torch.int32, device=dev)
+        max_len = min(T, self.max_seq_len)
+        cu[1:] = max_len  # one dummy sequence in the scratch slot for warm-up and capture; the rest is padding
+        last = torch.zeros(N, dtype=torch.int64, device=dev)
+        seeds, ctr = torch.zeros(N, dtype=torch.int64, device=dev), torch.zeros(N, dtype=torch.int64, device=dev)
+        pos.copy_(torch.arange(T, device=dev).clamp(max=self.max_seq_len - 1))
+        out: dict = {}
+
+        def body() -> None:
+            tok, logp = self._prefill_body(ids, pos, slot_of, cu, max_len, None, last, seeds, ctr, True)
+            out["tok"], out["logp"] = tok, logp
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            body()
+        entry = {"graph": graph, "inputs": (ids, pos, slot_of, cu, last), "seeds": seeds, "ctr": ctr,
+                 "tok": out["tok"], "logp": out["logp"]}
+        self._prefill_graphs[(T, N)] = entry
+        log.info("prefill captured in a CUDA graph for %d tokens / %d sequences", T, N)
+        return entry
 
     def _admit(self) -> list[int]:
         """Move queued requests into free slots and prefill them (device side only, no sync).
@@ -265,14 +345,14 @@ class FastEngine:
                           sample_next=False)
 
     def _decode_body(self) -> None:
-        pos = self._pos
+        pos, B = self._pos, self.max_batch
         lengths = pos + 1
         run, shape = self.runner, self.runner.shape
         x = torch.nn.functional.embedding(self._tok, run.embed)
         cos, sin = run.rope_tables(pos, x.dtype)
         for i, L in enumerate(run.layers):
-            x = self._layer(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, L.wo, L.ln2, L.w_gu, L.wd, self.k_cache[i],
-                            self.v_cache[i], self._rows, pos, lengths, shape)
+            x = self._layer(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, L.wo, L.ln2, L.w_gu, L.wd, self.k_cache[i, :B],
+                            self.v_cache[i, :B], self._rows, pos, lengths, shape)
         logits = run.logits(rms_norm(x, run.norm, shape.eps))
         if self._fused_sampler:
             sample_fused(logits, self.temperature, self._seed, self._ctr, self._out_tok, self._out_logp)
@@ -301,7 +381,7 @@ class FastEngine:
                 self._decode_body()
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             self._decode_body()
         for dst, src in zip((self._tok, self._pos, self._ctr, self.k_cache, self.v_cache), saved):
             dst.copy_(src)

@@ -17,7 +17,8 @@ from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
-from areal_hpc.rollout.engine import Generation, GenRequest, TorchEngine
+from areal_hpc.rollout.build import build_engine
+from areal_hpc.rollout.engine import Generation, GenRequest
 from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.records import RunFiles
@@ -43,11 +44,7 @@ class RolloutWorker:
         self.G = cfg.rollout.group_size
         self.task = build_task(cfg)
         model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
-        self.engine = TorchEngine(
-            model, self.tok, max_batch=cfg.rollout.max_concurrent_groups * self.G,
-            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, interrupt=cfg.rollout.interrupt, seed=cfg.run.seed * 7919 + ctx.rank,
-        )
+        self.engine = build_engine(cfg, model, self.tok, seed=cfg.run.seed * 7919 + ctx.rank)
         # Collective with trainer 0's build_sender (before the ring attach, which waits on the trainer).
         self.receiver = build_receiver(cfg.weights, ctx, groups.weights, list(model.named_parameters()),
                                        self.engine.device, cfg.run.timeout_s)

@@ -39,7 +39,11 @@ def plan_buckets(params: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> l
 class _Buckets:
     """Flat buffers laid out like the parameter list; views give each parameter's slice."""
 
-    def __init__(self, params: list[tuple[str, torch.Tensor]], bucket_bytes: int, device: torch.device) -> None:
+    def __init__(self, params: list[tuple[str, torch.Tensor]], bucket_bytes: int, device: torch.device,
+                 dtype: torch.dtype | None = None) -> None:
+        if dtype is not None:  # lay out in the receiver's dtype (fp32 master weights -> bf16 rollout copy)
+            params = [(n, torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device="meta"))
+                      for n, p in params]
         self.names = [n for n, _ in params]
         self.shapes = [p.shape for _, p in params]
         self.plan = plan_buckets(params, bucket_bytes)
@@ -63,11 +67,15 @@ class _Buckets:
 
 
 class WeightSender:
-    """Trainer rank 0's side: one pending broadcast at a time, overlapped with the next step."""
+    """Trainer rank 0's side: one pending broadcast at a time, overlapped with the next step.
 
-    def __init__(self, params: list[tuple[str, torch.Tensor]], group, bucket_mb: int, device: torch.device) -> None:
+    ``dtype``: the rollout's weight dtype, when it differs from the trainer's (the copy converts).
+    """
+
+    def __init__(self, params: list[tuple[str, torch.Tensor]], group, bucket_mb: int, device: torch.device,
+                 dtype: torch.dtype | None = None) -> None:
         self.group = group
-        self.buckets = _Buckets(params, bucket_mb << 20, device)
+        self.buckets = _Buckets(params, bucket_mb << 20, device, dtype)
         self._works: list = []
         self.seconds_waiting = 0.0
 

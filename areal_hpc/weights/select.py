@@ -91,7 +91,8 @@ def build_sender(cfg: WeightsConfig, ctx: MPIContext, group, params: list[tuple[
     """Collective with ``build_receiver``: every trainer rank calls it; only rank 0 gets a sender."""
     kind, rollout_dtype = _agree(cfg, ctx, device, params[0][1].dtype)
     if kind == "broadcast":
-        return WeightSender(params, group, cfg.bucket_mb, device) if ctx.rank == 0 else None
+        return WeightSender(params, group, cfg.bucket_mb, device, dtype=getattr(torch, rollout_dtype)) \
+            if ctx.rank == 0 else None
     sender = None
     if ctx.rank == 0:
         sender = SharedWeightSender(params, path=shared_path(run_id), n_readers=ctx.topo.n_rollout,
