@@ -59,16 +59,44 @@ def causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: 
     return out
 
 
-def cached_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
-    """One query token per slot against that slot's cache prefix. q [B, Hq, D]; caches [B, Hkv, L, D].
+def cached_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, flash: bool = False) -> Tensor:
+    """One query token per slot against that slot's cache prefix. q [B, Hq, D]; caches [B, L, Hkv, D].
 
-    ``lengths[b]`` keys are valid (the new token's own key is already written). Query heads that share
-    a KV head are laid out as that head's queries, so K and V are read once, not once per query head.
-    Fixed shapes and no host sync: the whole call can be captured in a CUDA graph.
+    ``lengths[b]`` keys are valid (the new token's own key is already written). ``flash``: torch's
+    flash-attention kernel with ``seqused_k``, which reads only the valid prefix of each slot (what a
+    long-tailed batch needs: most slots short, a few near L). Otherwise SDPA over the whole cache with
+    a mask, query heads that share a KV head laid out as that head's queries. Fixed shapes and no host
+    sync either way: the call can be captured in a CUDA graph.
     """
     B, Hq, D = q.shape
-    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if flash:
+        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+        cu_k = cu_q * L
+        out = torch.ops.aten._flash_attention_forward(
+            q, k_cache.view(B * L, Hkv, D), v_cache.view(B * L, Hkv, D), cu_q, cu_k, 1, L, 0.0, False, False,
+            seqused_k=lengths.to(torch.int32))
+        return out[0]
     qg = q.view(B, Hkv, Hq // Hkv, D)
     valid = torch.arange(L, device=q.device)[None, :] < lengths[:, None]  # [B, L]
-    o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=valid[:, None, None, :])
+    o = F.scaled_dot_product_attention(qg, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=valid[:, None, None, :])
     return o.reshape(B, Hq, D)
+
+
+def flash_decode_works(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether the flash decode path exists here and agrees with SDPA (checked once per engine)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        B, L = 4, 64
+        q = torch.randn(B, n_heads, head_dim, device=device, dtype=dtype, generator=g)
+        k = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
+        v = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
+        lengths = torch.tensor([1, 17, 64, 40], device=device)
+        a = cached_decode(q, k, v, lengths, flash=True).float()
+        b = cached_decode(q, k, v, lengths, flash=False).float()
+        return bool(torch.isfinite(a).all()) and float((a - b).abs().max()) < 2e-2
+    except Exception:  # op missing or not built for this GPU: the SDPA path serves
+        return False

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from areal_hpc.model.attention import cached_decode, causal_varlen
+from areal_hpc.model.attention import cached_decode, causal_varlen, flash_decode_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def decode_layer(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, wo: Tensor,
                  ln2: Tensor, w_gu: Tensor, wd: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, pos: Tensor,
-                 lengths: Tensor, s: Qwen2Shape) -> Tensor:
+                 lengths: Tensor, s: Qwen2Shape, flash: bool) -> Tensor:
     """One transformer layer for one token per slot, its weights as arguments.
 
     Every layer calls this with same-shaped tensors, so ``torch.compile`` builds it once and fuses
@@ -53,9 +53,9 @@ def decode_layer(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor
     q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
     q = rope(q.reshape(B, s.n_heads, s.head_dim), cos, sin)
     k = rope(k.reshape(B, s.n_kv_heads, s.head_dim), cos, sin)
-    kc[rows, :, pos] = k
-    vc[rows, :, pos] = v.reshape(B, s.n_kv_heads, s.head_dim)
-    o = cached_decode(q, kc, vc, lengths)
+    kc[rows, pos] = k
+    vc[rows, pos] = v.reshape(B, s.n_kv_heads, s.head_dim)
+    o = cached_decode(q, kc, vc, lengths, flash)
     x = x + torch.nn.functional.linear(o.reshape(B, s.n_heads * s.head_dim), wo)
     g, u = torch.nn.functional.linear(rms_norm(x, ln2, s.eps), w_gu).chunk(2, dim=-1)
     return x + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, wd)
@@ -81,7 +81,7 @@ class FastEngine:
         self._params = dict(model.named_parameters())
         s = self.runner.shape
         B, L, dev = max_batch, max_seq_len, self.device
-        cache_shape = (s.n_layers, B + 1, s.n_kv_heads, L, s.head_dim)  # slot B: scratch for graph padding
+        cache_shape = (s.n_layers, B + 1, L, s.n_kv_heads, s.head_dim)  # slot B: scratch for graph padding
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
         # Decode inputs per slot: the token to feed, its position, its sequence seed and token index.
@@ -108,6 +108,7 @@ class FastEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = cuda_graphs and dev.type == "cuda"
         self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
+        self._flash = flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._layer = decode_layer
         if compile_decode and dev.type == "cuda" and triton_available(dev):
             self._layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
@@ -232,8 +233,8 @@ class FastEngine:
                       cu_list: list[int] | None, last: Tensor, seeds: Tensor, ctr: Tensor,
                       sample_next: bool) -> tuple[Tensor, Tensor] | None:
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k_cache[i][slot_of, :, pos] = k
-            self.v_cache[i][slot_of, :, pos] = v
+            self.k_cache[i][slot_of, pos] = k
+            self.v_cache[i][slot_of, pos] = v
             return causal_varlen(q, k, v, cu, max_len, cu_list)
 
         h = self.runner.hidden(ids, pos, attend)
@@ -352,7 +353,7 @@ class FastEngine:
         cos, sin = run.rope_tables(pos, x.dtype)
         for i, L in enumerate(run.layers):
             x = self._layer(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, L.wo, L.ln2, L.w_gu, L.wd, self.k_cache[i, :B],
-                            self.v_cache[i, :B], self._rows, pos, lengths, shape)
+                            self.v_cache[i, :B], self._rows, pos, lengths, shape, self._flash)
         logits = run.logits(rms_norm(x, run.norm, shape.eps))
         if self._fused_sampler:
             sample_fused(logits, self.temperature, self._seed, self._ctr, self._out_tok, self._out_logp)

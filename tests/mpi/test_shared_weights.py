@@ -26,10 +26,18 @@ def _kind_chosen(run_dir: Path) -> str:
     return line.split("-> ")[1].split()[0]
 
 
-@pytest.mark.parametrize(("kind", "chosen"), [("shared", "shared"), ("auto", "shared"), ("broadcast", "broadcast")])
-def test_weights_kind_run(job_root, kind: str, chosen: str):
-    name = f"weights_{kind}"
-    job = run_train(job_root, name, f"run.steps={STEPS}", f"weights.kind={kind}", "eval.enabled=false")
+# The last two: the fast engine with a bf16 rollout copy fed by fp32 master weights (the GPU layout,
+# on CPU): both sync paths must convert, and the run must stay within eta.
+FAST_BF16 = ("rollout.engine=fast", "rollout.dtype=bfloat16")
+
+
+@pytest.mark.parametrize(("kind", "chosen", "extra"), [
+    ("shared", "shared", ()), ("auto", "shared", ()), ("broadcast", "broadcast", ()),
+    ("shared", "shared", FAST_BF16), ("broadcast", "broadcast", FAST_BF16),
+])
+def test_weights_kind_run(job_root, kind: str, chosen: str, extra: tuple[str, ...]):
+    name = f"weights_{kind}" + ("_fast_bf16" if extra else "")
+    job = run_train(job_root, name, f"run.steps={STEPS}", f"weights.kind={kind}", "eval.enabled=false", *extra)
     assert job.rc == 0, job.output[-3000:]
     assert _kind_chosen(job.run_dir) == chosen
     rec = check_records(job.run_dir, eta=4, steps=STEPS)  # staleness within eta, versions never go backwards
