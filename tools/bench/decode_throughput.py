@@ -83,6 +83,30 @@ def profile(engine: FastEngine, B: int, prompt: int, vocab: int) -> dict:
     return {"device_decode_ms": decode_ms, "prefill_ms": 1e3 * (time.perf_counter() - t) / 5, "prefill_prompts": k}
 
 
+def kernel_profile(engine: FastEngine, top: int = 18) -> list[dict]:
+    """Top device kernels of one decode step (the compiled body run eagerly, 10 times)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine._decode_body()
+    sync()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine._decode_body()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:90], "us_per_step": dev_us / 10, "calls_per_step": e.count / 10})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"device kernels per decode step: {total:.0f} us in {sum(r['calls_per_step'] for r in rows):.0f} launches")
+    for r in rows[:top]:
+        print(f"  {r['us_per_step']:8.1f} us {r['calls_per_step']:6.0f}x  {r['name']}")
+    return rows[:top]
+
+
 def hf_generate(model, reqs: list[GenRequest], new: int) -> float:
     ids = torch.tensor([r.prompt_tokens for r in reqs], device=model.device)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
@@ -107,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-graph", action="store_true", help="eager decode (to measure what the graph saves)")
     ap.add_argument("--eager-layers-too", action="store_true",
                     help="also time each batch with the uncompiled layer inside the graph (what torch.compile buys)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of a decode step per batch")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
     args = ap.parse_args(argv)
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
                "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
                "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
         row.update(profile(eng, B, args.prompt, shape.vocab))
+        if args.profile and dev.type == "cuda":
+            row["kernels"] = kernel_profile(eng)
         if not args.no_hf and compiled:
             hf = hf_generate(model, reqs, args.hf_new)
             row.update(hf_tok_s=hf, speedup_vs_hf=ours / hf)
