@@ -59,25 +59,35 @@ def causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: 
     return out
 
 
-def cached_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, flash: bool = False) -> Tensor:
+def decode_offsets(batch: int, n_heads: int, n_kv_heads: int, cache_len: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """Static ``cu_seqlens`` for :func:`cached_decode`'s flash path: group-size queries and L keys per slot."""
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return cu * (n_heads // n_kv_heads), cu * cache_len
+
+
+def cached_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                  offsets: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """One query token per slot against that slot's cache prefix. q [B, Hq, D]; caches [B, L, Hkv, D].
 
-    ``lengths[b]`` keys are valid (the new token's own key is already written). ``flash``: torch's
-    flash-attention kernel with ``seqused_k``, which reads only the valid prefix of each slot (what a
-    long-tailed batch needs: most slots short, a few near L). Otherwise SDPA over the whole cache with
-    a mask, query heads that share a KV head laid out as that head's queries. Fixed shapes and no host
-    sync either way: the call can be captured in a CUDA graph.
+    ``lengths[b]`` keys are valid (the new token's own key is already written). With ``offsets``
+    (from :func:`decode_offsets`), torch's flash kernel runs with ``seqused_k``, reading only the valid
+    prefix of each slot: what a long-tailed batch needs, most slots short and a few near L. The query
+    heads sharing a KV head are passed as that head's queries (one tile row each instead of one tile
+    per head), so the kernel does G times less padded work. Without offsets: SDPA over the whole
+    cache with a mask. Fixed shapes and no host sync either way, so it can be captured in a CUDA graph.
     """
     B, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if flash:
-        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32)
-        cu_k = cu_q * L
+    G = Hq // Hkv
+    if offsets is not None:
+        cu_q, cu_k = offsets
+        qg = q.view(B, Hkv, G, D).transpose(1, 2).reshape(B * G, Hkv, D)
         out = torch.ops.aten._flash_attention_forward(
-            q, k_cache.view(B * L, Hkv, D), v_cache.view(B * L, Hkv, D), cu_q, cu_k, 1, L, 0.0, False, False,
-            seqused_k=lengths.to(torch.int32))
-        return out[0]
-    qg = q.view(B, Hkv, Hq // Hkv, D)
+            qg, k_cache.view(B * L, Hkv, D), v_cache.view(B * L, Hkv, D), cu_q, cu_k, G, L, 0.0, False, False,
+            seqused_k=lengths)[0]
+        return out.view(B, G, Hkv, D).transpose(1, 2).reshape(B, Hq, D)
+    qg = q.view(B, Hkv, G, D)
     valid = torch.arange(L, device=q.device)[None, :] < lengths[:, None]  # [B, L]
     o = F.scaled_dot_product_attention(qg, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                        attn_mask=valid[:, None, None, :])
@@ -94,9 +104,9 @@ def flash_decode_works(device: torch.device, dtype: torch.dtype, n_heads: int, n
         q = torch.randn(B, n_heads, head_dim, device=device, dtype=dtype, generator=g)
         k = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
         v = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
-        lengths = torch.tensor([1, 17, 64, 40], device=device)
-        a = cached_decode(q, k, v, lengths, flash=True).float()
-        b = cached_decode(q, k, v, lengths, flash=False).float()
+        lengths = torch.tensor([1, 17, 64, 40], device=device, dtype=torch.int32)
+        a = cached_decode(q, k, v, lengths, decode_offsets(B, n_heads, n_kv, L, device)).float()
+        b = cached_decode(q, k, v, lengths).float()
         return bool(torch.isfinite(a).all()) and float((a - b).abs().max()) < 2e-2
     except Exception:  # op missing or not built for this GPU: the SDPA path serves
         return False

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from areal_hpc.model.attention import cached_decode, causal_varlen, flash_decode_works
+from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest
@@ -38,25 +38,20 @@ from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, trit
 log = logging.getLogger(__name__)
 
 
-def decode_layer(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, wo: Tensor,
-                 ln2: Tensor, w_gu: Tensor, wd: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, pos: Tensor,
-                 lengths: Tensor, s: Qwen2Shape, flash: bool) -> Tensor:
-    """One transformer layer for one token per slot, its weights as arguments.
-
-    Every layer calls this with same-shaped tensors, so ``torch.compile`` builds it once and fuses
-    the norms, rotary embedding, cache writes and SiLU into a handful of kernels (an eager layer is
-    ~40 launches, which at small batch costs more than reading the weights).
-    """
+def decode_pre(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None,
+               s: Qwen2Shape) -> tuple[Tensor, Tensor, Tensor]:
+    """Norm, fused q/k/v projection and rotary embedding for one token per slot."""
     B = x.shape[0]
-    h = rms_norm(x, ln1, s.eps)
-    qkv = torch.nn.functional.linear(h, w_qkv, b_qkv)
+    qkv = torch.nn.functional.linear(rms_norm(x, ln1, s.eps), w_qkv, b_qkv)
     q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
     q = rope(q.reshape(B, s.n_heads, s.head_dim), cos, sin)
     k = rope(k.reshape(B, s.n_kv_heads, s.head_dim), cos, sin)
-    kc[rows, pos] = k
-    vc[rows, pos] = v.reshape(B, s.n_kv_heads, s.head_dim)
-    o = cached_decode(q, kc, vc, lengths, flash)
-    x = x + torch.nn.functional.linear(o.reshape(B, s.n_heads * s.head_dim), wo)
+    return q, k, v.reshape(B, s.n_kv_heads, s.head_dim)
+
+
+def decode_post(x: Tensor, o: Tensor, wo: Tensor, ln2: Tensor, w_gu: Tensor, wd: Tensor, s: Qwen2Shape) -> Tensor:
+    """Output projection, residual, norm and SiLU MLP."""
+    x = x + torch.nn.functional.linear(o.reshape(x.shape[0], s.n_heads * s.head_dim), wo)
     g, u = torch.nn.functional.linear(rms_norm(x, ln2, s.eps), w_gu).chunk(2, dim=-1)
     return x + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, wd)
 
@@ -108,10 +103,13 @@ class FastEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = cuda_graphs and dev.type == "cuda"
         self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
-        self._flash = flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
-        self._layer = decode_layer
-        if compile_decode and dev.type == "cuda" and triton_available(dev):
-            self._layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+        flash = flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
+        self._pre, self._post = decode_pre, decode_post
+        self._compiled = compile_decode and dev.type == "cuda" and triton_available(dev)
+        if self._compiled:
+            self._pre = torch.compile(decode_pre, fullgraph=True, dynamic=False)
+            self._post = torch.compile(decode_post, fullgraph=True, dynamic=False)
         self.tokens_generated = 0
         self.prefill_tokens = 0
         self.decode_steps = 0
@@ -233,8 +231,8 @@ class FastEngine:
                       cu_list: list[int] | None, last: Tensor, seeds: Tensor, ctr: Tensor,
                       sample_next: bool) -> tuple[Tensor, Tensor] | None:
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k_cache[i][slot_of, pos] = k
-            self.v_cache[i][slot_of, pos] = v
+            self.k_cache[i].index_put_((slot_of, pos), k)
+            self.v_cache[i].index_put_((slot_of, pos), v)
             return causal_varlen(q, k, v, cu, max_len, cu_list)
 
         h = self.runner.hidden(ids, pos, attend)
@@ -346,14 +344,21 @@ class FastEngine:
                           sample_next=False)
 
     def _decode_body(self) -> None:
+        """One token for every slot. The norms, projections and MLP are compiled (fused); the cache
+        write and attention stay outside the compiled parts: an in-place write into a compiled
+        function's input would make it copy the whole cache every step."""
         pos, B = self._pos, self.max_batch
-        lengths = pos + 1
+        lengths = (pos + 1).to(torch.int32)
         run, shape = self.runner, self.runner.shape
         x = torch.nn.functional.embedding(self._tok, run.embed)
         cos, sin = run.rope_tables(pos, x.dtype)
         for i, L in enumerate(run.layers):
-            x = self._layer(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, L.wo, L.ln2, L.w_gu, L.wd, self.k_cache[i, :B],
-                            self.v_cache[i, :B], self._rows, pos, lengths, shape, self._flash)
+            q, k, v = self._pre(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, shape)
+            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+            kc.index_put_((self._rows, pos), k)
+            vc.index_put_((self._rows, pos), v)
+            o = cached_decode(q, kc, vc, lengths, self._offsets)
+            x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
         logits = run.logits(rms_norm(x, run.norm, shape.eps))
         if self._fused_sampler:
             sample_fused(logits, self.temperature, self._seed, self._ctr, self._out_tok, self._out_logp)
@@ -374,10 +379,10 @@ class FastEngine:
             try:
                 self._decode_body()
             except Exception as e:  # an inductor failure must not stop generation: run the eager layer
-                if self._layer is decode_layer:
+                if not self._compiled:
                     raise
                 log.warning("torch.compile of the decode layer failed (%s); decoding with the eager layer", e)
-                self._layer = decode_layer
+                self._pre, self._post, self._compiled = decode_pre, decode_post, False
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels, outside the capture
                 self._decode_body()
         torch.cuda.current_stream().wait_stream(s)
