@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_submit(sub)
     add_status(sub)
+    from areal_hpc.bench import add_parser as add_bench
+
+    add_bench(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,6 +25,26 @@ sys.path.insert(0, str(REPO))
 from tools.bench.common import device_info, write_result  # noqa: E402
 
 
+def steady_rate(run_dir: Path, skip: int = 2) -> tuple[float, float]:
+    """Samples/s and response tokens/s between the end of step ``skip`` and the last step.
+
+    The first steps include one-time work (CUDA-graph capture, torch.compile, allocator growth) that
+    a long run amortises; the whole-run figure is reported next to this one.
+    """
+    from areal_hpc.storage.runlog import RunLog
+
+    log = RunLog(run_dir)
+    steps = log.steps().sort_values("step")
+    used = log.step_samples()
+    used = used[(used["fate"] == "used") & (used["step"] > skip)]
+    lens = log.samples(["sample_id", "response_len"]).set_index("sample_id")["response_len"]
+    t = steps["time"].to_numpy()
+    if len(t) <= skip + 1:
+        return float("nan"), float("nan")
+    dt = t[-1] - t[skip - 1]
+    return len(used) / dt, float(used.join(lens, on="sample_id")["response_len"].sum()) / dt
+
+
 def reward_curve(run_dir: Path) -> list[float]:
     """Mean reward of the samples each step trained on, in step order."""
     from areal_hpc.storage.runlog import RunLog
@@ -48,8 +68,10 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         return {"mode": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
     summary = json.loads((root / name / "summary.json").read_text())
     curve = reward_curve(root / name)
+    steady, steady_tok = steady_rate(root / name)
     k = max(1, len(curve) // 5)
-    return {**summary, "wall_seconds": wall, "reward_per_step": curve,
+    return {**summary, "wall_seconds": wall, "reward_per_step": curve, "steady_samples_per_s": steady,
+            "steady_tokens_per_s": steady_tok,
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
 
@@ -74,14 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"mode": "async", "eta": eta,
                          **run(args.config, root, f"async_eta{eta}", [*common, f"rollout.eta={eta}"], args.timeout)})
     ok = [r for r in rows if not r.get("failed")]
-    base = rows[0].get("samples_per_s") if not rows[0].get("failed") else None
-    print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'idle':>6} "
-          f"{'reward first':>12} {'reward last':>11}")
+    base = rows[0] if not rows[0].get("failed") else None
+    print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'steady/s':>9} {'vs sync':>8} "
+          f"{'idle':>6} {'reward first':>12} {'reward last':>11}")
     for r in ok:
-        r["speedup_vs_sync"] = r["samples_per_s"] / base if base else float("nan")
+        r["speedup_vs_sync"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        r["steady_speedup_vs_sync"] = r["steady_samples_per_s"] / base["steady_samples_per_s"] if base else float("nan")
         print(f"{r['mode']:6} {r['eta']:>3} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
-              f"{r['speedup_vs_sync']:>7.2f}x {r['rollout_idle_fraction']:>6.2f} {r['reward_first']:>12.4f} "
-              f"{r['reward_last']:>11.4f}")
+              f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
+              f"{r['rollout_idle_fraction']:>6.2f} {r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
     for r in rows:
         if r.get("failed"):
             print(f"{r['mode']} eta {r['eta']}: FAILED rc {r['rc']}")

@@ -1,0 +1,46 @@
+"""``areal-hpc bench NAME``: run one of the benchmark scripts of the source checkout's ``tools/bench``.
+
+The scripts stay plain files (readable, runnable with ``python tools/bench/X.py``); this only finds
+them, so a user on a cluster types one command whatever their working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+BENCHES = {
+    "decode": ("decode_throughput.py", "rollout decode tok/s vs HF generate() and the HBM roofline"),
+    "train": ("train_throughput.py", "trainer tokens/s and fraction of the bf16 peak"),
+    "weights": ("weight_sync.py", "weight sync per version: CUDA IPC / shared memory / broadcast vs a copy"),
+    "e2e": ("e2e_one_gpu.py", "end to end on one GPU: async at several eta vs the sync baseline"),
+    "async-vs-sync": ("async_vs_sync.py", "async vs sync on the CPU quickstart"),
+    "shard-io": ("shard_io.py", "HDF5 rollout-shard write/read speed vs a plain file"),
+}
+
+
+def bench_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "tools" / "bench"
+    if not here.is_dir():
+        raise SystemExit("areal-hpc bench: the benchmarks live in the source checkout's tools/bench, which this "
+                         "installation does not have; install from a clone with `pip install -e .`")
+    return here
+
+
+def _run(args: argparse.Namespace) -> int:
+    script = bench_dir() / BENCHES[args.name][0]
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parents[2]))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def add_parser(sub) -> None:
+    lines = "\n".join(f"  {k:14} {v[1]}" for k, v in BENCHES.items())
+    p = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
+                       description=f"benchmarks:\n{lines}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
+    p.set_defaults(func=_run)
