@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
+from areal_hpc.model.decode_kernel import decode_attention, decode_kernel_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest
@@ -103,7 +104,8 @@ class FastEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = cuda_graphs and dev.type == "cuda"
         self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
-        flash = flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        self._fused_attn = decode_kernel_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
         self._pre, self._post = decode_pre, decode_post
         self._compiled = compile_decode and dev.type == "cuda" and triton_available(dev)
@@ -355,9 +357,12 @@ class FastEngine:
         for i, L in enumerate(run.layers):
             q, k, v = self._pre(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, shape)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            kc.index_put_((self._rows, pos), k)
-            vc.index_put_((self._rows, pos), v)
-            o = cached_decode(q, kc, vc, lengths, self._offsets)
+            if self._fused_attn:
+                o = decode_attention(q, k, v, kc, vc, pos)
+            else:
+                kc.index_put_((self._rows, pos), k)
+                vc.index_put_((self._rows, pos), v)
+                o = cached_decode(q, kc, vc, lengths, self._offsets)
             x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
         logits = run.logits(rms_norm(x, run.norm, shape.eps))
         if self._fused_sampler:

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         avg_ctx = args.prompt + args.new / 2
         step_bytes = weight_bytes + B * avg_ctx * kv_per_token
         roof = B / (step_bytes / (bw * 1e9))
-        row = {"batch": B, "compiled_layer": compiled, "ours_tok_s": ours, "roofline_tok_s": roof,
+        attn = "triton" if eng._fused_attn else ("flash" if eng._offsets is not None else "sdpa")
+        row = {"batch": B, "compiled_layer": compiled, "attention": attn, "ours_tok_s": ours, "roofline_tok_s": roof,
                "fraction_of_roofline": ours / roof,
                "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
                "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
