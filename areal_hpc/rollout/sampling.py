@@ -67,7 +67,7 @@ def sample_torch(logits: Tensor, temperature: float, top_p: float, seeds: Tensor
 
 
 @lru_cache(maxsize=1)
-def _triton_kernel():
+def _triton_kernels():
     try:
         import triton
         import triton.language as tl
@@ -75,9 +75,11 @@ def _triton_kernel():
         return None
 
     @triton.jit
-    def _gumbel_sample(logits_ptr, stride, seeds_ptr, counters_ptr, tok_ptr, logp_ptr, V, inv_t,
-                       BLOCK: tl.constexpr):
+    def _partial(logits_ptr, stride, seeds_ptr, counters_ptr, part_ptr, V, inv_t, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, C: tl.constexpr):
+        """One (row, chunk of the vocab): running max, sum of exp, and the best Gumbel score."""
         row = tl.program_id(0)
+        chunk = tl.program_id(1)
         seed = tl.load(seeds_ptr + row).to(tl.uint32)
         ctr = tl.load(counters_ptr + row).to(tl.uint32)
         base = seed * 0x5BD1E995 + ctr * 0x2545F491
@@ -86,7 +88,8 @@ def _triton_kernel():
         best = tl.full([], float("-inf"), tl.float32)
         best_x = tl.zeros([], tl.float32)
         best_i = tl.zeros([], tl.int32)
-        for start in range(0, V, BLOCK):
+        lo = chunk * CHUNK
+        for start in range(lo, lo + CHUNK, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < V
             x = tl.load(logits_ptr + row * stride + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
@@ -106,26 +109,58 @@ def _triton_kernel():
             best_i = tl.where(take, start + zi, best_i)
             best = tl.maximum(best, zmax)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block past the vocab is all -inf
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
             m = m_new
-        tl.store(tok_ptr + row, best_i.to(tl.int64))
-        tl.store(logp_ptr + row, best_x - m - tl.log(s))
+        out = part_ptr + (row * C + chunk) * 5
+        tl.store(out, m)
+        tl.store(out + 1, s)
+        tl.store(out + 2, best)
+        tl.store(out + 3, best_x)
+        tl.store(out + 4, best_i.to(tl.float32))
 
-    return _gumbel_sample
+    @triton.jit
+    def _combine(part_ptr, tok_ptr, logp_ptr, C: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.arange(0, C)
+        p = part_ptr + (row * C + c) * 5
+        m = tl.load(p)
+        s = tl.load(p + 1)
+        z = tl.load(p + 2)
+        x = tl.load(p + 3)
+        idx = tl.load(p + 4)
+        big = tl.max(m, 0)
+        total = tl.sum(s * tl.exp(m - big), 0)
+        k = tl.argmax(z, 0)
+        sel = tl.arange(0, C) == k
+        tl.store(tok_ptr + row, tl.sum(tl.where(sel, idx, 0.0), 0).to(tl.int64))
+        tl.store(logp_ptr + row, tl.sum(tl.where(sel, x, 0.0), 0) - big - tl.log(total))
+
+    return _partial, _combine
 
 
 def triton_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _triton_kernel() is not None
+    return device.type == "cuda" and _triton_kernels() is not None
 
 
 def sample_fused(logits: Tensor, temperature: float, seeds: Tensor, counters: Tensor,
                  out_tok: Tensor | None = None, out_logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CUDA, temperature > 0, no top-p: one pass over [B, V] logits; same tokens as ``sample_torch``."""
+    """CUDA, temperature > 0, no top-p: one pass over [B, V] logits; same tokens as ``sample_torch``.
+
+    Each row is split into 16 vocab chunks read by separate programs (a row per program left most of
+    the GPU idle at small batch); a second tiny kernel combines the chunks' maxima, sums and winners.
+    """
     B, V = logits.shape
+    C, BLOCK = 16, 2048
+    chunk = -(-V // C)
+    chunk = -(-chunk // BLOCK) * BLOCK
     tok = out_tok if out_tok is not None else torch.empty(B, dtype=torch.int64, device=logits.device)
     logp = out_logp if out_logp is not None else torch.empty(B, dtype=torch.float32, device=logits.device)
-    _triton_kernel()[(B,)](logits, logits.stride(0), seeds, counters, tok, logp, V, 1.0 / temperature,
-                           BLOCK=4096, num_warps=8)
+    part = torch.empty(B, C, 5, dtype=torch.float32, device=logits.device)
+    partial, combine = _triton_kernels()
+    partial[(B, C)](logits, logits.stride(0), seeds, counters, part, V, 1.0 / temperature, CHUNK=chunk, BLOCK=BLOCK,
+                    C=C, num_warps=8)
+    combine[(B,)](part, tok, logp, C=C, num_warps=1)
     return tok, logp
 
 
