@@ -138,6 +138,54 @@ def test_bf16_autocast_cpu_within_tolerance(packing: str) -> None:
     assert state and all(t.dtype == torch.float32 for t in state)
 
 
+def test_bf16_cast_once_matches_autocast_path() -> None:
+    """The bf16 cast-once path (fused q/k/v and gate/up, bf16 activations) against the autocast path it
+    replaced and fp32: log-probs within 5e-2 of fp32 (both paths), within 5e-2 of each other; one SGD
+    step's grad norm within 5% and every parameter (fp32 masters) moved by both the same way up to
+    bf16 noise."""
+    batch = samples(16)
+    ref = engine(packing="packed").compute_logp(batch)
+    fast = engine(packing="packed", compute_dtype="bfloat16")
+    slow = engine(packing="packed", compute_dtype="bfloat16")
+    fast._packed.cast_once = True  # opt-in; the engine's default is the autocast path
+    assert not slow._packed.cast_once
+    got_f, got_s = fast.compute_logp(batch), slow.compute_logp(batch)
+    for r, f, sl in zip(ref, got_f, got_s, strict=True):
+        if len(r):
+            assert np.abs(f - r).max() < 5e-2 and np.abs(sl - r).max() < 5e-2 and np.abs(f - sl).max() < 5e-2
+    before = params(fast)
+    st_f, st_s = sgd_step(fast, batch), sgd_step(slow, batch)
+    assert st_f["grad_norm"] == pytest.approx(st_s["grad_norm"], rel=5e-2)
+    after_f, after_s = params(fast), params(slow)
+    for n in before:
+        assert after_f[n].dtype == torch.float32
+        d_f, d_s = after_f[n] - before[n], after_s[n] - before[n]
+        assert d_f.norm() > 0, n  # the gradient reached every master weight through the casts
+        assert (d_f - d_s).norm() <= 0.1 * d_s.norm() + 1e-6, n
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_response_logprobs_bf16_against_fp64() -> None:
+    """Chunked bf16 head (compiled logsumexp / logit-gradient passes, fp32 weight-grad accumulation in
+    the matmul) against float64: log-probs within 8e-2 absolute (3e-2 seen on CPU), grads within 2e-2 relative norm."""
+    torch.manual_seed(0)
+    n, hid, vocab = 700, 64, 3000
+    h = torch.randn(n, hid, device="cuda")
+    w = torch.randn(vocab, hid, device="cuda") * 0.2
+    tgt = torch.randint(0, vocab, (n,), device="cuda")
+    g = torch.randn(n, device="cuda")
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    full = torch.log_softmax(h64 @ w64.T / TEMP, -1).gather(-1, tgt[:, None]).squeeze(-1)
+    gh, gw = torch.autograd.grad((full * g.double()).sum(), (h64, w64))
+    hb, wf = h.bfloat16().requires_grad_(), w.clone().requires_grad_()
+    out = response_logprobs(hb, wf, tgt, TEMP, chunk_bytes=4 * vocab * 128)  # 128 rows a chunk: 6 chunks
+    ch, cw = torch.autograd.grad((out * g).sum(), (hb, wf))
+    assert out.dtype == torch.float32 and cw.dtype == torch.float32 and ch.dtype == torch.bfloat16
+    assert (out.double() - full.detach()).abs().max() < 8e-2
+    for a, b in ((ch, gh), (cw, gw)):
+        assert torch.isfinite(a).all() and (a.double() - b).norm() / b.norm() < 2e-2
+
+
 def test_packed_needs_qwen2_with_clear_error() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -10,7 +10,10 @@ recomputed in backward (a hand-written autograd function), so at most one chunk 
 
 Mixed precision: parameters and AdamW state stay fp32 ("master weights"); the forward runs under
 ``torch.autocast(bfloat16)`` with a bf16 residual stream, as a bf16 checkpoint would; log-probs and
-the loss are fp32.
+the loss are fp32. ``PackedLogp(cast_once=True)`` is an opt-in alternative: the layer weights cast to
+bf16 once per micro-batch (q/k/v and gate/up concatenated), every activation in bf16, fp32 only inside
+the RMS reductions; same function within bf16 noise, but not faster on an H100 (see
+tools/bench/NOTES-train.md), so not the default.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from areal_hpc.model.attention import causal_varlen
 from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope
@@ -30,10 +35,11 @@ from areal_hpc.train.packing import PackedMicrobatch
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOGITS_CHUNK_BYTES", "PackedLogp", "autocast_for", "resolve_compute_dtype", "resolve_packing",
-           "response_logprobs", "set_hf_checkpointing", "split_layer_fn"]
+           "lowp_layer_fns", "lowp_weights", "response_logprobs", "set_hf_checkpointing", "split_layer_fn"]
 
-# Upper bound on one chunk of fp32 logits (rows x vocab x 4 bytes): ~430 rows at a 152k vocabulary.
-LOGITS_CHUNK_BYTES = 256 << 20
+# Rows of one lm_head chunk: chunk_bytes / (4 x vocab), i.e. its bf16 logits plus their bf16 gradient
+# (~1700 rows, 1 GiB, at a 152k vocabulary; bigger chunks: fuller matmuls, fewer fp32 weight-grad adds).
+LOGITS_CHUNK_BYTES = 1 << 30
 
 LayerFn = Callable[[int, Tensor, Tensor, Tensor, Callable], Tensor]
 
@@ -94,41 +100,101 @@ def set_hf_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def _lse_and_target(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 logsumexp of each row of logits ``z`` and the logit at ``t``: one read of ``z``."""
+    zf = z.float()
+    return torch.logsumexp(zf, -1), zf.gather(-1, t[:, None]).squeeze(-1)
+
+
+def _grad_logits(z: Tensor, lse: Tensor, g: Tensor, t: Tensor) -> Tensor:
+    """``g * (onehot(t) - softmax(z))`` in ``z``'s dtype: d(g . logp_t)/dz, one pass over ``z``."""
+    onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == t[:, None]
+    return ((onehot.float() - torch.exp(z.float() - lse[:, None])) * g[:, None]).to(z.dtype)
+
+
+@cache
+def _head_kernels(device_type: str) -> tuple[Callable, Callable]:
+    """On CUDA the two row-wise passes over the [rows, vocab] logits compiled into one kernel each
+    (whatever ``trainer.compile`` says: they are shape-generic and small); eager elsewhere."""
+    if device_type != "cuda":
+        return _lse_and_target, _grad_logits
+    return torch.compile(_lse_and_target, dynamic=True), torch.compile(_grad_logits, dynamic=True)
+
+
+@cache
+def _mixed_addmm_works(device: torch.device) -> bool:
+    """Whether ``addmm(out=fp32, bf16 @ bf16, out_dtype=fp32)`` accumulates in place here (checked once)."""
+    if device.type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(64, 96, device=device, generator=g).bfloat16()
+        b = torch.randn(96, 80, device=device, generator=g).bfloat16()
+        c = torch.randn(64, 80, device=device, generator=g)
+        ref = c + a.float() @ b.float()
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return bool(((c - ref).norm() / ref.norm()) < 1e-3)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc``: in the matmul's epilogue (beta=1) where the library can
+    write fp32 from bf16 operands, else a separate add."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif _mixed_addmm_works(acc.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
 class _ChunkedHeadLogp(torch.autograd.Function):
     """``log softmax(h @ (W / T).T)[targets]`` chunk by chunk, logits recomputed in backward.
 
     Why a hand-written backward: autograd through ``token_logprobs`` spends ~10 memory passes per
     chunk on the [rows, vocab] logits (fp32 upcast, logsumexp's max/sub/exp/sum, their grads, casts)
     and re-casts the fp32 lm_head under autocast for every chunk; on a 152k vocabulary that was half
-    of a training step. Here a chunk costs one matmul and one log_softmax forward, and in backward one
-    matmul, log_softmax, exp, the one-hot add and two matmuls; the weight gradient is summed in fp32.
+    of a training step. Here a chunk costs, forward, one matmul and one read of its logits (logsumexp
+    and the target logit; the fp32 logsumexp per row is saved), and in backward one matmul, one pass
+    that turns the logits into their gradient ``g * (onehot - exp(z - lse))`` in the compute dtype, and
+    two matmuls; the weight gradient accumulates in fp32 in the matmul (beta = 1) where possible.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int) -> Tensor:
+        lse_fn, _ = _head_kernels(h.device.type)
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for a in range(0, h.shape[0], rows):
             z = h[a:a + rows] @ w_t.T
-            out[a:a + rows] = torch.log_softmax(z, -1, dtype=torch.float32).gather(
-                -1, targets[a:a + rows, None]).squeeze(-1)
-        ctx.save_for_backward(h, w_t, targets)
+            lse_c, zt = lse_fn(z, targets[a:a + rows])
+            lse[a:a + rows] = lse_c
+            out[a:a + rows] = zt - lse_c
+        ctx.save_for_backward(h, w_t, targets, lse)
         ctx.rows = rows
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        h, w_t, targets = ctx.saved_tensors
+        with torch.profiler.record_function("prof:head_bwd"):
+            return _ChunkedHeadLogp._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        h, w_t, targets, lse = ctx.saved_tensors
+        _, grad_fn = _head_kernels(h.device.type)
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w_t.shape, dtype=torch.float32, device=w_t.device) if ctx.needs_input_grad[1] else None
+        g = g.float()
         for a in range(0, h.shape[0], ctx.rows):
-            hc, gc, tc = h[a:a + ctx.rows], g[a:a + ctx.rows].float()[:, None], targets[a:a + ctx.rows, None]
-            # d logp_t / d z = onehot(t) - softmax(z)
-            gz = torch.log_softmax(hc @ w_t.T, -1, dtype=torch.float32).exp_().mul_(-gc)
-            gz = gz.scatter_add_(-1, tc, gc).to(h.dtype)
+            b = a + ctx.rows
+            hc = h[a:b]
+            gz = grad_fn(hc @ w_t.T, lse[a:b], g[a:b], targets[a:b])
             if gh is not None:
-                gh[a:a + ctx.rows] = gz @ w_t
+                torch.mm(gz, w_t, out=gh[a:b])
             if gw is not None:
-                gw += gz.T @ hc
+                _accumulate_mm(gw, gz.T, hc)
         return gh, (gw.to(w_t.dtype) if gw is not None else None), None, None
 
 
@@ -137,15 +203,20 @@ def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: f
     """fp32 ``log softmax(h @ weight.T / temperature)[targets]`` for rows ``h`` [N, H], chunk by chunk.
 
     The matmuls run in ``h``'s dtype (the compute dtype); the temperature is folded into one copy of
-    the weight, made once per call. No chunk of fp32 logits exceeds ``chunk_bytes``; with grad the
-    logits are recomputed in backward instead of kept, so memory does not grow with N x vocab.
+    the weight, made once per call. A chunk holds ``chunk_bytes / (4 * vocab)`` rows (a multiple of
+    128 when that is >= 512, so the matmul tiles are full): its logits and, in backward, their
+    gradient, each in the compute dtype (for fp32, the chunk's logits alone). With grad the logits are
+    recomputed in backward instead of kept, so memory does not grow with N x vocab.
     """
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
     rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    if rows >= 512:
+        rows -= rows % 128
     with torch.autocast(h.device.type, enabled=False):
         w_t = (weight / temperature if temperature != 1.0 else weight).to(h.dtype)
-        return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows)
+        with torch.profiler.record_function("prof:head_fwd"):
+            return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows)
 
 
 def split_layer_fn(packed: PackedQwen2, *, compile: bool) -> LayerFn:
@@ -186,12 +257,57 @@ def split_layer_fn(packed: PackedQwen2, *, compile: bool) -> LayerFn:
     return layer
 
 
+def lowp_layer_fns(packed: PackedQwen2, *, compile: bool) -> tuple[Callable, Callable]:
+    """The layer's parts around attention for the low-precision path, on fused weights in the compute dtype.
+
+    ``pre(x, cos, sin, ln1, w_qkv, b_qkv) -> q, k, v`` and ``post(x, o, wo, ln2, w_gu, wd) -> x``: one
+    q/k/v matmul and one gate/up matmul per layer, every activation (residual stream, norm outputs,
+    RoPE, SiLU gate) in the weights' dtype, fp32 only inside the RMS reduction (as HF Qwen2 in bf16).
+    Pure tensor functions, so one compiled graph (dynamic in T) serves every layer.
+    """
+    s = packed.shape
+    nq, nkv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+
+    def pre(x: Tensor, cos: Tensor, sin: Tensor, ln: Tensor, w_qkv: Tensor,
+            b_qkv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        T = x.shape[0]
+        q, k, v = F.linear(rms_norm(x, ln, s.eps), w_qkv, b_qkv).split([nq, nkv, nkv], -1)
+        q = rope(q.reshape(T, s.n_heads, s.head_dim), cos, sin)
+        k = rope(k.reshape(T, s.n_kv_heads, s.head_dim), cos, sin)
+        return q, k, v.reshape(T, s.n_kv_heads, s.head_dim).contiguous()
+
+    def post(x: Tensor, o: Tensor, wo: Tensor, ln: Tensor, w_gu: Tensor, wd: Tensor) -> Tensor:
+        x = x + F.linear(o.reshape(x.shape[0], nq), wo)
+        g, u = F.linear(rms_norm(x, ln, s.eps), w_gu).chunk(2, dim=-1)
+        return x + F.linear(F.silu(g) * u, wd)
+
+    if compile:
+        pre = torch.compile(pre, dynamic=True)
+        post = torch.compile(post, dynamic=True)
+    return pre, post
+
+
+def lowp_weights(packed: PackedQwen2, dtype: torch.dtype) -> list[tuple[Tensor | None, ...]]:
+    """Per layer ``(ln1, w_qkv, b_qkv, wo, ln2, w_gu, wd)`` in ``dtype``, q/k/v and gate/up concatenated.
+
+    Made once per micro-batch forward (with grad: autograd carries the weight gradients back through
+    the cat and cast to the fp32 master parameters, summed there in fp32) instead of autocast casting
+    every weight at every use; one copy is ~0.7 GB of bf16 for Qwen2-0.5B.
+    """
+    out = []
+    for L in packed.layers:
+        b = None if L.bq is None else torch.cat([L.bq.to(dtype), L.bk.to(dtype), L.bv.to(dtype)])
+        out.append((L.ln1.to(dtype), torch.cat([L.wq.to(dtype), L.wk.to(dtype), L.wv.to(dtype)]), b,
+                    L.wo.to(dtype), L.ln2.to(dtype), torch.cat([L.wg.to(dtype), L.wu.to(dtype)]), L.wd.to(dtype)))
+    return out
+
+
 class PackedLogp:
     """Response-token log-probs of a ``PackedMicrobatch`` through ``PackedQwen2`` over the model's own
     parameters (the optimizer, checkpoints and weight sync keep seeing ordinary HF parameters)."""
 
     def __init__(self, model: torch.nn.Module, *, compute_dtype: torch.dtype, checkpointing: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, cast_once: bool = False) -> None:
         check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
@@ -201,8 +317,13 @@ class PackedLogp:
             logger.warning("trainer.compile=true is for CUDA; ignored on %s", self.device.type)
             compile = False
         self.compile = compile
+        # cast_once (opt-in): weights cast (q/k/v, gate/up fused) once per micro-batch, activations in the
+        # compute dtype. Off by default: on an H100 it measured the same as autocast eager and 16% slower
+        # compiled (199 vs 172 ms/step, tools/bench/NOTES-train.md); autocast is the default path.
+        self.cast_once = cast_once and compute_dtype != torch.float32
         self._net: PackedQwen2 | None = None
         self._layer_fn: LayerFn | None = None
+        self._lowp_fns: tuple[Callable, Callable] | None = None
 
     def _ensure(self, max_len: int) -> PackedQwen2:
         """Build (or widen) the RoPE tables lazily: only the packed path pays for them."""
@@ -210,6 +331,7 @@ class PackedLogp:
             n = max(max_len, int(getattr(self.model.config, "max_position_embeddings", 0) or 0))
             self._net = PackedQwen2(self.model, max_positions=n, fuse=False)
             self._layer_fn = split_layer_fn(self._net, compile=True) if self.compile else None
+            self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
 
     def __call__(self, mb: PackedMicrobatch, temperature: float) -> Tensor:
@@ -219,9 +341,32 @@ class PackedLogp:
         def attend(_i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return causal_varlen(q, k, v, mb.cu_seqlens, mb.max_len, mb.cu_list)
 
+        if self.cast_once:
+            return self._lowp_logp(net, mb, attend, temperature)
         with autocast_for(self.device, self.compute_dtype):
             cd = None if self.compute_dtype == torch.float32 else self.compute_dtype
             h = net.hidden(mb.ids, mb.pos, attend, compute_dtype=cd, checkpoint=self.checkpointing,
                            layer_fn=self._layer_fn)
             rows = h.index_select(0, mb.pred_rows).to(cd or h.dtype)  # the final norm's output is fp32
             return response_logprobs(rows, net.lm_head, mb.targets, temperature)
+
+    def _lowp_logp(self, net: PackedQwen2, mb: PackedMicrobatch, attend: Callable, temperature: float) -> Tensor:
+        """The cast-once path: no autocast, every activation in the compute dtype, log-probs in fp32."""
+        cd = self.compute_dtype
+        pre, post = self._lowp_fns
+        weights = lowp_weights(net, cd)
+
+        def layer(i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: Callable) -> Tensor:
+            ln1, w_qkv, b_qkv, wo, ln2, w_gu, wd = weights[i]
+            q, k, v = pre(x, cos, sin, ln1, w_qkv, b_qkv)
+            return post(x, attend(i, q, k, v), wo, ln2, w_gu, wd)
+
+        x = F.embedding(mb.ids, net.embed).to(cd)
+        cos, sin = net.rope_tables(mb.pos, cd)
+        for i in range(net.shape.n_layers):
+            if self.checkpointing and torch.is_grad_enabled():
+                x = _checkpoint(layer, i, x, cos, sin, attend, use_reentrant=False)
+            else:
+                x = layer(i, x, cos, sin, attend)
+        rows = rms_norm(x.index_select(0, mb.pred_rows), net.norm.to(cd), net.shape.eps)
+        return response_logprobs(rows, net.lm_head, mb.targets, temperature)

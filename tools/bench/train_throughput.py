@@ -5,9 +5,11 @@ variable-length sequences whose lengths sum to ``row_len`` in every row (log-nor
 Each sequence is a one-token prompt plus a response, so the loss covers every token but the first of
 each sequence. Ours: ``TorchTrainEngine.train_batch`` with the decoupled PPO loss (AdamW, grad clip),
 token budget ``rows x row_len`` (one packed micro-batch), bf16 autocast over fp32 master weights, in
-four variants (activation checkpointing off/on x torch.compile off/on); forward-only ``compute_logp``
-is timed too. Reference: HF ``model(input_ids, labels=input_ids)`` on the same rows as 8 padded-free
-2048-token rows (cross-entropy loss, gradient checkpointing, the same autocast and AdamW).
+four variants (activation checkpointing off/on x torch.compile off/on), plus the opt-in cast-once
+path (bf16 weights once per micro-batch, bf16 activations; compile off/on) for comparison;
+forward-only ``compute_logp`` is timed too. Reference: HF ``model(input_ids, labels=input_ids)`` on
+the same rows as 8 padded-free 2048-token rows (cross-entropy loss, gradient checkpointing, the same
+autocast and AdamW).
 
     MFU = (6 * N_matmul * tokens + attention) / step time / peak
     attention = 6 * n_layers * n_heads * head_dim * sum(L^2)     (causal QK^T and PV, fwd + 2x bwd)
@@ -51,10 +53,12 @@ class Variant:
     name: str
     checkpointing: bool = False
     compile: bool = False
+    cast_once: bool = False  # True: PackedLogp(cast_once=True), bf16 weights once per micro-batch (opt-in)
 
 
 OURS = (Variant("ours packed"), Variant("ours packed", checkpointing=True), Variant("ours packed", compile=True),
-        Variant("ours packed", checkpointing=True, compile=True))
+        Variant("ours packed", checkpointing=True, compile=True), Variant("ours cast-once", cast_once=True),
+        Variant("ours cast-once", compile=True, cast_once=True))
 
 
 def tiny_qwen2(seed: int, device: str) -> torch.nn.Module:
@@ -148,6 +152,7 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
                         activation_checkpointing=v.checkpointing, compile=v.compile)
     eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
+    eng._packed.cast_once = v.cast_once and eng.compute_dtype != torch.float32
     rng = np.random.default_rng(0)
     adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
     weight = np.ones(len(samples), np.float32)
@@ -162,6 +167,57 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
     out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
                loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"])
     return out
+
+
+def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
+                 top: int = 15) -> str:
+    """Top CUDA kernels of one optimizer step (after two warm-up steps), by device time, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
+                        activation_checkpointing=v.checkpointing, compile=v.compile)
+    eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
+    rng = np.random.default_rng(0)
+    adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
+    weight = np.ones(len(samples), np.float32)
+    prox = eng.compute_logp(samples)
+    for _ in range(2):
+        eng.train_batch(samples, prox, adv, weight)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.train_batch(samples, prox, adv, weight)
+        torch.cuda.synchronize()
+    kernels, ranges = [], []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = e.self_cuda_time_total
+        tot = getattr(e, "device_time_total", None)
+        if tot is None:
+            tot = e.cuda_time_total
+        if t > 0:
+            kernels.append((t, e.count, e.key))
+        elif e.key.startswith("prof:") and tot > 0:
+            ranges.append((tot, e.count, e.key))
+    kernels.sort(reverse=True)
+    total = max(sum(k[0] for k in kernels), 1e-9)
+    lines = [f"profile {v}: {total / 1e3:.1f} ms device time in {sum(k[1] for k in kernels)} kernel launches"]
+    lines.append(f"{'ms':>8} {'%':>5} {'calls':>6}  kernel")
+    for t, n, name in kernels[:top]:
+        lines.append(f"{t / 1e3:>8.2f} {t / total:>5.1%} {n:>6}  {name[:110]}")
+    groups: dict[str, float] = {}
+    for t, _, name in kernels:
+        low = name.lower()
+        g = ("gemm" if any(x in low for x in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")) else
+             "attention" if "flash" in low or "fmha" in low else
+             "triton" if low.startswith("triton") else
+             "optimizer" if "adam" in low or "multi_tensor" in low else "other elementwise/reduce")
+        groups[g] = groups.get(g, 0.0) + t
+    lines.append("by group: " + ", ".join(f"{g} {t / 1e3:.1f} ms ({t / total:.0%})"
+                                          for g, t in sorted(groups.items(), key=lambda x: -x[1])))
+    for t, n, name in sorted(ranges, reverse=True):
+        lines.append(f"range {name}: {t / 1e3:.1f} ms device time ({n} calls)")
+    return "\n".join(lines)
 
 
 def run_hf(model: torch.nn.Module, seqs: list[list[np.ndarray]], compute_dtype: torch.dtype, steps: int,
@@ -200,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the top CUDA kernels of one step (eager and compiled, no checkpointing)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -231,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = run_ours(model, v, samples, budget, dtype_name, args.steps, args.warmup)
         flops = 6 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=False)
         flops_fwd = 2 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=True)
-        results.append(dict(variant=v.name, checkpointing=v.checkpointing, compile=v.compile, **r,
+        results.append(dict(variant=v.name, checkpointing=v.checkpointing, compile=v.compile,
+                            cast_once=v.cast_once, **r,
                             tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
                             logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
                             wall_s=time.perf_counter() - t0))
@@ -243,6 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(dict(variant="hf padded", checkpointing=True, compile=False, **r,
                             tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
                             wall_s=time.perf_counter() - t0))
+    profiles = []
+    if args.profile and device.type == "cuda":
+        for v in (Variant("ours packed"), Variant("ours packed", compile=True)):
+            free_memory(device)
+            profiles.append(profile_step(model, v, samples, budget, dtype_name))
+            print(profiles[-1], flush=True)
     hf = next((r for r in results if r["variant"] == "hf padded"), None)
     for r in results:
         r["speedup_vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
@@ -266,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         token_budget=budget, steps=args.steps, warmup=args.warmup, peak_flops=peak, peak_matmul_n=peak_n,
         loss="ours: decoupled PPO over all tokens but each sequence's first; hf: next-token cross-entropy",
         flops_formula="6*matmul_params*tokens + 6*n_layers*n_heads*head_dim*sum(L^2) (fwd-only: 2x, 2x)",
-        runs=results)
+        runs=results, **({"profiles": profiles} if profiles else {}))
     out = Path(args.out) if args.out else (
         REPO / "tools" / "bench" / "results" / f"train_throughput_{'cpu_quick' if args.quick else device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
