@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
-        rows.append({"mode": "sync", "eta": 0,
-                     **run(args.config, root, "sync", [*common, "async=false", "rollout.eta=0"], args.timeout)})
-        for eta in args.eta:
-            rows.append({"mode": "async", "eta": eta,
-                         **run(args.config, root, f"async_eta{eta}", [*common, f"rollout.eta={eta}"], args.timeout)})
+        plan = [("sync", 0, "sync", ["async=false", "rollout.eta=0"])]
+        plan += [("async", eta, f"async_eta{eta}", [f"rollout.eta={eta}"]) for eta in args.eta]
+        for mode, eta, name, extra in plan:
+            rows.append({"mode": mode, "eta": eta, **run(args.config, root, name, [*common, *extra], args.timeout)})
+            write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
     ok = [r for r in rows if not r.get("failed")]
     base = rows[0] if not rows[0].get("failed") else None
     print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'steady/s':>9} {'vs sync':>8} "
