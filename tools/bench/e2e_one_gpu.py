@@ -61,7 +61,12 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
     cmd = [sys.executable, "-m", "areal_hpc.cli", "train", config, f"run.output_dir={root}", f"run.name={name}",
            "run.progress=false", *overrides]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-2000:]
+        return {"mode": name, "failed": True, "rc": "timeout", "stderr_tail": tail.decode(errors="replace")
+                if isinstance(tail, bytes) else tail}
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
