@@ -15,7 +15,8 @@ BENCHES = {
     "decode": ("decode_throughput.py", "rollout decode tok/s vs HF generate() and the HBM roofline"),
     "train": ("train_throughput.py", "trainer tokens/s and fraction of the bf16 peak"),
     "weights": ("weight_sync.py", "weight sync per version: CUDA IPC / shared memory / broadcast vs a copy"),
-    "e2e": ("e2e_one_gpu.py", "end to end on one GPU: async at several eta vs the sync baseline"),
+    "e2e": ("e2e_one_gpu.py", "end to end: async at several eta vs the sync baseline (any config, 1+ GPUs)"),
+    "broadcast": ("broadcast_multi_gpu.py", "weight broadcast GB/s vs all-reduce bus bandwidth (under mpiexec/srun)"),
     "async-vs-sync": ("async_vs_sync.py", "async vs sync on the CPU quickstart"),
     "shard-io": ("shard_io.py", "HDF5 rollout-shard write/read speed vs a plain file"),
 }

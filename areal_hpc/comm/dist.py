@@ -26,9 +26,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def pick_backend(requested: str) -> str:
+def pick_backend(requested: str, gpu_shared: bool = False) -> str:
+    """auto: NCCL when every rank has a GPU of its own; gloo on CPU or when ranks share a GPU
+    (NCCL refuses two ranks on one device; those ranks sync weights by CUDA IPC instead)."""
     if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if torch.cuda.is_available() and not gpu_shared else "gloo"
     if requested == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("weights.backend=nccl needs CUDA, which this rank does not see; use weights.backend=gloo")
     return requested
@@ -41,9 +43,9 @@ class DistGroups:
     weights: object  # trainer 0 + all rollout ranks
 
 
-def init_distributed(ctx: MPIContext, backend: str, timeout_s: float = 600.0) -> DistGroups:
+def init_distributed(ctx: MPIContext, backend: str, timeout_s: float = 600.0, gpu_shared: bool = False) -> DistGroups:
     """Initialise the default process group over all ranks and create the two sub-groups."""
-    backend = pick_backend(backend)
+    backend = pick_backend(backend, gpu_shared)
     addr = None
     if ctx.rank == 0:
         host = socket.gethostname()

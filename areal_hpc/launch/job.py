@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from areal_hpc.comm.devices import bind_gpu
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
@@ -92,7 +93,8 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
             policy = prepare_initial_policy(cfg, task)
     policy, resume = ctx.world.bcast((policy, resume), root=0)
     preempt = PreemptionFlag.install()
-    groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s)
+    gpu = bind_gpu(ctx, cfg.model.device)
+    groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s, gpu_shared=gpu.shared)
     log.info("rank %d: %s %d of %d on %s", ctx.rank, topo.role, topo.role_rank,
              topo.n_trainer if topo.is_trainer else topo.n_rollout, ctx.hostname())
     (files.root / "ranks").mkdir(exist_ok=True)
