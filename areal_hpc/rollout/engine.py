@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from areal_hpc.model.tokenizer import Tokenizer
+from areal_hpc.rollout.sampling import nucleus
 
 
 @dataclass
@@ -56,6 +57,15 @@ class InferenceEngine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
 
 
+def run_to_completion(engine: InferenceEngine, requests: list[GenRequest]) -> list[Generation]:
+    """Submit ``requests`` and step ``engine`` until all are finished; results in sample-id order."""
+    engine.submit(requests)
+    out: list[Generation] = []
+    while engine.num_active():
+        out.extend(engine.step())
+    return sorted(out, key=lambda g: g.request.sample_id)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return it and its exact log-probability under the sampling distribution.
@@ -68,14 +78,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(-1, descending=True)
-        cum = sorted_logp.exp().cumsum(-1)
-        drop = (cum - sorted_logp.exp()) >= top_p  # keep the smallest prefix with mass >= p
-        sorted_logp = sorted_logp.masked_fill(drop, float("-inf"))
-        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
-        logp = torch.log_softmax(logp, -1)
+    logp = nucleus(torch.log_softmax(logits / temperature, -1), top_p)
     tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
@@ -184,11 +187,7 @@ class TorchEngine:
         if greedy:
             self.temperature = 0.0
         try:
-            self.submit(requests)
-            out: list[Generation] = []
-            while self.num_active():
-                out.extend(self.step())
-            return sorted(out, key=lambda g: g.request.sample_id)
+            return run_to_completion(self, requests)
         finally:
             self.temperature = saved
 

@@ -33,7 +33,7 @@ from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offse
 from areal_hpc.model.decode_kernel import decode_attention, decode_kernel_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
 from areal_hpc.model.tokenizer import Tokenizer
-from areal_hpc.rollout.engine import Generation, GenRequest
+from areal_hpc.rollout.engine import Generation, GenRequest, run_to_completion
 from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, triton_available
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,7 @@ class FastEngine:
         if greedy:
             self.temperature, self._fused_sampler, self._use_graph = 0.0, False, False
         try:
-            self.submit(requests)
-            out: list[Generation] = []
-            while self.num_active():
-                out.extend(self.step())
-            return sorted(out, key=lambda g: g.request.sample_id)
+            return run_to_completion(self, requests)
         finally:
             self.temperature, self._fused_sampler, self._use_graph = saved
 

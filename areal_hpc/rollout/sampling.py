@@ -41,6 +41,17 @@ def uniform_noise(seeds: Tensor, counters: Tensor, vocab: int) -> Tensor:
     return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
 
 
+def nucleus(logp: Tensor, top_p: float) -> Tensor:
+    """Log-probs truncated to the smallest set with mass >= ``top_p`` and renormalised (identity at 1)."""
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(-1, descending=True)
+    p = sorted_logp.exp()
+    drop = (p.cumsum(-1) - p) >= top_p
+    sorted_logp = sorted_logp.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp), -1)
+
+
 def sample_torch(logits: Tensor, temperature: float, top_p: float, seeds: Tensor,
                  counters: Tensor) -> tuple[Tensor, Tensor]:
     """Reference path: any device, any top_p. Returns (token [B] int64, logprob [B] float32).
@@ -53,14 +64,7 @@ def sample_torch(logits: Tensor, temperature: float, top_p: float, seeds: Tensor
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(-1, descending=True)
-        p = sorted_logp.exp()
-        drop = (p.cumsum(-1) - p) >= top_p  # keep the smallest prefix with mass >= top_p
-        sorted_logp = sorted_logp.masked_fill(drop, float("-inf"))
-        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
-        logp = torch.log_softmax(logp, -1)
+    logp = nucleus(torch.log_softmax(logits / temperature, -1), top_p)
     g = -torch.log(-torch.log(uniform_noise(seeds, counters, logits.shape[-1])))
     tok = (logp + g).argmax(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
