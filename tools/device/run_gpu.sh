@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: environment probe, GPU tests and the issue-5 benchmarks, results under $OUT.
 # Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
-#   stages: probe tests decode train weights e2e   (default: all)
+#   stages: probe tests decode train weights e2e   (default: these, one GPU)
+#           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the lent machines run commands as root
 OUT=${OUT:-/tmp/areal_gpu_out}; mkdir -p "$OUT"
 stages=${*:-probe tests decode train weights e2e}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,6 +27,11 @@ for s in $stages; do
     decode) python3 tools/bench/decode_throughput.py --batch 64 256 --out "$OUT/decode.json" ;;
     train) python3 tools/bench/train_throughput.py --out "$OUT/train.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
-    e2e) python3 tools/bench/e2e_one_gpu.py --out "$OUT/e2e.json" ;;
+    e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --out "$OUT/e2e.json" ;;
+    broadcast)
+      n=$(nvidia-smi -L | wc -l)
+      mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
+    e2e4) python3 tools/bench/e2e_one_gpu.py --config configs/gpu-4x-synthetic.yaml --eta 1 2 4 8 \
+            --cache-dir /tmp/e2ecache --out "$OUT/e2e_4gpu.json" ;;
   esac
 done
