@@ -233,3 +233,23 @@ def test_gpu_fused_decode_attention_matches_reference(heads, kv, length):
     out = decode_attention(q, kn, vn, kc, vc, pos).float()
     assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
     assert float((out - ref).abs().max()) < 2e-2
+
+
+def test_engine_choice_by_device_and_architecture():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from areal_hpc.config import Config
+    from areal_hpc.rollout.build import engine_kind
+
+    cfg = Config()
+    qwen = _model()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
+    assert engine_kind(cfg, cuda_dev, qwen) == "fast"
+    assert engine_kind(cfg, cpu, qwen) == "hf"
+    assert engine_kind(cfg, cuda_dev, llama) == "hf"  # auto falls back for architectures it does not implement
+    cfg.rollout.engine = "fast"
+    assert engine_kind(cfg, cpu, qwen) == "fast"
+    with pytest.raises(ValueError, match="rollout.engine=hf"):
+        FastEngine(llama, _Tok(), max_batch=2, max_new_tokens=4, max_seq_len=16, temperature=1.0, top_p=1.0)

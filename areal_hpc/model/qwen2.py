@@ -56,9 +56,12 @@ class Qwen2Shape:
         return self.n_layers * (attn + 3 * h * self.intermediate) + h * self.vocab
 
 
+SUPPORTED = ("qwen2", "qwen2_5")  # model_type values this forward implements
+
+
 def check_supported(model: torch.nn.Module) -> None:
     kind = getattr(model.config, "model_type", "?")
-    if kind not in ("qwen2", "qwen2_5"):
+    if kind not in SUPPORTED:
         raise ValueError(
             f"the packed forward implements the Qwen2 architecture, this model is {kind!r}; "
             "use rollout.engine=hf and trainer.packing=padded for other architectures"

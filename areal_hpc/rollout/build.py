@@ -8,6 +8,7 @@ import torch
 
 from areal_hpc.config import Config
 from areal_hpc.model.build import DTYPES
+from areal_hpc.model.qwen2 import SUPPORTED
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.rollout.fast_engine import FastEngine
@@ -23,9 +24,18 @@ def rollout_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def engine_kind(cfg: Config, device: torch.device) -> str:
+def engine_kind(cfg: Config, device: torch.device, model: torch.nn.Module) -> str:
+    """auto: fast on CUDA for the architectures the packed forward implements, hf otherwise."""
     kind = cfg.rollout.engine
-    return ("fast" if device.type == "cuda" else "hf") if kind == "auto" else kind
+    if kind != "auto":
+        return kind
+    if device.type != "cuda":
+        return "hf"
+    arch = getattr(model.config, "model_type", "?")
+    if arch not in SUPPORTED:
+        log.warning("rollout.engine=auto: %s is not an architecture the fast engine implements; using hf", arch)
+        return "hf"
+    return "fast"
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> TorchEngine | FastEngine:
@@ -34,7 +44,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int)
     r = cfg.rollout
     common = dict(max_batch=r.max_concurrent_groups * r.group_size, max_new_tokens=r.max_new_tokens,
                   temperature=r.temperature, top_p=r.top_p, interrupt=r.interrupt, seed=seed)
-    if engine_kind(cfg, device) == "fast":
+    if engine_kind(cfg, device, model) == "fast":
         log.info("rollout engine: fast (%s, batch %d, cache %d tokens, graphs %s)", model.dtype,
                  common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
         return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
