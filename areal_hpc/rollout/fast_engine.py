@@ -99,6 +99,7 @@ class FastEngine:
         top = 1 << max(8, (prefill_token_budget - 1).bit_length())
         self._prefill_buckets = [b for b in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768) if b < top] + [top]
         self._slots: list[Generation | None] = [None] * B
+        self._live = 0  # occupied slots; kept as a count because the loop asks several times per step
         self._pending: list[GenRequest] = []
         self._stale: bool = False
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -178,7 +179,7 @@ class FastEngine:
 
     # -- internals -------------------------------------------------------------------------------
     def _n_live(self) -> int:
-        return sum(g is not None for g in self._slots)
+        return self._live
 
     def _limit(self, r: GenRequest) -> int:
         return min(r.max_tokens or self.max_new_tokens, self.max_new_tokens)
@@ -192,6 +193,7 @@ class FastEngine:
         if tok == self.tok.eos_id or len(g.tokens) >= self._limit(g.request):
             g.finished, g.t_end = True, now
             self._slots[slot] = None
+            self._live -= 1
             return True
         return False
 
@@ -304,10 +306,10 @@ class FastEngine:
         Admission waits until ``admit_min_free`` slots are free (or none is live): each prefill is a
         burst of eager launches, so admitting one request per step would cost more than it gains.
         """
-        free = [i for i, g in enumerate(self._slots) if g is None]
-        if not self._pending or not free or (self._n_live() and len(free) < min(self.admit_min_free,
-                                                                                 len(self._pending))):
+        n_free = self.max_batch - self._live
+        if not self._pending or not n_free or (self._live and n_free < min(self.admit_min_free, len(self._pending))):
             return []
+        free = [i for i, g in enumerate(self._slots) if g is None]
         take: list[tuple[int, GenRequest]] = []
         budget = self.prefill_token_budget
         while self._pending and len(take) < len(free):
@@ -331,6 +333,7 @@ class FastEngine:
         self._ctr[idx] = 1
         for slot, r in take:
             self._slots[slot] = Generation(r)
+        self._live += len(take)
         return slots
 
     def _recompute(self) -> None:
@@ -346,7 +349,7 @@ class FastEngine:
         write and attention stay outside the compiled parts: an in-place write into a compiled
         function's input would make it copy the whole cache every step."""
         pos, B = self._pos, self.max_batch
-        lengths = (pos + 1).to(torch.int32)
+        lengths = None if self._fused_attn else (pos + 1).to(torch.int32)
         run, shape = self.runner, self.runner.shape
         x = torch.nn.functional.embedding(self._tok, run.embed)
         cos, sin = run.rope_tables(pos, x.dtype)
@@ -375,7 +378,10 @@ class FastEngine:
     def _capture(self) -> None:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        saved = [t.clone() for t in (self._tok, self._pos, self._ctr, self.k_cache, self.v_cache)]
+        # Warm-up and capture advance the decode inputs, so they are restored afterwards. The cache is
+        # not: they only write keys/values at or after each slot's position, which real decoding
+        # overwrites before reading (a copy would cost as much memory again as the cache itself).
+        saved = [t.clone() for t in (self._tok, self._pos, self._ctr)]
         with torch.cuda.stream(s):
             try:
                 self._decode_body()
@@ -390,7 +396,7 @@ class FastEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             self._decode_body()
-        for dst, src in zip((self._tok, self._pos, self._ctr, self.k_cache, self.v_cache), saved):
+        for dst, src in zip((self._tok, self._pos, self._ctr), saved):
             dst.copy_(src)
         del saved
         self._graph = graph

@@ -26,7 +26,6 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from areal_hpc.model.attention import causal_varlen
 from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope
@@ -361,12 +360,6 @@ class PackedLogp:
             q, k, v = pre(x, cos, sin, ln1, w_qkv, b_qkv)
             return post(x, attend(i, q, k, v), wo, ln2, w_gu, wd)
 
-        x = F.embedding(mb.ids, net.embed).to(cd)
-        cos, sin = net.rope_tables(mb.pos, cd)
-        for i in range(net.shape.n_layers):
-            if self.checkpointing and torch.is_grad_enabled():
-                x = _checkpoint(layer, i, x, cos, sin, attend, use_reentrant=False)
-            else:
-                x = layer(i, x, cos, sin, attend)
-        rows = rms_norm(x.index_select(0, mb.pred_rows), net.norm.to(cd), net.shape.eps)
+        h = net.hidden(mb.ids, mb.pos, attend, compute_dtype=cd, checkpoint=self.checkpointing, layer_fn=layer)
+        rows = h.index_select(0, mb.pred_rows).to(cd)  # the final norm's fp32 weight promotes its output
         return response_logprobs(rows, net.lm_head, mb.targets, temperature)
