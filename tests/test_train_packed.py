@@ -180,6 +180,9 @@ def test_cuda_response_logprobs_bf16_against_fp64() -> None:
     hb, wf = h.bfloat16().requires_grad_(), w.clone().requires_grad_()
     out = response_logprobs(hb, wf, tgt, TEMP, chunk_bytes=4 * vocab * 128)  # 128 rows a chunk: 6 chunks
     ch, cw = torch.autograd.grad((out * g).sum(), (hb, wf))
+    out2 = response_logprobs(hb, wf, tgt, TEMP, chunk_bytes=4 * vocab * 128, keep_bytes=0)  # recompute path
+    ch2, cw2 = torch.autograd.grad((out2 * g).sum(), (hb, wf))
+    assert torch.equal(out, out2) and torch.equal(ch, ch2) and torch.allclose(cw, cw2, rtol=1e-5, atol=1e-6)
     assert out.dtype == torch.float32 and cw.dtype == torch.float32 and ch.dtype == torch.bfloat16
     assert (out.double() - full.detach()).abs().max() < 8e-2
     for a, b in ((ch, gh), (cw, gw)):
@@ -220,15 +223,17 @@ def test_compile_ignored_on_cpu_with_warning(caplog: pytest.LogCaptureFixture) -
     assert "compile" in caplog.text and eng._packed.compile is False
 
 
-def test_response_logprobs_chunks_and_grads() -> None:
-    """Chunked lm_head + log-softmax (recomputed in backward) equals the one-shot computation."""
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30], ids=["recompute", "keep"])
+def test_response_logprobs_chunks_and_grads(keep_bytes: int) -> None:
+    """Chunked lm_head + log-softmax (logits recomputed in backward, or kept from the forward) equals
+    the one-shot computation."""
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(VOCAB, 16, requires_grad=True)
     tgt = torch.randint(0, VOCAB, (37,))
     full = torch.log_softmax(h @ w.T / TEMP, -1).gather(-1, tgt[:, None]).squeeze(-1)
     gh, gw = torch.autograd.grad(full.sum() * 3, (h, w))
-    chunked = response_logprobs(h, w, tgt, TEMP, chunk_bytes=4 * VOCAB * 5)  # 5 rows a chunk
+    chunked = response_logprobs(h, w, tgt, TEMP, chunk_bytes=4 * VOCAB * 5, keep_bytes=keep_bytes)  # 5 rows a chunk
     ch, cw = torch.autograd.grad(chunked.sum() * 3, (h, w))
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(ch, gh)

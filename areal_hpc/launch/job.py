@@ -188,6 +188,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
             "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
             "final_version": worker.version,
+            "rollout_engines": [s.get("engine", {}) for s in rs],
         }
         files.summary.write_text(json.dumps(summary, indent=2))
         if not preempted:

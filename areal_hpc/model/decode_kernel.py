@@ -1,117 +1,224 @@
-"""Decode attention as one Triton kernel: write the new key/value into the slot's cache, attend.
+"""Decode attention as two Triton kernels: RoPE, cache write and split-K attention, then the combine.
 
-Why a kernel of our own: at decode, each slot has one query per head and a cache prefix of its own
-length. Library kernels pad the query tile to 64-128 rows (one real row per head) and need the new
-key written by separate index kernels first; per layer that was ~35 us of attention plus four small
-launches. Here one program serves one (slot, KV head): the G query heads that share that KV head
-form the rows of a small tile, the loop reads only the valid prefix, and the new key/value are
-stored to the cache and used from registers in the same program.
+Why kernels of our own: at decode, each slot has one query per head and a cache prefix of its own
+length. Library kernels pad the query tile to 64-128 rows (one real row per head), and need RoPE,
+a contiguous copy of the value and index kernels to write the new key first: per layer that was
+~35 us of attention plus five small launches. Here:
+
+* the first kernel reads q, k and v straight out of the fused q/k/v projection's output, applies
+  RoPE (fp32 tables, so no per-step cast of the tables), stores the new key/value in the slot's
+  cache and attends over one CHUNK of the slot's valid prefix. One program serves one (slot, KV
+  head, chunk): the G query heads sharing that KV head are the rows of a small tile, and the
+  chunks of one slot run in parallel (split-K), so a batch of long prefixes is not a few hundred
+  serial loops. Chunks past a slot's length exit at once;
+* the second merges the chunks' (max, sum, weighted values) into the output, per (slot, KV head).
+
+An earlier single-kernel version (one program looping over the whole prefix) was latency-bound at
+24 us per layer for 5.6-12 us of bytes (tools/bench/NOTES.md, decode v5).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import Tensor
 
+CHUNK = 64  # keys per program: one tile; a 256-token prefix is 4 programs per (slot, KV head)
 
-@lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
 
-    # Tuned once per (batch, cache length) before the CUDA graph is captured. Re-running the kernel
-    # while timing is harmless: it stores the same new key/value at the same position each time.
-    configs = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=st)
-               for b in (32, 64, 128) for w in (2, 4) for st in (1, 3)]
+try:  # Triton ships with CUDA builds of torch; without it the library attention paths serve
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
-    @triton.autotune(configs=configs, key=["n_slots", "sc_b"])
+if triton is not None:
+
     @triton.jit
-    def _decode_attn(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, n_slots,
-                     sq_b, sq_h, sn_b, sn_h, sc_b, sc_l, sc_h, so_b, so_h, scale,
-                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _rope(x_ptr, row, g, d, qmask, cos, sin, HALF: tl.constexpr, D: tl.constexpr):
+        """Rows ``g`` of heads starting at ``row``: x * cos + rotate_half(x) * sin, in fp32."""
+        x = tl.load(x_ptr + row + g[:, None] * D + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+        d2 = (d + HALF) % D
+        xr = tl.load(x_ptr + row + g[:, None] * D + d2[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        return x * cos[None, :] + sign[None, :] * xr * sin[None, :]
+
+    @triton.jit
+    def _split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr,
+               s_qkv, sc_b, sc_l, sc_h, n_split, scale,
+               HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               CH: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        c = tl.program_id(2)
         p = tl.load(pos_ptr + b).to(tl.int32)  # the new token's position: keys 0..p-1 are cached
-        d = tl.arange(0, D)
-        kn = tl.load(kn_ptr + b * sn_b + h * sn_h + d)
-        vn = tl.load(vn_ptr + b * sn_b + h * sn_h + d)
-        cache = b * sc_b + h * sc_h
-        tl.store(kc_ptr + cache + p * sc_l + d, kn)
-        tl.store(vc_ptr + cache + p * sc_l + d, vn)
-        g = tl.arange(0, GP)
-        qmask = g < G
-        q = tl.load(q_ptr + b * sq_b + (h * G + g)[:, None] * sq_h + d[None, :], mask=qmask[:, None], other=0.0)
-        m = tl.full([GP], float("-inf"), tl.float32)
-        l_sum = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        for start in range(0, p, BLOCK):
-            n = start + tl.arange(0, BLOCK)
+        lo = c * CH
+        if lo <= p:
+            d = tl.arange(0, D)
+            g = tl.arange(0, GP)
+            qmask = g < G
+            cos = tl.load(cos_ptr + p * D + d)
+            sin = tl.load(sin_ptr + p * D + d)
+            row = b * s_qkv
+            q = _rope(qkv_ptr, row + h * G * D, g, d, qmask, cos, sin, D // 2, D)
+            q = (q * scale).to(qkv_ptr.dtype.element_ty)
+            cache = b * sc_b + h * sc_h
+            n = lo + tl.arange(0, CH)
             kmask = n < p
             k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=kmask[:, None], other=0.0)
             v = tl.load(vc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k))
             s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            pr = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(pr, 1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            m = m_new
-        s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
-        m_new = tl.maximum(m, s_new)
-        alpha = tl.exp(m - m_new)
-        pn = tl.exp(s_new - m_new)
-        l_sum = l_sum * alpha + pn
-        acc = acc * alpha[:, None] + pn[:, None] * vn.to(tl.float32)[None, :]
-        out = acc / l_sum[:, None]
-        tl.store(out_ptr + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+            m = tl.max(s, 1)
+            if p < lo + CH:  # this chunk holds position p: the new key/value join from registers
+                one = tl.arange(0, 1)
+                kn = _rope(qkv_ptr, row + (HQ + h) * D, one, d, one < 1, cos, sin, D // 2, D)
+                kn = kn.to(kc_ptr.dtype.element_ty)
+                vn = tl.load(qkv_ptr + row + (HQ + HKV + h) * D + one[:, None] * D + d[None, :])
+                tl.store(kc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], kn)
+                tl.store(vc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], vn)
+                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1)
+                m = tl.maximum(m, s_new)
+                pr = tl.exp(s - m[:, None])
+                pn = tl.exp(s_new - m)
+                l_sum = tl.sum(pr, 1) + pn
+                acc = tl.dot(pr.to(v.dtype), v) + pn[:, None] * vn.to(tl.float32)
+            else:
+                pr = tl.exp(s - m[:, None])
+                l_sum = tl.sum(pr, 1)
+                acc = tl.dot(pr.to(v.dtype), v)
+            heads = h * G + g
+            part = (b * HQ + heads) * n_split + c
+            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
+            tl.store(ml_ptr + part * 2, m, mask=qmask)
+            tl.store(ml_ptr + part * 2 + 1, l_sum, mask=qmask)
+
+    @triton.jit
+    def _combine(pos_ptr, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G: tl.constexpr, GP: tl.constexpr,
+                 HQ: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, SP: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        p = tl.load(pos_ptr + b).to(tl.int32)
+        used = p // CH + 1  # chunks that ran for this slot
+        g = tl.arange(0, GP)
+        qmask = g < G
+        heads = h * G + g
+        d = tl.arange(0, D)
+        m_run = tl.full([GP], float("-inf"), tl.float32)
+        l_run = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for c0 in range(0, used, SP):
+            c = c0 + tl.arange(0, SP)
+            cmask = c < used
+            part = (b * HQ + heads[:, None]) * n_split + c[None, :]  # [GP, SP]
+            mk = qmask[:, None] & cmask[None, :]
+            m = tl.load(ml_ptr + part * 2, mask=mk, other=float("-inf"))
+            l_c = tl.load(ml_ptr + part * 2 + 1, mask=mk, other=0.0)
+            m_new = tl.maximum(m_run, tl.max(m, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w = tl.exp(m - m_ref[:, None])  # [GP, SP]
+            alpha = tl.exp(m_run - m_ref)
+            l_run = l_run * alpha + tl.sum(w * l_c, 1)
+            a = tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], mask=mk[:, :, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a, 1)
+            m_run = m_new
+        out = acc / l_run[:, None]
+        tl.store(out_ptr + b * so_b + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=qmask[:, None])
 
-    return _decode_attn
+
+def _kernels():
+    return None if triton is None else (_split, _combine)
 
 
-def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     pos: Tensor) -> Tensor:
-    """q [B, Hq, D], k_new/v_new [B, Hkv, D], caches [B, L, Hkv, D], pos [B] -> [B, Hq, D].
+class DecodeAttention:
+    """Fused decode attention for one engine: holds the split-K scratch, sized once for (batch, cache)."""
 
-    Writes k_new/v_new at ``pos`` of each slot's cache, then attends over keys 0..pos inclusive.
-    """
-    B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    out = torch.empty_like(q)
-    k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    _kernel()[(B, Hkv)](q, k_new, v_new, k_cache, v_cache, pos, out, B, q.stride(0), q.stride(1),
-                        k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                        out.stride(0), out.stride(1), D ** -0.5, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D)
-    return out
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int, max_batch: int, cache_len: int,
+                 device: torch.device) -> None:
+        self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
+        self.g = n_heads // n_kv
+        self.n_split = -(-cache_len // CHUNK)
+        self.acc = torch.empty(max_batch * n_heads * self.n_split * head_dim, dtype=torch.float32, device=device)
+        self.ml = torch.empty(max_batch * n_heads * self.n_split * 2, dtype=torch.float32, device=device)
+
+    def __call__(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 pos: Tensor) -> Tensor:
+        """qkv [B, (Hq + 2 Hkv) D] (the projection's output, bias included, before RoPE); cos/sin the
+        fp32 tables [max_pos, D]; caches [B', L, Hkv, D] with B' >= B; pos [B] -> out [B, Hq, D].
+
+        Writes the roped key and the value of the new token at ``pos`` of each slot's cache, then
+        attends over keys 0..pos inclusive.
+        """
+        split, combine = _kernels()
+        B = qkv.shape[0]
+        assert qkv.stride(1) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+        out = torch.empty(B, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
+        gp = max(16, 1 << (self.g - 1).bit_length())
+        split[(B, self.hkv, self.n_split)](
+            qkv, cos, sin, k_cache, v_cache, pos, self.acc, self.ml, qkv.stride(0), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), self.n_split, self.d ** -0.5,
+            HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=CHUNK, num_warps=4)
+        combine[(B, self.hkv)](pos, self.acc, self.ml, out, out.stride(0), self.n_split, G=self.g, GP=gp,
+                               HQ=self.hq, D=self.d, CH=CHUNK, SP=8, num_warps=4)
+        return out
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n_kv: int,
+             head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The plain-torch meaning of the kernel's input: q, k (roped at ``pos``) and v from the fused projection."""
+    from areal_hpc.model.qwen2 import rope
+
+    B = qkv.shape[0]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+    c, s = cos[pos].to(qkv.dtype)[:, None, :], sin[pos].to(qkv.dtype)[:, None, :]
+    return (rope(q.reshape(B, n_heads, head_dim), c, s), rope(k.reshape(B, n_kv, head_dim), c, s),
+            v.reshape(B, n_kv, head_dim))
+
+
+def kernel_available(device: torch.device, head_dim: int) -> bool:
+    return _kernels() is not None and head_dim >= 16 and not head_dim & (head_dim - 1) and (
+        device.type == "cuda" or _interpreting())
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def decode_kernel_works(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
-    """Whether the kernel builds here and matches a plain reference (checked once per engine)."""
-    if device.type != "cuda" or _kernel() is None or head_dim & (head_dim - 1):
+    """Whether the kernels build here and match a plain reference (checked once per engine)."""
+    if not kernel_available(device, head_dim):  # CUDA, or the Triton interpreter on CPU (tests)
         return False
     try:
-        from areal_hpc.model.attention import cached_decode
-
-        g = torch.Generator(device=device).manual_seed(0)
-        B, L = 5, 200
-        q = torch.randn(B, n_heads, head_dim, device=device, dtype=dtype, generator=g)
-        kn = torch.randn(B, n_kv, head_dim, device=device, dtype=dtype, generator=g)
-        vn = torch.randn(B, n_kv, head_dim, device=device, dtype=dtype, generator=g)
-        kc = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
-        vc = torch.randn(B, L, n_kv, head_dim, device=device, dtype=dtype, generator=g)
-        pos = torch.tensor([0, 1, 63, 64, 199], device=device)
-        kc2, vc2 = kc.clone(), vc.clone()
-        rows = torch.arange(B, device=device)
-        kc2[rows, pos], vc2[rows, pos] = kn, vn
-        ref = cached_decode(q, kc2, vc2, pos + 1).float()
-        out = decode_attention(q, kn, vn, kc, vc, pos).float()
-        return bool(torch.equal(kc, kc2) and torch.equal(vc, vc2)) and float((out - ref).abs().max()) < 2e-2
+        return check_against_reference(device, dtype, n_heads, n_kv, head_dim) < 2e-2
     except Exception:  # no Triton backend for this GPU, or a compile error: the library path serves
         return False
+
+
+def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
+                            lengths: tuple[int, ...] = (0, 1, 63, 64, 65, 199, 255)) -> float:
+    """Max abs difference of the fused kernels against RoPE + index write + SDPA; raises if the cache
+    was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row."""
+    from areal_hpc.model.attention import cached_decode
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, L = len(lengths), max(lengths) + 1
+    width = (n_heads + 2 * n_kv) * head_dim
+    qkv = torch.randn(B, width, generator=g).to(device, dtype)
+    kc = torch.randn(B, L, n_kv, head_dim, generator=g).to(device, dtype)
+    vc = torch.randn(B, L, n_kv, head_dim, generator=g).to(device, dtype)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(L, dtype=torch.float32), inv)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(device), torch.cat((ang, ang), -1).sin().to(device)
+    pos = torch.tensor(lengths, device=device)
+    q, k, v = rope_qkv(qkv, cos, sin, pos, n_heads, n_kv, head_dim)
+    kc2, vc2 = kc.clone(), vc.clone()
+    rows = torch.arange(B, device=device)
+    kc2[rows, pos], vc2[rows, pos] = k, v
+    ref = cached_decode(q, kc2, vc2, pos + 1).float()
+    out = DecodeAttention(n_heads, n_kv, head_dim, B, L, device)(qkv, cos, sin, kc, vc, pos).float()
+    tol = 0 if dtype == torch.float32 else 2e-2
+    if not torch.equal(vc, vc2) or float((kc.float() - kc2.float()).abs().max()) > tol + 1e-5:
+        raise AssertionError("fused decode attention wrote the KV cache wrongly")
+    return float((out - ref).abs().max())

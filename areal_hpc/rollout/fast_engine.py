@@ -8,9 +8,14 @@ One ``step()``:
 1. prefill newly admitted prompts, packed without padding (varlen attention), straight into their
    slots' KV cache, and sample each one's first token; a per-step prompt-token budget keeps a burst
    of admissions from stalling decode for long;
-2. one decode step for every slot: a fixed-shape forward that writes the new K/V at each slot's
-   position, attends over the slot's prefix, samples on the GPU and advances its own inputs. On CUDA
-   it is captured once in a CUDA graph and replayed, so a step costs one launch instead of hundreds.
+2. one decode step for the slots ``[0, n)``, ``n`` the smallest batch bucket (max_batch, its halves,
+   down to 16) that holds every live slot: a fixed-shape forward that writes the new K/V at each
+   slot's position, attends over the slot's prefix, samples on the GPU and advances its own inputs.
+   On CUDA each bucket is captured once in a CUDA graph and replayed, so a step costs one launch
+   instead of hundreds. New requests take the lowest free slots, and when the live sequences thin
+   out (a long tail, or an asynchronous rollout held back by the staleness gate) the engine moves
+   the high ones down (their KV rows, a few MB each), so the tail of a batch runs at the cost of a
+   small batch instead of the full one. Idle slots stay at position 0: they read no cache.
 
 Weights are updated in place (the graph keeps pointing at the same storage). With
 ``interrupt='recompute'`` the KV cache of every live sequence is rebuilt under the new weights by a
@@ -30,7 +35,7 @@ import torch
 from torch import Tensor
 
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
-from areal_hpc.model.decode_kernel import decode_attention, decode_kernel_works
+from areal_hpc.model.decode_kernel import DecodeAttention, decode_kernel_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest, run_to_completion
@@ -39,11 +44,14 @@ from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, trit
 log = logging.getLogger(__name__)
 
 
-def decode_pre(x: Tensor, cos: Tensor, sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None,
-               s: Qwen2Shape) -> tuple[Tensor, Tensor, Tensor]:
-    """Norm, fused q/k/v projection and rotary embedding for one token per slot."""
-    B = x.shape[0]
-    qkv = torch.nn.functional.linear(rms_norm(x, ln1, s.eps), w_qkv, b_qkv)
+def decode_pre(x: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, s: Qwen2Shape) -> Tensor:
+    """Norm and fused q/k/v projection for one token per slot (RoPE is applied by the attention)."""
+    return torch.nn.functional.linear(rms_norm(x, ln1, s.eps), w_qkv, b_qkv)
+
+
+def decode_rope(qkv: Tensor, cos: Tensor, sin: Tensor, s: Qwen2Shape) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (roped) and v from the fused projection: the library attention paths' input."""
+    B = qkv.shape[0]
     q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
     q = rope(q.reshape(B, s.n_heads, s.head_dim), cos, sin)
     k = rope(k.reshape(B, s.n_kv_heads, s.head_dim), cos, sin)
@@ -83,6 +91,7 @@ class FastEngine:
         # Decode inputs per slot: the token to feed, its position, its sequence seed and token index.
         self._tok = torch.zeros(B, dtype=torch.int64, device=dev)
         self._pos = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._active = torch.zeros(B, dtype=torch.int64, device=dev)  # 1 for a live slot: its position advances
         self._seed = torch.zeros(B, dtype=torch.int64, device=dev)
         self._ctr = torch.zeros(B, dtype=torch.int64, device=dev)
         self._out_tok = torch.zeros(B, dtype=torch.int64, device=dev)
@@ -100,19 +109,30 @@ class FastEngine:
         self._prefill_buckets = [b for b in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768) if b < top] + [top]
         self._slots: list[Generation | None] = [None] * B
         self._live = 0  # occupied slots; kept as a count because the loop asks several times per step
+        self._freed: list[int] = []  # slots freed while draining a step, reset on the device at its end
         self._pending: list[GenRequest] = []
         self._stale: bool = False
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._buckets = [B]
+        while self._buckets[-1] > 16 and self._buckets[-1] % 2 == 0:
+            self._buckets.append(self._buckets[-1] // 2)
+        self._buckets.reverse()  # ascending
+        self._hi = 0  # one past the highest live slot; None when it must be recounted
+        self.compactions = 0
+        self.slots_moved = 0
+        self.bucket_steps: dict[int, int] = {}
         self._use_graph = cuda_graphs and dev.type == "cuda"
         self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
         self._fused_attn = decode_kernel_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        self._attn = DecodeAttention(s.n_heads, s.n_kv_heads, s.head_dim, B, L, dev) if self._fused_attn else None
         flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
-        self._pre, self._post = decode_pre, decode_post
+        self._pre, self._rope, self._post = decode_pre, decode_rope, decode_post
         self._compiled = compile_decode and dev.type == "cuda" and triton_available(dev)
-        if self._compiled:
-            self._pre = torch.compile(decode_pre, fullgraph=True, dynamic=False)
-            self._post = torch.compile(decode_post, fullgraph=True, dynamic=False)
+        if self._compiled:  # static per bucket at first; torch marks the batch dynamic once it changes
+            self._pre = torch.compile(decode_pre, fullgraph=True)
+            self._rope = torch.compile(decode_rope, fullgraph=True)
+            self._post = torch.compile(decode_post, fullgraph=True)
         self.tokens_generated = 0
         self.prefill_tokens = 0
         self.decode_steps = 0
@@ -159,6 +179,10 @@ class FastEngine:
         if self._stale:
             finished += self._drain()  # the rebuilt cache must cover every token sampled so far
             self._recompute()
+        if (target := self._compact_target()) is not None:
+            finished += self._drain()  # slot indices change: no step may be in flight
+            if (target := self._compact_target()) is not None:
+                self._compact(target)
         admitted = self._admit()
         launch = self._launch(admitted) if self._n_live() else None
         finished += self._drain()
@@ -177,6 +201,16 @@ class FastEngine:
         finally:
             self.temperature, self._fused_sampler, self._use_graph = saved
 
+    def stats(self) -> dict:
+        """Counters for run summaries: how many decode steps ran at which batch bucket, and why."""
+        steps = max(self.decode_steps, 1)
+        return {"decode_steps": self.decode_steps, "tokens_generated": self.tokens_generated,
+                "prefill_tokens": self.prefill_tokens,
+                "mean_decode_batch": sum(b * n for b, n in self.bucket_steps.items()) / steps,
+                "tokens_per_decode_step": self.tokens_generated / steps,
+                "bucket_steps": {str(b): n for b, n in sorted(self.bucket_steps.items())},
+                "compactions": self.compactions, "slots_moved": self.slots_moved}
+
     # -- internals -------------------------------------------------------------------------------
     def _n_live(self) -> int:
         return self._live
@@ -194,6 +228,9 @@ class FastEngine:
             g.finished, g.t_end = True, now
             self._slots[slot] = None
             self._live -= 1
+            self._freed.append(slot)
+            if self._hi is not None and slot + 1 == self._hi:
+                self._hi = None
             return True
         return False
 
@@ -331,9 +368,12 @@ class FastEngine:
         self._tok[idx] = tok
         self._pos[idx] = torch.tensor([len(r.prompt_tokens) for _, r in take]).to(self.device, non_blocking=True)
         self._ctr[idx] = 1
+        self._active[idx] = 1
         for slot, r in take:
             self._slots[slot] = Generation(r)
         self._live += len(take)
+        if self._hi is not None:
+            self._hi = max(self._hi, 1 + max(slots))
         return slots
 
     def _recompute(self) -> None:
@@ -344,38 +384,46 @@ class FastEngine:
             self._prefill([i for i, _ in live], [g.request.prompt_tokens + g.tokens[:-1] for _, g in live],
                           sample_next=False)
 
-    def _decode_body(self) -> None:
-        """One token for every slot. The norms, projections and MLP are compiled (fused); the cache
-        write and attention stay outside the compiled parts: an in-place write into a compiled
+    def _decode_body(self, n: int) -> None:
+        """One token for the slots ``[0, n)``. The norms, projections and MLP are compiled (fused); the
+        cache write and attention stay outside the compiled parts: an in-place write into a compiled
         function's input would make it copy the whole cache every step."""
-        pos, B = self._pos, self.max_batch
+        pos = self._pos[:n]
         lengths = None if self._fused_attn else (pos + 1).to(torch.int32)
         run, shape = self.runner, self.runner.shape
-        x = torch.nn.functional.embedding(self._tok, run.embed)
-        cos, sin = run.rope_tables(pos, x.dtype)
+        x = torch.nn.functional.embedding(self._tok[:n], run.embed)
+        cos, sin = (None, None) if self._fused_attn else run.rope_tables(pos, x.dtype)
         for i, L in enumerate(run.layers):
-            q, k, v = self._pre(x, cos, sin, L.ln1, L.w_qkv, L.b_qkv, shape)
-            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+            qkv = self._pre(x, L.ln1, L.w_qkv, L.b_qkv, shape)
+            kc, vc = self.k_cache[i, :n], self.v_cache[i, :n]
             if self._fused_attn:
-                o = decode_attention(q, k, v, kc, vc, pos)
+                o = self._attn(qkv, run._cos, run._sin, kc, vc, pos)
             else:
-                kc.index_put_((self._rows, pos), k)
-                vc.index_put_((self._rows, pos), v)
-                o = cached_decode(q, kc, vc, lengths, self._offsets)
+                q, k, v = self._rope(qkv, cos, sin, shape)
+                kc.index_put_((self._rows[:n], pos), k)
+                vc.index_put_((self._rows[:n], pos), v)
+                o = cached_decode(q, kc, vc, lengths, self._offsets_for(n))
             x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
         logits = run.logits(rms_norm(x, run.norm, shape.eps))
+        seed, ctr = self._seed[:n], self._ctr[:n]
         if self._fused_sampler:
-            sample_fused(logits, self.temperature, self._seed, self._ctr, self._out_tok, self._out_logp)
+            sample_fused(logits, self.temperature, seed, ctr, self._out_tok[:n], self._out_logp[:n])
         else:
-            tok, logp = sample(logits, self.temperature, self.top_p, self._seed, self._ctr)
-            self._out_tok.copy_(tok)
-            self._out_logp.copy_(logp)
-        # The graph advances its own inputs; idle slots are clamped inside the cache and ignored.
-        self._tok.copy_(self._out_tok)
-        self._pos.copy_((pos + 1).clamp(max=self.max_seq_len - 1))
-        self._ctr.add_(1)
+            tok, logp = sample(logits, self.temperature, self.top_p, seed, ctr)
+            self._out_tok[:n].copy_(tok)
+            self._out_logp[:n].copy_(logp)
+        # The graph advances its own inputs; idle slots stay at position 0 and are ignored.
+        self._tok[:n].copy_(self._out_tok[:n])
+        pos.copy_((pos + self._active[:n]).clamp(max=self.max_seq_len - 1))
+        ctr.add_(1)
 
-    def _capture(self) -> None:
+    def _offsets_for(self, n: int) -> tuple[Tensor, Tensor] | None:
+        if self._offsets is None:
+            return None
+        cu_q, cu_k = self._offsets
+        return cu_q[:n + 1], cu_k[:n + 1]
+
+    def _capture(self, n: int) -> torch.cuda.CUDAGraph:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         # Warm-up and capture advance the decode inputs, so they are restored afterwards. The cache is
@@ -384,33 +432,41 @@ class FastEngine:
         saved = [t.clone() for t in (self._tok, self._pos, self._ctr)]
         with torch.cuda.stream(s):
             try:
-                self._decode_body()
+                self._decode_body(n)
             except Exception as e:  # an inductor failure must not stop generation: run the eager layer
                 if not self._compiled:
                     raise
                 log.warning("torch.compile of the decode layer failed (%s); decoding with the eager layer", e)
-                self._pre, self._post, self._compiled = decode_pre, decode_post, False
+                self._pre, self._rope, self._post, self._compiled = decode_pre, decode_rope, decode_post, False
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels, outside the capture
-                self._decode_body()
+                self._decode_body(n)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._decode_body()
+            self._decode_body(n)
         for dst, src in zip((self._tok, self._pos, self._ctr), saved):
             dst.copy_(src)
         del saved
-        self._graph = graph
-        log.info("decode step captured in a CUDA graph (batch %d, cache length %d)", self.max_batch, self.max_seq_len)
+        self._graphs[n] = graph
+        log.info("decode step captured in a CUDA graph (batch %d of %d, cache length %d)", n, self.max_batch,
+                 self.max_seq_len)
+        return graph
+
+    def _bucket(self) -> int:
+        """The smallest batch bucket that holds every live slot."""
+        if self._hi is None:
+            self._hi = 1 + max((i for i, g in enumerate(self._slots) if g is not None), default=-1)
+        return next(b for b in self._buckets if b >= self._hi)
 
     def _launch(self, admitted: list[int]) -> dict:
         """Enqueue one decode step and the copy of its results (and of new first tokens) to the host."""
+        n = self._bucket()
         if self._use_graph:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
+            (self._graphs.get(n) or self._capture(n)).replay()
         else:
-            self._decode_body()
+            self._decode_body(n)
         self.decode_steps += 1
+        self.bucket_steps[n] = self.bucket_steps.get(n, 0) + 1
         k = self.decode_steps % 2  # double-buffered pinned outputs: the host reads one while the next fills
         host = self._host[k]
         host[0].copy_(self._out_tok, non_blocking=True)
@@ -423,6 +479,40 @@ class FastEngine:
             event.record()
         return {"slots": list(self._slots), "admitted": set(admitted), "version": self.version, "host": host,
                 "event": event}
+
+    def _compact_target(self) -> int | None:
+        """The bucket the live slots would fit after moving the high ones down, when that is at most
+        half the current one and no queued request is about to fill the gaps; else None."""
+        if self._pending or not self._live:
+            return None
+        want = next(b for b in self._buckets if b >= self._live)
+        return want if 2 * want <= self._bucket() else None
+
+    def _compact(self, target: int) -> None:
+        """Move every live slot at or above ``target`` into a free slot below it: its KV rows (up to its
+        position), decode inputs and bookkeeping. Called with no step in flight."""
+        src = [i for i in range(target, len(self._slots)) if self._slots[i] is not None]
+        dst = [i for i in range(target) if self._slots[i] is None][:len(src)]
+        if not src:
+            return
+        dev = self.device
+        si = torch.tensor(src, device=dev)
+        di = torch.tensor(dst, device=dev)
+        width = 1 + max(len(self._slots[i].request.prompt_tokens) + len(self._slots[i].tokens) for i in src)
+        width = min(width, self.max_seq_len)
+        for c in range(0, len(src), 16):  # a few MB per slot: in groups, so the gather stays small
+            a, b = si[c:c + 16], di[c:c + 16]
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, b, :width] = cache[:, a, :width]
+        for t in (self._tok, self._pos, self._seed, self._ctr, self._active):
+            t[di] = t[si]
+        self._active[si] = 0
+        self._pos[si] = 0
+        for i, j in zip(src, dst):
+            self._slots[j], self._slots[i] = self._slots[i], None
+        self._hi = None
+        self.compactions += 1
+        self.slots_moved += len(src)
 
     def _drain(self) -> list[Generation]:
         """Apply the in-flight step's tokens to their sequences; free the slots of finished ones."""
@@ -446,4 +536,9 @@ class FastEngine:
                 continue
             if self._append(slot, g, tok_l[slot], logp_l[slot], v, now):
                 done.append(g)
+        if self._freed:  # a freed slot stops advancing and reading its old cache
+            idx = torch.tensor(self._freed).to(self.device, non_blocking=True)
+            self._active[idx] = 0
+            self._pos[idx] = 0
+            self._freed.clear()
         return done

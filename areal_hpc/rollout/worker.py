@@ -186,7 +186,8 @@ class RolloutWorker:
                  "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
                  "ring_full_waits": self.ring.full_waits if self.ring else 0,
                  "ring_wait_seconds": self.ring.wait_seconds if self.ring else 0.0,
-                 "shards_written": self.log.shards_written, "abandoned_prompts": abandoned_prompts}
+                 "shards_written": self.log.shards_written, "abandoned_prompts": abandoned_prompts,
+                 "engine": self.engine.stats() if hasattr(self.engine, "stats") else {}}
         if self.ring is not None:
             self.ring.close()
         log.info("rollout %d done: %s", self.index, stats)

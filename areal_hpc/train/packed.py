@@ -39,6 +39,10 @@ __all__ = ["LOGITS_CHUNK_BYTES", "PackedLogp", "autocast_for", "resolve_compute_
 # Rows of one lm_head chunk: chunk_bytes / (4 x vocab), i.e. its bf16 logits plus their bf16 gradient
 # (~1700 rows, 1 GiB, at a 152k vocabulary; bigger chunks: fuller matmuls, fewer fp32 weight-grad adds).
 LOGITS_CHUNK_BYTES = 1 << 30
+# With grad, the forward's logits are kept for backward (one matmul fewer, ~7 ms per 16k rows of a
+# 0.5B model on an H100) when they take at most this much and a quarter of the free device memory;
+# otherwise they are recomputed chunk by chunk.
+LOGITS_KEEP_BYTES = 8 << 30
 
 LayerFn = Callable[[int, Tensor, Tensor, Tensor, Callable], Tensor]
 
@@ -161,51 +165,75 @@ class _ChunkedHeadLogp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int) -> Tensor:
+    def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int, keep: bool) -> Tensor:
         lse_fn, _ = _head_kernels(h.device.type)
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        kept = []
         for a in range(0, h.shape[0], rows):
             z = h[a:a + rows] @ w_t.T
             lse_c, zt = lse_fn(z, targets[a:a + rows])
             lse[a:a + rows] = lse_c
             out[a:a + rows] = zt - lse_c
+            if keep:
+                kept.append(z)
         ctx.save_for_backward(h, w_t, targets, lse)
         ctx.rows = rows
+        ctx.kept = kept  # freed chunk by chunk in backward
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         with torch.profiler.record_function("prof:head_bwd"):
             return _ChunkedHeadLogp._backward(ctx, g)
 
     @staticmethod
-    def _backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def _backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         h, w_t, targets, lse = ctx.saved_tensors
         _, grad_fn = _head_kernels(h.device.type)
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w_t.shape, dtype=torch.float32, device=w_t.device) if ctx.needs_input_grad[1] else None
         g = g.float()
-        for a in range(0, h.shape[0], ctx.rows):
+        kept, ctx.kept = ctx.kept, None
+        for j, a in enumerate(range(0, h.shape[0], ctx.rows)):
             b = a + ctx.rows
             hc = h[a:b]
-            gz = grad_fn(hc @ w_t.T, lse[a:b], g[a:b], targets[a:b])
+            if kept:
+                z, kept[j] = kept[j], None
+            else:
+                z = hc @ w_t.T
+            gz = grad_fn(z, lse[a:b], g[a:b], targets[a:b])
+            del z
             if gh is not None:
                 torch.mm(gz, w_t, out=gh[a:b])
             if gw is not None:
                 _accumulate_mm(gw, gz.T, hc)
-        return gh, (gw.to(w_t.dtype) if gw is not None else None), None, None
+        return gh, (gw.to(w_t.dtype) if gw is not None else None), None, None, None
+
+
+def _keep_logits(h: Tensor, vocab: int, keep_bytes: int) -> bool:
+    """Keep the forward's logits for backward: with grad, within ``keep_bytes`` and a quarter of free memory."""
+    if not torch.is_grad_enabled() or not h.requires_grad or keep_bytes <= 0:
+        return False
+    need = h.shape[0] * vocab * h.element_size()
+    if need > keep_bytes:
+        return False
+    if h.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(h.device)
+        return need <= free // 4
+    return True
 
 
 def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-                      chunk_bytes: int = LOGITS_CHUNK_BYTES) -> Tensor:
+                      chunk_bytes: int = LOGITS_CHUNK_BYTES, keep_bytes: int = LOGITS_KEEP_BYTES) -> Tensor:
     """fp32 ``log softmax(h @ weight.T / temperature)[targets]`` for rows ``h`` [N, H], chunk by chunk.
 
     The matmuls run in ``h``'s dtype (the compute dtype); the temperature is folded into one copy of
     the weight, made once per call. A chunk holds ``chunk_bytes / (4 * vocab)`` rows (a multiple of
     128 when that is >= 512, so the matmul tiles are full): its logits and, in backward, their
     gradient, each in the compute dtype (for fp32, the chunk's logits alone). With grad the logits are
-    recomputed in backward instead of kept, so memory does not grow with N x vocab.
+    kept for backward when they take at most ``keep_bytes`` (and a quarter of the free device memory),
+    else recomputed there, so memory does not grow with N x vocab.
     """
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
@@ -215,10 +243,11 @@ def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: f
     with torch.autocast(h.device.type, enabled=False):
         w_t = (weight / temperature if temperature != 1.0 else weight).to(h.dtype)
         with torch.profiler.record_function("prof:head_fwd"):
-            return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows)
+            return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows, _keep_logits(h, weight.shape[0], keep_bytes))
 
 
-def split_layer_fn(packed: PackedQwen2, *, compile: bool) -> LayerFn:
+def split_layer_fn(packed: PackedQwen2, *, compile: bool, dynamic: bool | None = True,
+                   mode: str | None = None) -> LayerFn:
     """``PackedQwen2.layer`` as two pure tensor functions around the attention call, optionally compiled.
 
     Why the split: compiling ``layer`` itself would guard on the layer index (a list index) and on the
@@ -245,8 +274,8 @@ def split_layer_fn(packed: PackedQwen2, *, compile: bool) -> LayerFn:
         return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
 
     if compile:
-        pre = torch.compile(pre, dynamic=True)
-        post = torch.compile(post, dynamic=True)
+        pre = torch.compile(pre, dynamic=dynamic, mode=mode)
+        post = torch.compile(post, dynamic=dynamic, mode=mode)
 
     def layer(i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: Callable) -> Tensor:
         L = packed.layers[i]
@@ -316,6 +345,10 @@ class PackedLogp:
             logger.warning("trainer.compile=true is for CUDA; ignored on %s", self.device.type)
             compile = False
         self.compile = compile
+        # Bench knobs: shape-specialised graphs (dynamic=False) and inductor modes, to measure what
+        # they would buy before the loop pays their recompiles per micro-batch length.
+        self.compile_dynamic: bool | None = True
+        self.compile_mode: str | None = None
         # cast_once (opt-in): weights cast (q/k/v, gate/up fused) once per micro-batch, activations in the
         # compute dtype. Off by default: on an H100 it measured the same as autocast eager and 16% slower
         # compiled (199 vs 172 ms/step, tools/bench/NOTES-train.md); autocast is the default path.
@@ -329,7 +362,8 @@ class PackedLogp:
         if self._net is None or self._net.max_positions < max_len:
             n = max(max_len, int(getattr(self.model.config, "max_position_embeddings", 0) or 0))
             self._net = PackedQwen2(self.model, max_positions=n, fuse=False)
-            self._layer_fn = split_layer_fn(self._net, compile=True) if self.compile else None
+            self._layer_fn = split_layer_fn(self._net, compile=True, dynamic=self.compile_dynamic,
+                                            mode=self.compile_mode) if self.compile else None
             self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
 

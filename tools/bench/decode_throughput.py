@@ -64,7 +64,8 @@ def time_engine(engine: FastEngine, reqs: list[GenRequest], wave: int = 0) -> tu
 def profile(engine: FastEngine, B: int, prompt: int, vocab: int) -> dict:
     """Device time of one decode step alone (graph replays back to back), and of one prefill burst."""
     n = 50
-    step = engine._graph.replay if engine._graph is not None else engine._decode_body
+    graph = engine._graphs.get(B)
+    step = graph.replay if graph is not None else (lambda: engine._decode_body(B))
     step()
     sync()
     t = time.perf_counter()
@@ -83,16 +84,16 @@ def profile(engine: FastEngine, B: int, prompt: int, vocab: int) -> dict:
     return {"device_decode_ms": decode_ms, "prefill_ms": 1e3 * (time.perf_counter() - t) / 5, "prefill_prompts": k}
 
 
-def kernel_profile(engine: FastEngine, top: int = 18) -> list[dict]:
+def kernel_profile(engine: FastEngine, B: int, top: int = 18) -> list[dict]:
     """Top device kernels of one decode step (the compiled body run eagerly, 10 times)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine._decode_body()
+    engine._decode_body(B)
     sync()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            engine._decode_body()
+            engine._decode_body(B)
         sync()
     rows = []
     for e in prof.key_averages():
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
         row.update(profile(eng, B, args.prompt, shape.vocab))
         if args.profile and dev.type == "cuda":
-            row["kernels"] = kernel_profile(eng)
+            row["kernels"] = kernel_profile(eng, B)
         if not args.no_hf and compiled:
             hf = hf_generate(model, reqs, args.hf_new)
             row.update(hf_tok_s=hf, speedup_vs_hf=ours / hf)

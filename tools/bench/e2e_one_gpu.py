@@ -75,6 +75,12 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
     curve = reward_curve(root / name)
     steady, steady_tok = steady_rate(root / name)
     k = max(1, len(curve) // 5)
+    engines = [e for e in summary.get("rollout_engines", []) if e.get("decode_steps")]
+    if engines:  # the rollout's decode steps: how full they ran (the bucket each step used)
+        steps = sum(e["decode_steps"] for e in engines)
+        summary["decode_steps"] = steps
+        summary["mean_decode_batch"] = sum(e["mean_decode_batch"] * e["decode_steps"] for e in engines) / steps
+        summary["tokens_per_decode_step"] = sum(e["tokens_generated"] for e in engines) / steps
     return {**summary, "wall_seconds": wall, "reward_per_step": curve, "steady_samples_per_s": steady,
             "steady_tokens_per_s": steady_tok,
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
@@ -103,13 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
     ok = [r for r in rows if not r.get("failed")]
     base = rows[0] if not rows[0].get("failed") else None
     print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'steady/s':>9} {'vs sync':>8} "
-          f"{'idle':>6} {'reward first':>12} {'reward last':>11}")
+          f"{'idle':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} {'reward first':>12} {'reward last':>11}")
     for r in ok:
         r["speedup_vs_sync"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
         r["steady_speedup_vs_sync"] = r["steady_samples_per_s"] / base["steady_samples_per_s"] if base else float("nan")
         print(f"{r['mode']:6} {r['eta']:>3} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
-              f"{r['rollout_idle_fraction']:>6.2f} {r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
+              f"{r['rollout_idle_fraction']:>6.2f} {r.get('decode_steps', 0):>9} "
+              f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
+              f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
     for r in rows:
         if r.get("failed"):
             print(f"{r['mode']} eta {r['eta']}: FAILED rc {r['rc']}")

@@ -54,11 +54,25 @@ class Variant:
     checkpointing: bool = False
     compile: bool = False
     cast_once: bool = False  # True: PackedLogp(cast_once=True), bf16 weights once per micro-batch (opt-in)
+    dynamic: bool = True  # False: compiled graphs specialised to the micro-batch's token count
+    mode: str | None = None  # torch.compile mode (e.g. max-autotune-no-cudagraphs)
+
+    @property
+    def key(self) -> str:
+        parts = [self.name.replace("ours ", "")] + [k for k, on in (("ckpt", self.checkpointing),
+                                                                    ("compile", self.compile)) if on]
+        if not self.dynamic:
+            parts.append("static")
+        if self.mode:
+            parts.append(self.mode)
+        return "+".join(parts)
 
 
 OURS = (Variant("ours packed"), Variant("ours packed", checkpointing=True), Variant("ours packed", compile=True),
         Variant("ours packed", checkpointing=True, compile=True), Variant("ours cast-once", cast_once=True),
-        Variant("ours cast-once", compile=True, cast_once=True))
+        Variant("ours cast-once", compile=True, cast_once=True),
+        Variant("ours packed", compile=True, dynamic=False),
+        Variant("ours packed", compile=True, dynamic=False, mode="max-autotune-no-cudagraphs"))
 
 
 def tiny_qwen2(seed: int, device: str) -> torch.nn.Module:
@@ -153,6 +167,7 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
                         activation_checkpointing=v.checkpointing, compile=v.compile)
     eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
     eng._packed.cast_once = v.cast_once and eng.compute_dtype != torch.float32
+    eng._packed.compile_dynamic, eng._packed.compile_mode = v.dynamic, v.mode
     rng = np.random.default_rng(0)
     adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
     weight = np.ones(len(samples), np.float32)
@@ -170,7 +185,7 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
 
 
 def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
-                 top: int = 15) -> str:
+                 top: int = 40) -> str:
     """Top CUDA kernels of one optimizer step (after two warm-up steps), by device time, as a table."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -256,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only these of our variants, by key (e.g. packed+compile packed+compile+static)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the top CUDA kernels of one step (eager and compiled, no checkpointing)")
     args = ap.parse_args(argv)
@@ -282,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     for v in OURS:
+        if args.variants is not None and v.key not in args.variants:
+            continue
         if v.compile and device.type != "cuda":
             continue  # compile is CUDA-only (ignored with a warning on CPU): nothing new to time
         free_memory(device)
@@ -289,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = run_ours(model, v, samples, budget, dtype_name, args.steps, args.warmup)
         flops = 6 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=False)
         flops_fwd = 2 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=True)
-        results.append(dict(variant=v.name, checkpointing=v.checkpointing, compile=v.compile,
-                            cast_once=v.cast_once, **r,
+        results.append(dict(variant=v.name, key=v.key, checkpointing=v.checkpointing, compile=v.compile,
+                            cast_once=v.cast_once, dynamic=v.dynamic, mode=v.mode, **r,
                             tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
                             logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
                             wall_s=time.perf_counter() - t0))
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
                             wall_s=time.perf_counter() - t0))
     profiles = []
     if args.profile and device.type == "cuda":
-        for v in (Variant("ours packed"), Variant("ours packed", compile=True)):
+        for v in (Variant("ours packed", compile=True),):
             free_memory(device)
             profiles.append(profile_step(model, v, samples, budget, dtype_name))
             print(profiles[-1], flush=True)
@@ -315,11 +334,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device.type}: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.machine()}, "
           f"{tokens} tokens/step in {len(lengths)} sequences, compute {dtype_name}, "
           f"peak {peak / 1e12:.3g} TFLOP/s ({dtype_name} {peak_n}^3 matmul)")
-    print(f"{'variant':12} {'ckpt':>4} {'compile':>7} {'step ms':>8} {'tokens/s':>10} {'MFU':>6} "
+    print(f"{'variant':40} {'step ms':>8} {'tokens/s':>10} {'MFU':>6} "
           f"{'vs HF':>6} {'mem GiB':>7} {'fwd tok/s':>10} {'fwd MFU':>7}")
     for r in results:
         fwd = (f"{r['logp_tokens_per_s']:>10.0f} {r['logp_mfu']:>7.1%}" if "logp_s" in r else f"{'-':>10} {'-':>7}")
-        print(f"{r['variant']:12} {'on' if r['checkpointing'] else 'off':>4} {'on' if r['compile'] else 'off':>7} "
+        print(f"{r.get('key', r['variant']):40} "
               f"{r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['speedup_vs_hf']:>5.2f}x "
               f"{r['peak_mem_gib']:>7.1f} {fwd}")
 

@@ -22,12 +22,14 @@ for s in $stages; do
       python3 -c "import mpi4py; from mpi4py import MPI; print(mpi4py.__version__, MPI.Get_library_version()[:60])"
       which mpiexec || true ;;
     tests)
-      python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_engine.py tests/test_train_packed.py \
-        tests/test_weights_shared.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --out "$OUT/decode.json" ;;
-    train) python3 tools/bench/train_throughput.py --out "$OUT/train.json" ;;
+      python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py tests/test_decode_kernel.py \
+        tests/test_train_packed.py tests/test_weights_shared.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --out "$OUT/decode.json" ;;
+    train) python3 tools/bench/train_throughput.py --no-hf --profile ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
+             --out "$OUT/train.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
-    e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --out "$OUT/e2e.json" ;;
+    e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
+           --eta ${E2E_ETA:-1 2 4 8} --timeout 240 --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
