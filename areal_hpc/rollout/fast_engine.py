@@ -462,7 +462,10 @@ class FastEngine:
         """Enqueue one decode step and the copy of its results (and of new first tokens) to the host."""
         n = self._bucket()
         if self._use_graph:
-            (self._graphs.get(n) or self._capture(n)).replay()
+            if not self._graphs:  # every bucket at once: a capture (and a recompile) mid-run would stall it
+                for b in reversed(self._buckets):
+                    self._capture(b)
+            self._graphs[n].replay()
         else:
             self._decode_body(n)
         self.decode_steps += 1

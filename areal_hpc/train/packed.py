@@ -29,6 +29,7 @@ from torch import Tensor
 
 from areal_hpc.model.attention import causal_varlen
 from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope
+from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 from areal_hpc.train.packing import PackedMicrobatch
 
 logger = logging.getLogger(__name__)
@@ -103,27 +104,6 @@ def set_hf_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _lse_and_target(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 logsumexp of each row of logits ``z`` and the logit at ``t``: one read of ``z``."""
-    zf = z.float()
-    return torch.logsumexp(zf, -1), zf.gather(-1, t[:, None]).squeeze(-1)
-
-
-def _grad_logits(z: Tensor, lse: Tensor, g: Tensor, t: Tensor) -> Tensor:
-    """``g * (onehot(t) - softmax(z))`` in ``z``'s dtype: d(g . logp_t)/dz, one pass over ``z``."""
-    onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == t[:, None]
-    return ((onehot.float() - torch.exp(z.float() - lse[:, None])) * g[:, None]).to(z.dtype)
-
-
-@cache
-def _head_kernels(device_type: str) -> tuple[Callable, Callable]:
-    """On CUDA the two row-wise passes over the [rows, vocab] logits compiled into one kernel each
-    (whatever ``trainer.compile`` says: they are shape-generic and small); eager elsewhere."""
-    if device_type != "cuda":
-        return _lse_and_target, _grad_logits
-    return torch.compile(_lse_and_target, dynamic=True), torch.compile(_grad_logits, dynamic=True)
-
-
 @cache
 def _mixed_addmm_works(device: torch.device) -> bool:
     """Whether ``addmm(out=fp32, bf16 @ bf16, out_dtype=fp32)`` accumulates in place here (checked once)."""
@@ -153,7 +133,8 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _ChunkedHeadLogp(torch.autograd.Function):
-    """``log softmax(h @ (W / T).T)[targets]`` chunk by chunk, logits recomputed in backward.
+    """``log softmax(h @ (W / T).T)[targets]``: all rows at once with the logits kept for backward
+    when they fit (``keep``), else chunk by chunk with each chunk's logits recomputed in backward.
 
     Why a hand-written backward: autograd through ``token_logprobs`` spends ~10 memory passes per
     chunk on the [rows, vocab] logits (fp32 upcast, logsumexp's max/sub/exp/sum, their grads, casts)
@@ -162,24 +143,27 @@ class _ChunkedHeadLogp(torch.autograd.Function):
     and the target logit; the fp32 logsumexp per row is saved), and in backward one matmul, one pass
     that turns the logits into their gradient ``g * (onehot - exp(z - lse))`` in the compute dtype, and
     two matmuls; the weight gradient accumulates in fp32 in the matmul (beta = 1) where possible.
+    The two passes are Triton kernels on CUDA (``head_kernels.py``), the gradient written in place.
+    Kept logits save the recomputing matmul and turn the chunked matmuls into one each.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int, keep: bool) -> Tensor:
-        lse_fn, _ = _head_kernels(h.device.type)
+        ctx.rows = rows
+        if keep:  # one matmul over every row; the logits stay for backward, which overwrites them
+            z = h @ w_t.T
+            lse, zt = lse_and_target(z, targets)
+            ctx.save_for_backward(h, w_t, targets, lse)
+            ctx.kept = z
+            return zt - lse
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        kept = []
         for a in range(0, h.shape[0], rows):
-            z = h[a:a + rows] @ w_t.T
-            lse_c, zt = lse_fn(z, targets[a:a + rows])
+            lse_c, zt = lse_and_target(h[a:a + rows] @ w_t.T, targets[a:a + rows])
             lse[a:a + rows] = lse_c
             out[a:a + rows] = zt - lse_c
-            if keep:
-                kept.append(z)
         ctx.save_for_backward(h, w_t, targets, lse)
-        ctx.rows = rows
-        ctx.kept = kept  # freed chunk by chunk in backward
+        ctx.kept = None
         return out
 
     @staticmethod
@@ -190,20 +174,21 @@ class _ChunkedHeadLogp(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         h, w_t, targets, lse = ctx.saved_tensors
-        _, grad_fn = _head_kernels(h.device.type)
-        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(w_t.shape, dtype=torch.float32, device=w_t.device) if ctx.needs_input_grad[1] else None
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gw = torch.zeros(w_t.shape, dtype=torch.float32, device=w_t.device) if want_w else None
         g = g.float()
         kept, ctx.kept = ctx.kept, None
-        for j, a in enumerate(range(0, h.shape[0], ctx.rows)):
+        if kept is not None:  # the whole [rows, vocab] gradient in place of the logits: two matmuls in all
+            gz = grad_logits_(kept, lse, g, targets)
+            gh = gz @ w_t if want_h else None
+            if gw is not None:
+                _accumulate_mm(gw, gz.T, h)
+            return gh, (gw.to(w_t.dtype) if gw is not None else None), None, None, None
+        gh = torch.empty_like(h) if want_h else None
+        for a in range(0, h.shape[0], ctx.rows):
             b = a + ctx.rows
             hc = h[a:b]
-            if kept:
-                z, kept[j] = kept[j], None
-            else:
-                z = hc @ w_t.T
-            gz = grad_fn(z, lse[a:b], g[a:b], targets[a:b])
-            del z
+            gz = grad_logits_(hc @ w_t.T, lse[a:b], g[a:b], targets[a:b])
             if gh is not None:
                 torch.mm(gz, w_t, out=gh[a:b])
             if gw is not None:
