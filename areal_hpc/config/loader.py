@@ -615,6 +615,13 @@ def validate(cfg: Config) -> None:
         "set rollout.top_p=1.0",
     )
     _need(
+        r.gated_yield_ms >= 0,
+        "rollout.gated_yield_ms",
+        r.gated_yield_ms,
+        "must be >= 0",
+        "set rollout.gated_yield_ms=0 (off) or a few milliseconds",
+    )
+    _need(
         r.max_concurrent_groups >= 1,
         "rollout.max_concurrent_groups",
         r.max_concurrent_groups,

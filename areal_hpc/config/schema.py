@@ -158,6 +158,12 @@ class RolloutConfig:
         "auto: bfloat16 on CUDA, model.dtype on CPU",
         ("auto", "float32", "bfloat16", "float16"),
     )
+    gated_yield_ms: float = _f(
+        0.0,
+        "rollout sharing its GPU with a trainer: sleep this long after each decode step while the staleness "
+        "gate admits nothing, the trainer already holds its next batch and under a quarter of the slots are "
+        "live, so a thin tail does not take GPU time slices from the trainer (0 = never; a dedicated GPU wants 0)",
+    )
 
 
 @dataclass

@@ -186,6 +186,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             "generated": sum(s["pushed"] for s in rs), "abandoned_in_flight": sum(s["abandoned"] for s in rs),
             "abandoned_prompts": sorted(p for s in rs for p in s["abandoned_prompts"]),
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
+            "rollout_yield_fraction": sum(s.get("yield_seconds", 0.0) for s in rs) / max(1e-9, train_seconds * len(rs)),
             "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],

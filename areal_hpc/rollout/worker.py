@@ -82,6 +82,8 @@ class RolloutWorker:
         self.pushed = 0
         self.stop = False
         self.idle_seconds = 0.0
+        self.yield_seconds = 0.0
+        self._groups_base = self.gate.admitted  # groups a resumed run counts as already delivered
         self.versions_applied = 0
 
     # -- control ------------------------------------------------------------------------------------
@@ -153,6 +155,21 @@ class RolloutWorker:
         self.log.add(record, text, problem.answer)  # in hdf5 mode the log's shards are the transport
         self.pushed += 1
 
+    def _yield_now(self) -> bool:
+        """Whether to leave the GPU to a trainer sharing it for a moment (``rollout.gated_yield_ms``).
+
+        Only while the gate admits nothing (a fuller batch is not possible), the trainer already has
+        its next batch from this rank beyond the one it is on (so no step waits on this tail), and
+        under a quarter of the slots are live (a thin tail, the least work per GPU time slice). The
+        tail still advances between sleeps, so nothing can wait on it forever.
+        """
+        if self.cfg.rollout.gated_yield_ms <= 0 or self.gate.capacity(self.engine.version) > 0:
+            return False
+        if 4 * self.engine.num_active() >= getattr(self.engine, "max_batch", 0):
+            return False
+        delivered = self._groups_base + self.pushed // self.G - self.gate.credited
+        return delivered >= (self.engine.version + 2) * self.gate.share
+
     def run(self) -> dict[str, float]:
         log.info("rollout %d: share %d groups/step, eta %d, feeding trainer %d", self.index, self.gate.share,
                  self.gate.eta, self.trainer)
@@ -165,6 +182,10 @@ class RolloutWorker:
                 for g in self.engine.step():
                     self._finish(g)
                 self.log.flush_if_due()
+                if self._yield_now():
+                    t = time.perf_counter()
+                    time.sleep(self.cfg.rollout.gated_yield_ms / 1e3)
+                    self.yield_seconds += time.perf_counter() - t
             else:  # the gate holds us until a newer version (or a credit) arrives
                 # Shards are the transport without a ring: a waiting trainer must see what is buffered.
                 self.log.flush_if_due(idle=self.ring is None)
@@ -183,6 +204,7 @@ class RolloutWorker:
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
         stats = {"pushed": self.pushed, "abandoned": abandoned, "idle_seconds": self.idle_seconds,
+                 "yield_seconds": self.yield_seconds,
                  "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
                  "ring_full_waits": self.ring.full_waits if self.ring else 0,
                  "ring_wait_seconds": self.ring.wait_seconds if self.ring else 0.0,
