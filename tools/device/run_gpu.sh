@@ -25,7 +25,7 @@ for s in $stages; do
       python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py tests/test_decode_kernel.py \
         tests/test_train_packed.py tests/test_head_kernels.py tests/test_weights_shared.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --out "$OUT/decode.json" ;;
-    train) python3 tools/bench/train_throughput.py --no-hf --profile ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
+    train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
