@@ -171,6 +171,23 @@ def test_fused_sampler_kernels_equal_torch_path_in_the_interpreter(V, dtype):
         assert t1[2].item() == V // 2 + 3 and t1[3].item() in (5, V - 1) and t1[1].item() < V - 777
 
 
+@pytest.mark.skipif(_interpreted_triton(), reason="already interpreting: the test above runs in this process")
+def test_fused_sampler_kernels_under_interpreter_subprocess():
+    """The interpreter test above, in a subprocess that sets TRITON_INTERPRET=1 (read when the kernels
+    are defined), so a plain test run covers the Triton sampler on CPU."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (pip install triton; CI installs it)")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "in_the_interpreter"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 # -- engine on CPU ----------------------------------------------------------------------------------
 def test_greedy_equals_hf_engine_and_logprobs_equal_plain_forward():
     m = _model()
