@@ -7,39 +7,16 @@ faithful. On a GPU the same checks run compiled, in bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-try:
-    import triton  # noqa: F401
 
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton; CI installs it)")
-
-
-def _interpret(code: str) -> str:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
-@needs_triton
-def test_kernel_matches_rope_write_and_sdpa_under_interpreter():
-    out = _interpret("""
+def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter):
+    out = triton_interpreter("-c", textwrap.dedent("""
         import torch
         from areal_hpc.model.decode_kernel import check_against_reference
         cpu = torch.device("cpu")
@@ -47,16 +24,15 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter():
         print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 63, 64, 65, 128, 200)))
         print(check_against_reference(cpu, torch.float32, 4, 4, 16, lengths=(3, 0, 130)))  # no GQA, D=16
         print(check_against_reference(cpu, torch.float32, 12, 2, 128, lengths=(600, 5)))  # 10 chunks > SP=8
-    """)
+    """))
     errs = [float(x) for x in out.split()]
     assert len(errs) == 3 and max(errs) < 1e-4, errs
 
 
-@needs_triton
-def test_engine_with_fused_attention_and_compaction_under_interpreter():
+def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
     """The whole engine on the fused path: logprobs equal a plain forward, results do not depend on the
     batch, and a long tail makes the engine move slots down into a smaller bucket."""
-    out = _interpret("""
+    out = triton_interpreter("-c", textwrap.dedent("""
         import numpy as np, torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
         from areal_hpc.rollout.engine import GenRequest
@@ -99,7 +75,7 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter():
             worst = max(worst, float(np.abs(np.array(x.logprobs) - np.array(y.logprobs)).max()))
             worst = max(worst, float(np.abs(np.array(x.logprobs) - np.array(_reference_logprobs(m, x))).max()))
         print(worst, big.compactions, big.slots_moved)
-    """)
+    """))
     worst, compactions, moved = out.split()
     assert float(worst) < 1e-4 and int(compactions) >= 1
 

@@ -172,20 +172,11 @@ def test_fused_sampler_kernels_equal_torch_path_in_the_interpreter(V, dtype):
 
 
 @pytest.mark.skipif(_interpreted_triton(), reason="already interpreting: the test above runs in this process")
-def test_fused_sampler_kernels_under_interpreter_subprocess():
+def test_fused_sampler_kernels_under_interpreter_subprocess(triton_interpreter):
     """The interpreter test above, in a subprocess that sets TRITON_INTERPRET=1 (read when the kernels
     are defined), so a plain test run covers the Triton sampler on CPU."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton (pip install triton; CI installs it)")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "in_the_interpreter"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = triton_interpreter("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "in_the_interpreter")
+    assert "2 passed" in out, out[-3000:]
 
 
 # -- engine on CPU ----------------------------------------------------------------------------------

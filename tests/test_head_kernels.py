@@ -6,16 +6,9 @@ compiled, including a vocabulary wider than one block and a row of -inf-like log
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 CHECK = """
 import torch
 from areal_hpc.train import head_kernels as hk
@@ -36,21 +29,9 @@ def check(device, dtype, n=7, vocab=9000):
     print("ok")
 """
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (CI installs it)")
-def test_head_kernels_under_interpreter():
+def test_head_kernels_under_interpreter(triton_interpreter):
     code = CHECK + "\nfor dt in (torch.float32, torch.bfloat16):\n    check('cpu', dt)\n"
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "ok"], proc.stderr[-3000:]
+    assert triton_interpreter("-c", code, timeout=300).split() == ["ok", "ok"]
 
 
 def test_head_fallback_on_cpu():

@@ -166,13 +166,10 @@ class DecodeAttention:
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n_kv: int,
              head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """The plain-torch meaning of the kernel's input: q, k (roped at ``pos``) and v from the fused projection."""
-    from areal_hpc.model.qwen2 import rope
+    from areal_hpc.model.qwen2 import split_qkv_rope
 
-    B = qkv.shape[0]
-    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
     c, s = cos[pos].to(qkv.dtype)[:, None, :], sin[pos].to(qkv.dtype)[:, None, :]
-    return (rope(q.reshape(B, n_heads, head_dim), c, s), rope(k.reshape(B, n_kv, head_dim), c, s),
-            v.reshape(B, n_kv, head_dim))
+    return split_qkv_rope(qkv, c, s, n_heads, n_kv, head_dim)
 
 
 def kernel_available(device: torch.device, head_dim: int) -> bool:
@@ -201,6 +198,7 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
     """Max abs difference of the fused kernels against RoPE + index write + SDPA; raises if the cache
     was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row."""
     from areal_hpc.model.attention import cached_decode
+    from areal_hpc.model.qwen2 import rope_cache
 
     g = torch.Generator(device="cpu").manual_seed(0)
     B, L = len(lengths), max(lengths) + 1
@@ -208,9 +206,7 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
     qkv = torch.randn(B, width, generator=g).to(device, dtype)
     kc = torch.randn(B, L, n_kv, head_dim, generator=g).to(device, dtype)
     vc = torch.randn(B, L, n_kv, head_dim, generator=g).to(device, dtype)
-    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    ang = torch.outer(torch.arange(L, dtype=torch.float32), inv)
-    cos, sin = torch.cat((ang, ang), -1).cos().to(device), torch.cat((ang, ang), -1).sin().to(device)
+    cos, sin = rope_cache(L, head_dim, 10000.0, device)
     pos = torch.tensor(lengths, device=device)
     q, k, v = rope_qkv(qkv, cos, sin, pos, n_heads, n_kv, head_dim)
     kc2, vc2 = kc.clone(), vc.clone()

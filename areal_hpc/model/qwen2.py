@@ -97,6 +97,23 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
+def rope_cache(max_positions: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """fp32 cos and sin tables [max_positions, head_dim] in HF's rotate-half layout."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def split_qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int,
+                   head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q and k (roped) and v, as [T, heads, head_dim], from a fused q/k/v projection's output [T, ...]."""
+    T = qkv.shape[0]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+    return (rope(q.reshape(T, n_heads, head_dim), cos, sin), rope(k.reshape(T, n_kv, head_dim), cos, sin),
+            v.reshape(T, n_kv, head_dim))
+
+
 class PackedQwen2:
     def __init__(self, model: torch.nn.Module, *, max_positions: int, fuse: bool = False) -> None:
         check_supported(model)
@@ -109,11 +126,7 @@ class PackedQwen2:
         self.layers = [_Layer(p, i) for i in range(s.n_layers)]
         if fuse:
             self._fuse()
-        dev = self.embed.device
-        inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32, device=dev) / s.head_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=dev), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos(), emb.sin()
+        self._cos, self._sin = rope_cache(max_positions, s.head_dim, s.rope_theta, self.embed.device)
         self.max_positions = max_positions
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
 from areal_hpc.model.decode_kernel import DecodeAttention, decode_kernel_works
-from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, rope
+from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest, run_to_completion
 from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, triton_available
@@ -51,11 +51,7 @@ def decode_pre(x: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, s: Q
 
 def decode_rope(qkv: Tensor, cos: Tensor, sin: Tensor, s: Qwen2Shape) -> tuple[Tensor, Tensor, Tensor]:
     """q, k (roped) and v from the fused projection: the library attention paths' input."""
-    B = qkv.shape[0]
-    q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
-    q = rope(q.reshape(B, s.n_heads, s.head_dim), cos, sin)
-    k = rope(k.reshape(B, s.n_kv_heads, s.head_dim), cos, sin)
-    return q, k, v.reshape(B, s.n_kv_heads, s.head_dim)
+    return split_qkv_rope(qkv, cos, sin, s.n_heads, s.n_kv_heads, s.head_dim)
 
 
 def decode_post(x: Tensor, o: Tensor, wo: Tensor, ln2: Tensor, w_gu: Tensor, wd: Tensor, s: Qwen2Shape) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from areal_hpc.model.attention import causal_varlen
-from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope
+from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope, split_qkv_rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 from areal_hpc.train.packing import PackedMicrobatch
 
@@ -279,15 +279,13 @@ def lowp_layer_fns(packed: PackedQwen2, *, compile: bool) -> tuple[Callable, Cal
     Pure tensor functions, so one compiled graph (dynamic in T) serves every layer.
     """
     s = packed.shape
-    nq, nkv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    nq = s.n_heads * s.head_dim
 
     def pre(x: Tensor, cos: Tensor, sin: Tensor, ln: Tensor, w_qkv: Tensor,
             b_qkv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        T = x.shape[0]
-        q, k, v = F.linear(rms_norm(x, ln, s.eps), w_qkv, b_qkv).split([nq, nkv, nkv], -1)
-        q = rope(q.reshape(T, s.n_heads, s.head_dim), cos, sin)
-        k = rope(k.reshape(T, s.n_kv_heads, s.head_dim), cos, sin)
-        return q, k, v.reshape(T, s.n_kv_heads, s.head_dim).contiguous()
+        qkv = F.linear(rms_norm(x, ln, s.eps), w_qkv, b_qkv)
+        q, k, v = split_qkv_rope(qkv, cos, sin, s.n_heads, s.n_kv_heads, s.head_dim)
+        return q, k, v.contiguous()
 
     def post(x: Tensor, o: Tensor, wo: Tensor, ln: Tensor, w_gu: Tensor, wd: Tensor) -> Tensor:
         x = x + F.linear(o.reshape(x.shape[0], nq), wo)

@@ -1,0 +1,35 @@
+"""Shared fixtures for the CPU test suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def triton_interpreter() -> Callable[..., str]:
+    """Run ``python ARGS...`` with ``TRITON_INTERPRET=1`` in a subprocess and return its stdout.
+
+    Why a subprocess: Triton reads the variable when a kernel is defined (at import), so a process
+    that already imported the kernels compiled cannot switch. The GPU kernels' CPU tests go through
+    this; without triton installed they skip (CI installs it with the dev extras).
+    """
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (pip install triton; CI installs it)")
+
+    def run(*args: str, timeout: float = 600) -> str:
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                              env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    return run
