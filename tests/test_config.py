@@ -268,6 +268,10 @@ def test_top_level_not_mapping(tmp_path: Path) -> None:
             r"'trainer\.token_budget' must be >= model\.max_seq_len=64, got 32",
         ),
         (
+            ["trainer.token_bucket=32"],
+            r"'trainer\.token_bucket' must be 0 \(off\) or between 64 and trainer\.token_budget=\d+, got 32",
+        ),
+        (
             ["model.n_heads=3"],
             r"'model\.hidden_size' must be divisible by model\.n_heads=3, got 128",
         ),

@@ -690,6 +690,13 @@ def validate(cfg: Config) -> None:
         "raise trainer.token_budget so one sequence fits",
     )
     _need(
+        tr.token_bucket == 0 or 64 <= tr.token_bucket <= tr.token_budget,
+        "trainer.token_bucket",
+        tr.token_bucket,
+        f"must be 0 (off) or between 64 and trainer.token_budget={tr.token_budget}",
+        "set trainer.token_bucket=0, or e.g. token_budget/8 (2048 for a 16384 budget)",
+    )
+    _need(
         tr.grad_clip > 0,
         "trainer.grad_clip",
         tr.grad_clip,

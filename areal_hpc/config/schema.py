@@ -201,6 +201,11 @@ class TrainerConfig:
     )
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)")
     compile: bool = _f(False, "torch.compile each transformer layer of the packed path (CUDA)")
+    token_bucket: int = _f(
+        0,
+        "pad each packed micro-batch to a multiple of this many tokens (0: no padding); with compile, "
+        "the layers then compile once per bucket with static shapes (faster kernels), all before step 1",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_betas: list[float] = field(
         default_factory=lambda: [0.9, 0.999],

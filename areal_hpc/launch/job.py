@@ -131,6 +131,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
     else:
         acc_before = float("nan")
     ctx.world.Barrier()
+    worker.engine.prepare()  # compiles here, while the rollouts generate the first batch
     metrics = JsonlWriter(files.metrics) if lead else None
     progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
     t_start = time.perf_counter()

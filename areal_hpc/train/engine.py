@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -80,6 +81,10 @@ class TrainEngine(Protocol):
         """One optimizer step of the decoupled PPO loss, token-mean over the global batch."""
         ...
 
+    def prepare(self) -> None:
+        """One-off work before the first batch (compiling, allocating), so steps time only steps."""
+        ...
+
     def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
         """``(name, tensor)`` in a fixed order, names as in ``model.named_parameters()``."""
         ...
@@ -97,8 +102,9 @@ class TorchTrainEngine:
     share of samples, because the step contains collectives.
 
     Micro-batches run packed (``cfg.packing``: one token stream, varlen attention, lm_head only at
-    response-predicting rows; see ``train/packed.py``) or padded (HF forward on right-padded rows),
-    both under ``cfg.compute_dtype`` (bf16 = autocast over fp32 master weights and AdamW state).
+    response-predicting rows, the stream padded to a multiple of ``cfg.token_bucket``; see
+    ``train/packed.py``) or padded (HF forward on right-padded rows), both under
+    ``cfg.compute_dtype`` (bf16 = autocast over fp32 master weights and AdamW state).
     """
 
     def __init__(
@@ -126,7 +132,8 @@ class TorchTrainEngine:
         self._packed: PackedLogp | None = None
         if self.packing == "packed":
             self._packed = PackedLogp(model, compute_dtype=self.compute_dtype,
-                                      checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                                      checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                      token_bucket=cfg.token_bucket, max_tokens=cfg.token_budget)
         else:
             if cfg.compile:
                 logger.warning("trainer.compile=true applies to the packed path only; ignored with padding")
@@ -147,6 +154,18 @@ class TorchTrainEngine:
         )
 
     # -- public API -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Compile every token bucket's layer graphs before the first batch (trainer.token_bucket with
+        trainer.compile on CUDA), so no training step stalls on a compile; otherwise nothing."""
+        if self._packed is None:
+            return
+        t0 = time.perf_counter()
+        n = self._packed.precompile(self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        if n:
+            logger.info("trainer: compiled %d token buckets of %d in %.1f s", n, self.cfg.token_bucket,
+                        time.perf_counter() - t0)
+
     @torch.no_grad()
     def compute_logp(self, samples: list[TrainSample]) -> list[np.ndarray]:
         """Per-sample float32 response log-probs; packing-independent up to float round-off."""
@@ -289,7 +308,8 @@ class TorchTrainEngine:
             idx = [live[b] for b in bin_]
             if self._packed is not None:
                 mb = pack_sequences([samples[i].prompt_tokens for i in idx],
-                                    [samples[i].response_tokens for i in idx], self.device)
+                                    [samples[i].response_tokens for i in idx], self.device,
+                                    pad_to_multiple=self.cfg.token_bucket, pad_id=self.pad_id)
                 with torch.profiler.record_function("prof:forward"):
                     logp = self._packed(mb, self.temperature)
                 yield idx, logp

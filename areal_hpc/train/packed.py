@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,7 +31,7 @@ from torch import Tensor
 from areal_hpc.model.attention import causal_varlen
 from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope, split_qkv_rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
-from areal_hpc.train.packing import PackedMicrobatch
+from areal_hpc.train.packing import PackedMicrobatch, bucket_tokens, pack_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -231,15 +232,24 @@ def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: f
             return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows, _keep_logits(h, weight.shape[0], keep_bytes))
 
 
+def _allow_recompiles(n: int) -> None:
+    """Let Dynamo keep ``n`` graphs per compiled function (default 8, after which it falls back to
+    eager for good). Process-wide by Dynamo's design; only ever raised here."""
+    import torch._dynamo.config as dc
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    setattr(dc, name, max(getattr(dc, name), n))
+
+
 def split_layer_fn(packed: PackedQwen2, *, compile: bool, dynamic: bool | None = True,
-                   mode: str | None = None) -> LayerFn:
+                   mode: str | None = None, backend: str = "inductor") -> LayerFn:
     """``PackedQwen2.layer`` as two pure tensor functions around the attention call, optionally compiled.
 
     Why the split: compiling ``layer`` itself would guard on the layer index (a list index) and on the
     per-micro-batch ``attend`` closure, recompiling 24 times per model and again every micro-batch.
-    The pure functions take the weights as arguments, so one compiled graph (dynamic in T) serves
-    every layer; attention stays eager (flash varlen is already one kernel). What compile buys is
-    fusing the RMSNorms, RoPE, SiLU-gate and residual adds.
+    The pure functions take the weights as arguments, so one compiled graph (dynamic in T, or one
+    per stream length with ``dynamic=False``) serves every layer; attention stays eager (flash varlen
+    is already one kernel). What compile buys is fusing the RMSNorms, RoPE, SiLU-gate and residual adds.
     """
     s = packed.shape
     if any(L.w_qkv is not None for L in packed.layers):
@@ -259,8 +269,8 @@ def split_layer_fn(packed: PackedQwen2, *, compile: bool, dynamic: bool | None =
         return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
 
     if compile:
-        pre = torch.compile(pre, dynamic=dynamic, mode=mode)
-        post = torch.compile(post, dynamic=dynamic, mode=mode)
+        pre = torch.compile(pre, dynamic=dynamic, mode=mode, backend=backend)
+        post = torch.compile(post, dynamic=dynamic, mode=mode, backend=backend)
 
     def layer(i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: Callable) -> Tensor:
         L = packed.layers[i]
@@ -318,7 +328,8 @@ class PackedLogp:
     parameters (the optimizer, checkpoints and weight sync keep seeing ordinary HF parameters)."""
 
     def __init__(self, model: torch.nn.Module, *, compute_dtype: torch.dtype, checkpointing: bool = False,
-                 compile: bool = False, cast_once: bool = False) -> None:
+                 compile: bool = False, cast_once: bool = False, token_bucket: int = 0,
+                 max_tokens: int = 0) -> None:
         check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
@@ -328,10 +339,15 @@ class PackedLogp:
             logger.warning("trainer.compile=true is for CUDA; ignored on %s", self.device.type)
             compile = False
         self.compile = compile
-        # Bench knobs: shape-specialised graphs (dynamic=False) and inductor modes, to measure what
-        # they would buy before the loop pays their recompiles per micro-batch length.
-        self.compile_dynamic: bool | None = True
-        self.compile_mode: str | None = None
+        # token_bucket > 0: the engine pads every micro-batch to a multiple of it, so the compiled
+        # layers specialise to those few stream lengths (dynamic=False: one graph per bucket and grad
+        # mode, faster kernels than the dynamic-length graph: tools/bench/NOTES-train.md).
+        self.token_bucket = token_bucket
+        self.buckets = [] if token_bucket <= 0 else list(
+            range(token_bucket, bucket_tokens(max(max_tokens, 1), token_bucket) + 1, token_bucket))
+        self.compile_dynamic: bool | None = token_bucket <= 0
+        self.compile_mode: str | None = None  # bench knob: inductor modes
+        self.compile_backend = "inductor"  # tests: "eager" checks the graph count without inductor
         # cast_once (opt-in): weights cast (q/k/v, gate/up fused) once per micro-batch, activations in the
         # compute dtype. Off by default: on an H100 it measured the same as autocast eager and 16% slower
         # compiled (199 vs 172 ms/step, tools/bench/NOTES-train.md); autocast is the default path.
@@ -345,10 +361,36 @@ class PackedLogp:
         if self._net is None or self._net.max_positions < max_len:
             n = max(max_len, int(getattr(self.model.config, "max_position_embeddings", 0) or 0))
             self._net = PackedQwen2(self.model, max_positions=n, fuse=False)
+            if self.compile and not self.compile_dynamic:  # a graph per bucket and grad mode
+                _allow_recompiles(2 * max(len(self.buckets), 8))
             self._layer_fn = split_layer_fn(self._net, compile=True, dynamic=self.compile_dynamic,
-                                            mode=self.compile_mode) if self.compile else None
+                                            mode=self.compile_mode, backend=self.compile_backend) \
+                if self.compile else None
             self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
+
+    def precompile(self, temperature: float) -> int:
+        """Compile every bucket's graphs now (with grad and without) on a dummy stream of that length.
+
+        Why: a bucket seen first in the middle of a run would stall that step for the compile (seconds
+        per bucket); done here, before the first batch, the run's steps time what they compute.
+        Leaves gradients on the parameters: the caller clears them. Returns the buckets compiled.
+        """
+        if not (self.compile and self.buckets) or self.cast_once:
+            return 0
+        piece = min(512, self._ensure(0).max_positions)
+        vocab = self._net.shape.vocab
+        rng = np.random.default_rng(0)
+        for T in self.buckets:
+            lens = [piece] * (T // piece) + ([T % piece] if T % piece else [])
+            if len(lens) > 1 and lens[-1] < 2:
+                lens[-2:] = [lens[-2] + lens[-1]]
+            seqs = [rng.integers(0, vocab, n) for n in lens]
+            mb = pack_sequences([x[:1] for x in seqs], [x[1:] for x in seqs], self.device)
+            self(mb, temperature).sum().backward()
+            with torch.no_grad():
+                self(mb, temperature)
+        return len(self.buckets)
 
     def __call__(self, mb: PackedMicrobatch, temperature: float) -> Tensor:
         """fp32 log-probs of ``mb.targets``, in ``mb.pred_rows`` order; grad flows iff grad mode is on."""

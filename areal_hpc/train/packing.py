@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedMicrobatch", "ffd_pack", "pack_sequences", "pad_microbatch"]
+__all__ = ["PackedMicrobatch", "bucket_tokens", "ffd_pack", "pack_sequences", "pad_microbatch"]
 
 
 def ffd_pack(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -99,20 +99,37 @@ class PackedMicrobatch:
     targets: Tensor  # int64 [N]
 
 
+def bucket_tokens(n_tokens: int, multiple: int) -> int:
+    """``n_tokens`` rounded up to a multiple of ``multiple`` (0: unchanged)."""
+    return -(-n_tokens // multiple) * multiple if multiple > 0 else n_tokens
+
+
 def pack_sequences(
-    prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], device: torch.device | str = "cpu"
+    prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], device: torch.device | str = "cpu",
+    *, pad_to_multiple: int = 0, pad_id: int = 0,
 ) -> PackedMicrobatch:
     """Concatenate ``prompt + response`` sequences; response token j of a sequence starting at c
-    (prompt length P) is predicted by the logits at stream position ``c + P - 1 + j``."""
+    (prompt length P) is predicted by the logits at stream position ``c + P - 1 + j``.
+
+    ``pad_to_multiple > 0`` appends one padding sequence (``pad_id`` tokens, attending only to
+    themselves, predicting nothing) so the stream length is a multiple of it. Why: compiled layers
+    specialised to a few stream lengths run faster kernels than one graph dynamic in the length
+    (trainer.token_bucket); the padding changes no log-prob and no gradient.
+    """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_sequences needs matching, non-empty lists, got {len(prompts)}/{len(responses)}")
     seqs = [np.concatenate([p, r]).astype(np.int64) for p, r in zip(prompts, responses, strict=True)]
+    n_real = sum(len(s) for s in seqs)
+    n_pad = bucket_tokens(n_real, pad_to_multiple) - n_real
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)])
-    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
     rows = np.concatenate(
         [c + len(p) - 1 + np.arange(len(r), dtype=np.int64) for c, p, r in zip(starts, prompts, responses)]
     )
+    if n_pad:
+        seqs.append(np.full(n_pad, pad_id, dtype=np.int64))
+        starts = np.append(starts, n_real + n_pad)
+    pos = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
     ids = np.concatenate(seqs)
     # One host-to-device copy for everything (pinned, asynchronous on CUDA), then views.
     flat = torch.from_numpy(np.concatenate([ids, pos, starts, rows, ids[rows + 1]]))
@@ -127,7 +144,7 @@ def pack_sequences(
         pos=pos_t,
         cu_seqlens=cu_t.to(torch.int32),
         cu_list=[int(x) for x in starts],
-        max_len=int(lens.max()),
+        max_len=max(int(lens.max()), n_pad),
         pred_rows=rows_t,
         targets=tgt_t,
     )

@@ -56,6 +56,7 @@ class Variant:
     cast_once: bool = False  # True: PackedLogp(cast_once=True), bf16 weights once per micro-batch (opt-in)
     dynamic: bool = True  # False: compiled graphs specialised to the micro-batch's token count
     mode: str | None = None  # torch.compile mode (e.g. max-autotune-no-cudagraphs)
+    bucket: int = 0  # trainer.token_bucket: streams padded to a multiple, static graphs per bucket (the loop's way)
 
     @property
     def key(self) -> str:
@@ -63,6 +64,8 @@ class Variant:
                                                                     ("compile", self.compile)) if on]
         if not self.dynamic:
             parts.append("static")
+        if self.bucket:
+            parts.append(f"bucket{self.bucket}")
         if self.mode:
             parts.append(self.mode)
         return "+".join(parts)
@@ -72,6 +75,7 @@ OURS = (Variant("ours packed"), Variant("ours packed", checkpointing=True), Vari
         Variant("ours packed", checkpointing=True, compile=True), Variant("ours cast-once", cast_once=True),
         Variant("ours cast-once", compile=True, cast_once=True),
         Variant("ours packed", compile=True, dynamic=False),
+        Variant("ours packed", compile=True, bucket=1024),
         Variant("ours packed", compile=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
         Variant("ours packed", compile=True, dynamic=False, mode="reduce-overhead"))
 
@@ -165,10 +169,14 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
              steps: int, warmup: int) -> dict:
     device = next(model.parameters()).device
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
-                        activation_checkpointing=v.checkpointing, compile=v.compile)
+                        activation_checkpointing=v.checkpointing, compile=v.compile, token_bucket=v.bucket)
     eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
     eng._packed.cast_once = v.cast_once and eng.compute_dtype != torch.float32
-    eng._packed.compile_dynamic, eng._packed.compile_mode = v.dynamic, v.mode
+    eng._packed.compile_dynamic = v.dynamic and not v.bucket
+    eng._packed.compile_mode = v.mode
+    t0 = time.perf_counter()
+    eng.prepare()  # the bucket variant compiles every bucket here, as the trainer does before step 1
+    prepare_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
     weight = np.ones(len(samples), np.float32)
@@ -181,7 +189,8 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
     t_step = timed(step, steps, warmup, device)
     t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
     out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
-               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"])
+               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"],
+               prepare_s=prepare_s)
     return out
 
 

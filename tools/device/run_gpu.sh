@@ -2,6 +2,7 @@
 # One device call: environment probe, GPU tests and the issue-5 benchmarks, results under $OUT.
 # Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
 #   stages: probe tests decode train weights e2e   (default: these, one GPU)
+#           trainloop                               (micro-batches of varying length: dynamic vs bucketed graphs)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +28,8 @@ for s in $stages; do
     decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --out "$OUT/decode.json" ;;
     train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;
+    trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
+             --variants packed+compile packed+compile+bucket1024 --out "$OUT/train_loop.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --eta ${E2E_ETA:-1 2 4 8} --timeout 240 --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
