@@ -216,6 +216,30 @@ def test_microbatching_does_not_change_the_update() -> None:
     assert params(small).keys() == dict(tiny_model().named_parameters()).keys()
 
 
+@pytest.mark.parametrize("packing", ["padded", "packed"])
+def test_proximal_from_the_step_forward_equals_a_recompute(packing: str) -> None:
+    """prox_logp=None (the step's own forward, detached) gives the update and the stats of a separate
+    no-grad recompute: one optimizer step per batch, so both see the same weights. Off-policy behaviour
+    log-probs, a token budget that splits the batch, and the cap in play, so every term is exercised."""
+    samples = make_samples(10)
+    samples[4] = replace(samples[4], behav_logprobs=samples[4].behav_logprobs - 3.0)  # w > cap: dropped
+    ids = np.array([s.sample_id for s in samples])
+    adv = np.sin(1.7 * ids + 0.3).astype(np.float32)
+    weight = np.where(ids % 3 == 0, 0.5, 1.0).astype(np.float32)
+    for moved in (False, True):  # also from weights an earlier step has moved
+        rec, fwd = make_engine(token_budget=18, packing=packing), make_engine(token_budget=18, packing=packing)
+        if moved:
+            for e in (rec, fwd):
+                e.train_batch(samples, None, -adv, weight)
+        s_rec = rec.train_batch(samples, rec.compute_logp(samples), adv, weight)
+        s_fwd = fwd.train_batch(samples, None, adv, weight)
+        assert s_fwd["n_microbatches"] > 3 and s_fwd["cap_frac"] > 0
+        assert s_fwd["ratio"] == 1.0 and s_fwd["clip_frac"] == 0.0  # exactly the proximal weights
+        for k in ("loss", "grad_norm", "ratio", "importance_weight", "approx_kl", "cap_frac", "clip_frac"):
+            assert s_fwd[k] == pytest.approx(s_rec[k], rel=1e-5, abs=1e-6), k
+        assert_params_close(params(fwd), params(rec), atol=1e-6)
+
+
 def test_state_dict_round_trip_reproduces_the_next_step() -> None:
     samples = make_samples(6)
     a = make_engine()

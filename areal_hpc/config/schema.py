@@ -186,6 +186,13 @@ class TrainerConfig:
         "loss weight factor for samples older than eta when downweighting, in (0, 1]",
     )
     token_budget: int = _f(2048, "micro-batch token budget")
+    proximal_logp: str = _f(
+        "forward",
+        "the proximal policy's log-probs: forward = the training forward's own, detached (exact: each batch "
+        "takes one optimizer step, so the weights before it are the weights of that forward; saves a "
+        "forward pass); recompute = a separate no-grad pass before the step (AReaL's way)",
+        ("forward", "recompute"),
+    )
     grad_clip: float = _f(1.0, "max global gradient norm")
     packing: str = _f(
         "auto",

@@ -1,4 +1,10 @@
-"""Training backends: recompute proximal log-probs and take one decoupled-PPO optimizer step.
+"""Training backends: one decoupled-PPO optimizer step per batch.
+
+The proximal policy is the weights before the step. Each batch takes exactly one optimizer step, and
+every micro-batch's forward runs before it, so those forwards already compute the proximal log-probs:
+``train_batch(prox_logp=None)`` uses them (detached), which is exact and saves the separate no-grad
+pass that ``compute_logp`` makes (``trainer.proximal_logp: recompute``, the AReaL way, needed once a
+batch takes several updates).
 
 The trainer loop talks to a ``TrainEngine`` only, so a Megatron-core backend (tensor/pipeline
 parallel) can replace ``TorchTrainEngine`` without touching the loop. ``TorchTrainEngine`` is a
@@ -74,11 +80,13 @@ class TrainEngine(Protocol):
     def train_batch(
         self,
         samples: list[TrainSample],
-        prox_logp: list[np.ndarray],
+        prox_logp: list[np.ndarray] | None,
         advantages: np.ndarray,
         sample_weight: np.ndarray,
     ) -> dict[str, float]:
-        """One optimizer step of the decoupled PPO loss, token-mean over the global batch."""
+        """One optimizer step of the decoupled PPO loss, token-mean over the global batch.
+
+        ``prox_logp`` None: the proximal log-probs are this step's own forward, detached."""
         ...
 
     def prepare(self) -> None:
@@ -183,11 +191,14 @@ class TorchTrainEngine:
     def train_batch(
         self,
         samples: list[TrainSample],
-        prox_logp: list[np.ndarray],
+        prox_logp: list[np.ndarray] | None,
         advantages: np.ndarray,
         sample_weight: np.ndarray,
     ) -> dict[str, float]:
         """Accumulate grads over micro-batches, all-reduce across ``dp_group``, clip, AdamW step.
+
+        ``prox_logp=None`` takes the proximal log-probs from each micro-batch's own forward (detached):
+        the weights have not moved yet, so they are the proximal policy's (see the module docstring).
 
         The accumulated gradient equals that of ONE ``decoupled_ppo_loss`` over all response
         tokens of the global batch: micro-batch b contributes ``sum_b / N_global``, where
@@ -199,15 +210,15 @@ class TorchTrainEngine:
         sample_weight = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
         n = len(samples)
         if (
-            len(prox_logp) != n
+            (prox_logp is not None and len(prox_logp) != n)
             or advantages.shape[0] != n
             or sample_weight.shape[0] != n
         ):
             raise ValueError(
-                f"{n} samples but {len(prox_logp)} prox_logp, {advantages.shape[0]} advantages, "
+                f"{n} samples but {len(prox_logp or [])} prox_logp, {advantages.shape[0]} advantages, "
                 f"{sample_weight.shape[0]} sample weights"
             )
-        for s, p in zip(samples, prox_logp, strict=True):
+        for s, p in zip(samples, prox_logp or [], strict=False):
             if len(p) != s.n_response:
                 raise ValueError(
                     f"sample {s.sample_id}: {len(p)} prox logprobs for {s.n_response} tokens"
@@ -230,15 +241,14 @@ class TorchTrainEngine:
                 n_mb += 1
                 lens = [samples[i].n_response for i in idx]
                 n_tok = sum(lens)
-                prox = np.concatenate(
-                    [np.asarray(prox_logp[i], np.float32) for i in idx]
-                )
+                prox = logp.detach() if prox_logp is None else self._tensor(
+                    np.concatenate([np.asarray(prox_logp[i], np.float32) for i in idx]))
                 behav = np.concatenate(
                     [np.asarray(samples[i].behav_logprobs, np.float32) for i in idx]
                 )
                 loss_mb, st = decoupled_ppo_loss(
                     logp,
-                    prox_logp=self._tensor(prox),
+                    prox_logp=prox,
                     behav_logp=self._tensor(behav),
                     advantages=self._tensor(np.repeat(advantages[idx], lens)),
                     loss_mask=torch.ones(n_tok, dtype=torch.bool, device=self.device),

@@ -4,7 +4,8 @@ Three policies appear in asynchronous RL:
 
 * ``pi_theta`` (``logp``): the policy being optimised, with gradient.
 * ``pi_prox`` (``prox_logp``): the proximal policy, i.e. the trainer's weights before this
-  step, recomputed by the trainer. PPO's trust region is centred here.
+  step (recomputed by the trainer, or, with one optimizer step per batch, the step's own forward
+  detached). PPO's trust region is centred here.
 * ``pi_behav`` (``behav_logp``): the (possibly several versions stale) policy that the rollout
   engine sampled with; its log-probabilities are recorded at generation time.
 

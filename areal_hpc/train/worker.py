@@ -61,6 +61,11 @@ class TrainerWorker:
         self.model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
         self.engine = TorchTrainEngine(self.model, cfg.trainer, pad_id=self.tok.pad_id,
                                        temperature=cfg.rollout.temperature, dp_group=groups.dp)
+        dropout = {k: v for k, v in vars(getattr(self.model, "config", object())).items()
+                   if "dropout" in k and isinstance(v, float) and v > 0}
+        if dropout and cfg.trainer.proximal_logp == "forward":
+            log.warning("the model has dropout %s: proximal log-probs taken from the training forward carry its "
+                        "noise; set trainer.proximal_logp=recompute (a no-grad pass) or turn dropout off", dropout)
         self.rings: dict[int, ShmRing] = {}
         self.sources: dict[int, ShardSource] = {}  # rollout ranks on other nodes (or transport.kind=hdf5)
         for r in topo.rollouts_of(ctx.rank):
@@ -177,7 +182,9 @@ class TrainerWorker:
         rewards = np.array([b.reward for b in batch], dtype=np.float32)
         adv = group_normalized_advantages_flat(rewards, np.array([b.group_id for b in batch]),
                                                eps=self.cfg.trainer.adv_eps)
-        prox = self.engine.compute_logp(batch)
+        # Proximal log-probs: from the step's own forward (exact for one optimizer step per batch), or a
+        # separate no-grad pass (trainer.proximal_logp=recompute).
+        prox = self.engine.compute_logp(batch) if self.cfg.trainer.proximal_logp == "recompute" else None
         stats = self.engine.train_batch(batch, prox, np.asarray(adv, dtype=np.float32),
                                         np.asarray(weights, dtype=np.float32))
         trained_version = self.version

@@ -111,7 +111,8 @@ def test_async_one_trainer_two_rollouts(job_root):
 
 
 def test_async_two_trainers_two_rollouts(job_root):
-    job = run_train(job_root, "async_2x2", f"run.steps={STEPS}", "cluster.n_trainer=2", "cluster.n_rollout=2")
+    job = run_train(job_root, "async_2x2", f"run.steps={STEPS}", "cluster.n_trainer=2", "cluster.n_rollout=2",
+                    "trainer.proximal_logp=recompute")  # the separate proximal pass, data-parallel
     assert job.rc == 0, job.output[-3000:]
     rec = check_records(job.run_dir, eta=4, steps=STEPS)
     assert_learned(rec["summary"])
