@@ -33,3 +33,10 @@ def triton_interpreter() -> Callable[..., str]:
         return proc.stdout
 
     return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that skips without CUDA as ``gpu``: ``pytest -m gpu`` is the device machine's run."""
+    for item in items:
+        if any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)

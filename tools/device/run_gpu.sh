@@ -23,8 +23,8 @@ for s in $stages; do
       python3 -c "import mpi4py; from mpi4py import MPI; print(mpi4py.__version__, MPI.Get_library_version()[:60])"
       which mpiexec || true ;;
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py tests/test_decode_kernel.py \
-        tests/test_train_packed.py tests/test_head_kernels.py tests/test_weights_shared.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+      python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests --ignore=tests/mpi --ignore=tests/slurm \
+        2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --out "$OUT/decode.json" ;;
     train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;
