@@ -204,6 +204,31 @@ def test_continuous_batching_gives_one_at_a_time_results():
         assert np.allclose(g.logprobs, _reference_logprobs(m, g), atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [16, 3])  # 3: groups of 4 are split across admissions
+def test_group_prompts_share_one_prefill(batch):
+    """Samples of a group share their prompt: one prefill serves them all (KV rows copied, first tokens
+    sampled per seed), with the same tokens and logprobs as separate prefills and fewer tokens computed."""
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (3 + k,), generator=g).tolist() for k in range(4)]
+    reqs = [GenRequest(i, i // 4, i // 4, prompts[i // 4], max_tokens=4 + i % 7) for i in range(16)]
+    shared_eng, plain_eng = _engine(m, batch), _engine(m, batch)
+    plain_eng.share_prompts = False
+    shared, plain = shared_eng.generate(reqs), plain_eng.generate(reqs)
+    assert len({tuple(x.tokens) for x in shared[:4]}) > 1  # a group's samples differ: own seeds, own draws
+    for a, b in zip(shared, plain, strict=True):
+        assert a.tokens == b.tokens
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert np.allclose(a.logprobs, _reference_logprobs(m, a), atol=1e-4)
+    total = sum(len(r.prompt_tokens) for r in reqs)
+    assert plain_eng.prefill_tokens == total and plain_eng.prefill_tokens_shared == 0
+    assert shared_eng.prefill_tokens + shared_eng.prefill_tokens_shared == total
+    if batch == 16:  # all of a group admitted together: each prompt computed once
+        assert shared_eng.prefill_tokens == sum(len(p) for p in prompts)
+    else:
+        assert shared_eng.prefill_tokens < total
+
+
 def test_requests_are_refilled_as_slots_free():
     m = _model()
     eng = _engine(m, 2)
@@ -290,6 +315,23 @@ def test_gpu_graph_and_eager_decode_agree():
     for x, y in zip(a, b, strict=True):
         assert x.tokens == y.tokens
         assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
+
+
+@cuda
+def test_gpu_shared_group_prefill_agrees_with_separate():
+    """The graphed prefill with groups sharing their prompt (more sampled rows than sequences) on CUDA."""
+    m = _model("cuda", torch.bfloat16, vocab=997)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 997, (5 + k,), generator=g).tolist() for k in range(6)]
+    reqs = [GenRequest(i, i // 8, i // 8, prompts[i // 8], max_tokens=6 + i % 5) for i in range(48)]
+    a_eng, b_eng = _engine(m, 16), _engine(m, 16)
+    b_eng.share_prompts = False
+    a, b = a_eng.generate(reqs), b_eng.generate(reqs)
+    assert a_eng.prefill_tokens_shared > 0
+    assert sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) >= 0.9 * len(reqs)
+    for x, y in zip(a, b, strict=True):
+        if x.tokens == y.tokens:
+            assert np.allclose(x.logprobs, y.logprobs, atol=2e-2)
 
 
 @cuda

@@ -65,7 +65,7 @@ class FastEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int, max_new_tokens: int,
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
-                 admit_min_free: int | None = None, compile_decode: bool = True) -> None:
+                 admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True) -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch, self.max_new_tokens, self.max_seq_len = max_batch, max_new_tokens, max_seq_len
@@ -75,6 +75,7 @@ class FastEngine:
         self.dtype = next(model.parameters()).dtype
         self.generator = torch.Generator().manual_seed(seed)  # its seed is the base of per-sequence seeds
         self.prefill_token_budget = prefill_token_budget
+        self.share_prompts = share_prompts
         self.admit_min_free = admit_min_free if admit_min_free is not None else max(1, max_batch // 16)
         with torch.no_grad():
             self.runner = PackedQwen2(model, max_positions=max_seq_len, fuse=True)
@@ -131,6 +132,7 @@ class FastEngine:
             self._post = torch.compile(decode_post, fullgraph=True)
         self.tokens_generated = 0
         self.prefill_tokens = 0
+        self.prefill_tokens_shared = 0  # prompt tokens not computed: copied from a group member's prefill
         self.decode_steps = 0
 
     # -- public API (same as TorchEngine) --------------------------------------------------------
@@ -201,7 +203,7 @@ class FastEngine:
         """Counters for run summaries: how many decode steps ran at which batch bucket, and why."""
         steps = max(self.decode_steps, 1)
         return {"decode_steps": self.decode_steps, "tokens_generated": self.tokens_generated,
-                "prefill_tokens": self.prefill_tokens,
+                "prefill_tokens": self.prefill_tokens, "prefill_tokens_shared": self.prefill_tokens_shared,
                 "mean_decode_batch": sum(b * n for b, n in self.bucket_steps.items()) / steps,
                 "tokens_per_decode_step": self.tokens_generated / steps,
                 "bucket_steps": {str(b): n for b, n in sorted(self.bucket_steps.items())},
@@ -230,23 +232,34 @@ class FastEngine:
             return True
         return False
 
-    def _prefill(self, slots: list[int], seqs: list[list[int]], sample_next: bool) -> tuple[Tensor, Tensor] | None:
-        """Packed prefill of ``seqs`` into ``slots``' caches; optionally sample each one's next token.
+    def _prefill(self, slots: list[int], seqs: list[list[int]],
+                 samples: list[tuple[int, int]] | None) -> tuple[Tensor, Tensor] | None:
+        """Packed prefill of ``seqs`` into ``slots``' caches; with ``samples``, sample next tokens.
 
-        On CUDA it replays a graph captured for the smallest (tokens, sequences) bucket that fits: an
+        ``samples[k] = (slot, j)``: token k is drawn from the logits after the last token of ``seqs[j]``
+        with ``slot``'s seed and counter, so one prefill of a prompt can start every sequence of its
+        group. On CUDA it replays a graph captured for the smallest (tokens, rows) bucket that fits: an
         eager prefill is ~1500 small launches, which on a slow host costs tens of milliseconds.
         """
         lens = [len(s) for s in seqs]
         total = sum(lens)
+        n_rows = max(len(seqs), len(samples or ()))
+        if self._use_graph and total <= self._prefill_buckets[-1] and n_rows <= self.max_batch:
+            self.prefill_tokens += total
+            return self._prefill_graphed(slots, seqs, lens, samples)
+        if self._use_graph and len(seqs) > 1:  # too large for one graph: split (only a mass recompute gets here)
+            half = len(seqs) // 2
+            parts = [(slots[:half], seqs[:half], None if samples is None else [(sl, j) for sl, j in samples if j < half]),
+                     (slots[half:], seqs[half:],
+                      None if samples is None else [(sl, j - half) for sl, j in samples if j >= half])]
+            outs = [self._prefill(*part) for part in parts]
+            if samples is None:
+                return None
+            order = [k for k, (_, j) in enumerate(samples) if j < half] + \
+                    [k for k, (_, j) in enumerate(samples) if j >= half]
+            back = torch.tensor(order).argsort().to(self.device)
+            return torch.cat([o[0] for o in outs])[back], torch.cat([o[1] for o in outs])[back]
         self.prefill_tokens += total
-        if self._use_graph and total <= self._prefill_buckets[-1] and len(seqs) <= self.max_batch:
-            return self._prefill_graphed(slots, seqs, lens, sample_next)
-        if self._use_graph:  # too large for one graph: split (only a mass recompute gets here)
-            half = len(seqs) // 2 or 1
-            if len(seqs) > 1:
-                a = self._prefill(slots[:half], seqs[:half], sample_next)
-                b = self._prefill(slots[half:], seqs[half:], sample_next)
-                return None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
         dev = self.device
         cu_list = [0]
         for n in lens:
@@ -255,10 +268,11 @@ class FastEngine:
         pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
         slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)).to(dev, non_blocking=True)
         cu = torch.tensor(cu_list, dtype=torch.int32).to(dev, non_blocking=True)
-        last = (torch.tensor(cu_list[1:]) - 1).to(dev, non_blocking=True)
-        idx = torch.tensor(slots).to(dev, non_blocking=True)
+        samples = samples or []
+        last = torch.tensor([cu_list[j + 1] - 1 for _, j in samples], dtype=torch.int64).to(dev, non_blocking=True)
+        idx = torch.tensor([sl for sl, _ in samples], dtype=torch.int64).to(dev, non_blocking=True)
         return self._prefill_body(ids, pos, slot_of, cu, max(lens), cu_list, last, self._seed[idx], self._ctr[idx],
-                                  sample_next)
+                                  bool(samples))
 
     def _prefill_body(self, ids: Tensor, pos: Tensor, slot_of: Tensor, cu: Tensor, max_len: int,
                       cu_list: list[int] | None, last: Tensor, seeds: Tensor, ctr: Tensor,
@@ -274,10 +288,11 @@ class FastEngine:
         return sample(self.runner.logits(h[last]), self.temperature, self.top_p, seeds, ctr)
 
     def _prefill_graphed(self, slots: list[int], seqs: list[list[int]], lens: list[int],
-                         sample_next: bool) -> tuple[Tensor, Tensor] | None:
+                         samples: list[tuple[int, int]] | None) -> tuple[Tensor, Tensor] | None:
         total, n = sum(lens), len(seqs)
+        n_out = len(samples or ())
         T = next(b for b in self._prefill_buckets if b >= total)
-        N = next((b for b in (8, 32, 128, 512, 2048) if b >= n), self.max_batch)
+        N = next((b for b in (8, 32, 128, 512, 2048) if b >= max(n, n_out)), self.max_batch)
         g = self._prefill_graphs.get((T, N)) or self._capture_prefill(T, N)
         # Host side: padding tokens write into the scratch slot; unused sequences have length zero.
         ids = torch.zeros(T, dtype=torch.int64)
@@ -292,16 +307,18 @@ class FastEngine:
             slot_of[off:off + len(seq)] = slot
             cu[j] = off
             off += len(seq)
-            last[j] = off - 1
+        for k, (_, j) in enumerate(samples or ()):
+            last[k] = int(cu[j + 1]) - 1  # cu[n] is already total
         for dst, src in zip(g["inputs"], (ids, pos, slot_of, cu, last)):
             dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
-        idx = torch.tensor(slots).to(self.device, non_blocking=True)
-        g["seeds"][:n] = self._seed[idx]
-        g["ctr"][:n] = self._ctr[idx]
+        if samples:
+            idx = torch.tensor([sl for sl, _ in samples]).to(self.device, non_blocking=True)
+            g["seeds"][:n_out] = self._seed[idx]
+            g["ctr"][:n_out] = self._ctr[idx]
         g["graph"].replay()
-        if not sample_next:
+        if not samples:
             return None
-        return g["tok"][:n], g["logp"][:n]
+        return g["tok"][:n_out], g["logp"][:n_out]
 
     def _capture_prefill(self, T: int, N: int) -> dict:
         dev = self.device
@@ -338,18 +355,28 @@ class FastEngine:
 
         Admission waits until ``admit_min_free`` slots are free (or none is live): each prefill is a
         burst of eager launches, so admitting one request per step would cost more than it gains.
+        Requests with the same prompt (a group's samples) share one prefill: the prompt is computed
+        once, its KV rows are copied into the other slots, and each slot samples its own first token
+        from the shared logits with its own seed, so results equal separate prefills.
         """
         n_free = self.max_batch - self._live
         if not self._pending or not n_free or (self._live and n_free < min(self.admit_min_free, len(self._pending))):
             return []
         free = [i for i, g in enumerate(self._slots) if g is None]
         take: list[tuple[int, GenRequest]] = []
+        lead: list[int] = []  # per taken request: the index of the one whose prefill it shares
+        first: dict[tuple[int, ...], int] = {}
         budget = self.prefill_token_budget
         while self._pending and len(take) < len(free):
             r = self._pending[0]
-            if take and len(r.prompt_tokens) > budget:
+            key = tuple(r.prompt_tokens)
+            shared = self.share_prompts and key in first
+            if take and not shared and len(r.prompt_tokens) > budget:
                 break
-            budget -= len(r.prompt_tokens)
+            if not shared:
+                budget -= len(r.prompt_tokens)
+                first.setdefault(key, len(take))
+            lead.append(first[key] if self.share_prompts else len(take))
             take.append((free[len(take)], self._pending.pop(0)))
         base = self.generator.initial_seed()
         slots = [s for s, _ in take]
@@ -357,7 +384,11 @@ class FastEngine:
         seeds = torch.tensor([sequence_seed(base, r.sample_id) for _, r in take]).to(self.device, non_blocking=True)
         self._seed[idx] = seeds
         self._ctr[idx] = 0
-        tok, logp = self._prefill(slots, [r.prompt_tokens for _, r in take], sample_next=True)
+        leaders = sorted(set(lead))
+        seq_of = {k: j for j, k in enumerate(leaders)}
+        tok, logp = self._prefill([slots[k] for k in leaders], [take[k][1].prompt_tokens for k in leaders],
+                                  samples=[(slot, seq_of[lead[k]]) for k, slot in enumerate(slots)])
+        self._copy_prompt_cache(take, lead)
         self._pre_tok[idx] = tok
         self._pre_logp[idx] = logp
         # Decode inputs: the sampled token goes in at position len(prompt), as token index 1.
@@ -372,13 +403,25 @@ class FastEngine:
             self._hi = max(self._hi, 1 + max(slots))
         return slots
 
+    def _copy_prompt_cache(self, take: list[tuple[int, GenRequest]], lead: list[int]) -> None:
+        """Copy each shared prompt's KV rows from the slot that computed them into its group's other slots."""
+        pairs = [(take[k][0], take[lead[k]][0]) for k in range(len(take)) if lead[k] != k]
+        if not pairs:
+            return
+        width = max(len(take[k][1].prompt_tokens) for k in range(len(take)) if lead[k] != k)
+        self.prefill_tokens_shared += sum(len(take[k][1].prompt_tokens) for k in range(len(take)) if lead[k] != k)
+        dst = torch.tensor([d for d, _ in pairs]).to(self.device, non_blocking=True)
+        src = torch.tensor([s for _, s in pairs]).to(self.device, non_blocking=True)
+        for c in range(0, len(pairs), 64):  # bounded temporaries: a gathered chunk is a few tens of MB
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, dst[c:c + 64], :width] = cache[:, src[c:c + 64], :width]
+
     def _recompute(self) -> None:
         """Rebuild the KV cache of every live sequence (prompt + tokens fed so far) under new weights."""
         live = [(i, g) for i, g in enumerate(self._slots) if g is not None]
         self._stale = False
         if live:
-            self._prefill([i for i, _ in live], [g.request.prompt_tokens + g.tokens[:-1] for _, g in live],
-                          sample_next=False)
+            self._prefill([i for i, _ in live], [g.request.prompt_tokens + g.tokens[:-1] for _, g in live], None)
 
     def _decode_body(self, n: int) -> None:
         """One token for the slots ``[0, n)``. The norms, projections and MLP are compiled (fused); the
