@@ -347,14 +347,33 @@ def test_token_bucket_compiles_each_bucket_once_before_training() -> None:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     eng = engine(packing="packed", token_budget=640, token_bucket=64)  # 10 buckets: 20 graphs a function
     assert eng._packed.buckets == list(range(64, 641, 64)) and eng._packed.compile_dynamic is False
     eng._packed.compile, eng._packed.compile_backend = True, "eager"  # compile is CUDA-only otherwise
+    eng.cfg.proximal_logp = "recompute"  # the no-grad graphs too: sgd_step runs compute_logp
     eng.prepare()
     assert all(p.grad is None for p in eng._params)  # the dummy passes leave no gradient behind
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2 * 2 * 10  # pre and post, each bucket, with and without grad
     for seed in range(3):
         sgd_step(eng, samples(40, seed=seed))
+    assert counters["stats"]["unique_graphs"] == compiled
+    torch._dynamo.reset()
+
+
+def test_token_bucket_precompiles_only_grad_graphs_with_forward_proximal() -> None:
+    """trainer.proximal_logp=forward (the default) never runs a no-grad pass: prepare() compiles half."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eng = engine(packing="packed", token_budget=256, token_bucket=64)
+    eng._packed.compile, eng._packed.compile_backend = True, "eager"
+    eng.prepare()
+    compiled = counters["stats"]["unique_graphs"]
+    assert 2 * 4 <= compiled < 2 * 2 * 4
+    batch = samples(20)
+    eng.train_batch(batch, None, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32))
     assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()

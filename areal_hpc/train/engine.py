@@ -168,7 +168,7 @@ class TorchTrainEngine:
         if self._packed is None:
             return
         t0 = time.perf_counter()
-        n = self._packed.precompile(self.temperature)
+        n = self._packed.precompile(self.temperature, no_grad=self.cfg.proximal_logp == "recompute")
         self.optimizer.zero_grad(set_to_none=True)
         if n:
             logger.info("trainer: compiled %d token buckets of %d in %.1f s", n, self.cfg.token_bucket,

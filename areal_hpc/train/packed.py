@@ -369,11 +369,13 @@ class PackedLogp:
             self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
 
-    def precompile(self, temperature: float) -> int:
-        """Compile every bucket's graphs now (with grad and without) on a dummy stream of that length.
+    def precompile(self, temperature: float, *, no_grad: bool = True) -> int:
+        """Compile every bucket's graphs now (with grad, and without unless ``no_grad=False``) on a dummy
+        stream of that length.
 
         Why: a bucket seen first in the middle of a run would stall that step for the compile (seconds
-        per bucket); done here, before the first batch, the run's steps time what they compute.
+        per bucket); done here, before the first batch, the run's steps time what they compute. The
+        no-grad graphs serve only a separate proximal pass (trainer.proximal_logp=recompute).
         Leaves gradients on the parameters: the caller clears them. Returns the buckets compiled.
         """
         if not (self.compile and self.buckets) or self.cast_once:
@@ -388,8 +390,9 @@ class PackedLogp:
             seqs = [rng.integers(0, vocab, n) for n in lens]
             mb = pack_sequences([x[:1] for x in seqs], [x[1:] for x in seqs], self.device)
             self(mb, temperature).sum().backward()
-            with torch.no_grad():
-                self(mb, temperature)
+            if no_grad:
+                with torch.no_grad():
+                    self(mb, temperature)
         return len(self.buckets)
 
     def __call__(self, mb: PackedMicrobatch, temperature: float) -> Tensor:
