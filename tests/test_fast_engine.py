@@ -229,6 +229,31 @@ def test_group_prompts_share_one_prefill(batch):
         assert shared_eng.prefill_tokens < total
 
 
+def test_prefill_too_large_for_a_graph_splits_and_keeps_sample_order(monkeypatch):
+    """A prefill over the largest graph bucket is split in halves; each sampled token still comes back
+    in the order asked, from its own sequence's logits and its own slot's seed (the graphed halves are
+    run eagerly here: CPU has no CUDA graphs)."""
+    m = _model()
+    eng = _engine(m, 8)
+    seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
+    samples = [(4, 3), (0, 0), (5, 1), (1, 0), (6, 3), (2, 2)]  # out of order, leaders sampled twice
+    eng._seed[:] = torch.arange(100, 108)
+    want = eng._prefill([0, 1, 2, 3], seqs, samples)  # eager, one pass
+    eager = eng._prefill
+
+    def graphed(slots, seqs_, lens, samples_):
+        eng._use_graph = False
+        try:
+            return eager(slots, seqs_, samples_)
+        finally:
+            eng._use_graph = True
+
+    monkeypatch.setattr(eng, "_prefill_graphed", graphed)
+    eng._use_graph, eng._prefill_buckets = True, [8]  # 17 tokens: too large, split down to <= 8 each
+    got = eng._prefill([0, 1, 2, 3], seqs, samples)
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-6)
+
+
 def test_requests_are_refilled_as_slots_free():
     m = _model()
     eng = _engine(m, 2)

@@ -249,16 +249,15 @@ class FastEngine:
             return self._prefill_graphed(slots, seqs, lens, samples)
         if self._use_graph and len(seqs) > 1:  # too large for one graph: split (only a mass recompute gets here)
             half = len(seqs) // 2
-            parts = [(slots[:half], seqs[:half], None if samples is None else [(sl, j) for sl, j in samples if j < half]),
-                     (slots[half:], seqs[half:],
-                      None if samples is None else [(sl, j - half) for sl, j in samples if j >= half])]
-            outs = [self._prefill(*part) for part in parts]
             if samples is None:
-                return None
-            order = [k for k, (_, j) in enumerate(samples) if j < half] + \
-                    [k for k, (_, j) in enumerate(samples) if j >= half]
-            back = torch.tensor(order).argsort().to(self.device)
-            return torch.cat([o[0] for o in outs])[back], torch.cat([o[1] for o in outs])[back]
+                self._prefill(slots[:half], seqs[:half], None)
+                return self._prefill(slots[half:], seqs[half:], None)
+            lo = [k for k, (_, j) in enumerate(samples) if j < half]
+            hi = [k for k, (_, j) in enumerate(samples) if j >= half]
+            a = self._prefill(slots[:half], seqs[:half], [samples[k] for k in lo])
+            b = self._prefill(slots[half:], seqs[half:], [(samples[k][0], samples[k][1] - half) for k in hi])
+            back = torch.tensor(lo + hi).argsort().to(self.device)  # results back in the order of samples
+            return torch.cat([a[0], b[0]])[back], torch.cat([a[1], b[1]])[back]
         self.prefill_tokens += total
         dev = self.device
         cu_list = [0]
@@ -405,14 +404,15 @@ class FastEngine:
 
     def _copy_prompt_cache(self, take: list[tuple[int, GenRequest]], lead: list[int]) -> None:
         """Copy each shared prompt's KV rows from the slot that computed them into its group's other slots."""
-        pairs = [(take[k][0], take[lead[k]][0]) for k in range(len(take)) if lead[k] != k]
-        if not pairs:
+        copies = [k for k in range(len(take)) if lead[k] != k]
+        if not copies:
             return
-        width = max(len(take[k][1].prompt_tokens) for k in range(len(take)) if lead[k] != k)
-        self.prefill_tokens_shared += sum(len(take[k][1].prompt_tokens) for k in range(len(take)) if lead[k] != k)
-        dst = torch.tensor([d for d, _ in pairs]).to(self.device, non_blocking=True)
-        src = torch.tensor([s for _, s in pairs]).to(self.device, non_blocking=True)
-        for c in range(0, len(pairs), 64):  # bounded temporaries: a gathered chunk is a few tens of MB
+        lens = [len(take[k][1].prompt_tokens) for k in copies]
+        width = max(lens)  # beyond a slot's own prompt the copy is overwritten by decoding before it is read
+        self.prefill_tokens_shared += sum(lens)
+        dst = torch.tensor([take[k][0] for k in copies]).to(self.device, non_blocking=True)
+        src = torch.tensor([take[lead[k]][0] for k in copies]).to(self.device, non_blocking=True)
+        for c in range(0, len(copies), 64):  # bounded temporaries: a gathered chunk is a few tens of MB
             for cache in (self.k_cache, self.v_cache):
                 cache[:, dst[c:c + 64], :width] = cache[:, src[c:c + 64], :width]
 

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['mode']:6} {r['eta']:>3} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
               f"{r['steady_token_speedup_vs_sync']:>10.2f}x "
-              f"{r['rollout_idle_fraction']:>6.2f} {r['steady_train_s_per_step']:>7.2f} {r['steady_wait_s_per_step']:>6.2f} "
+              f"{r['rollout_idle_fraction']:>6.2f} {r['steady_train_s_per_step']:>7.2f} "
+              f"{r['steady_wait_s_per_step']:>6.2f} "
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
