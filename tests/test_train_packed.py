@@ -292,6 +292,32 @@ def test_cuda_token_bucket_static_compile_matches_eager() -> None:
     assert st_f["n_microbatches"] > 1 and st_f["grad_norm"] == pytest.approx(st_e["grad_norm"], rel=5e-2)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_train_step_syncs_do_not_grow_with_microbatches() -> None:
+    """Nothing inside the micro-batch loop waits for the GPU (torch's sync debug mode counts every
+    synchronizing call): a step over many micro-batches syncs as often as a step over one, so the
+    host launches micro-batch k+1 while the GPU runs micro-batch k."""
+    import warnings
+
+    batch = samples(24)
+    adv, w = np.linspace(-1, 1, len(batch)).astype(np.float32), np.ones(len(batch), np.float32)
+    counts, n_mb = {}, {}
+    for budget in (4096, 40):
+        eng = engine(qwen2(device="cuda"), packing="packed", token_budget=budget)
+        eng.train_batch(batch, None, adv, w)  # first-call work (allocator, library handles) out of the count
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                n_mb[budget] = eng.train_batch(batch, None, adv, w)["n_microbatches"]
+                eng.compute_logp(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[budget] = sum("synchroniz" in str(r.message) for r in rec)
+    assert n_mb[40] > 4 * n_mb[4096]
+    assert counts[40] == counts[4096], counts
+
+
 def test_packed_qwen2_rope_widens_for_long_sequences() -> None:
     """Sequences longer than max_position_embeddings still work: the RoPE tables grow."""
     eng = engine(packing="packed")

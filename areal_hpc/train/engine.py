@@ -180,12 +180,15 @@ class TorchTrainEngine:
         _validate(samples)
         self.model.eval()  # no dropout: this is the proximal policy, it must be deterministic
         out: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in samples]
-        for idx, logp in self._microbatch_logp(samples):
-            chunks = torch.split(
-                logp.float().cpu(), [samples[i].n_response for i in idx]
-            )
-            for i, c in zip(idx, chunks, strict=True):
-                out[i] = c.numpy().astype(np.float32, copy=True)
+        bins = self._bins(samples)
+        if not bins:
+            return out
+        # One copy to the host for the whole batch: a copy per micro-batch would wait for its forward
+        # each time, so the next one could not be launched while the GPU runs this one.
+        flat = torch.cat([logp.float() for _, logp in self._microbatch_logp(samples, bins)]).cpu().numpy()
+        order = [i for idx in bins for i in idx]
+        for i, c in zip(order, np.split(flat, np.cumsum([samples[i].n_response for i in order])[:-1]), strict=True):
+            out[i] = c.astype(np.float32, copy=True)
         return out
 
     def train_batch(
@@ -225,53 +228,45 @@ class TorchTrainEngine:
                 )
 
         n_local = sum(s.n_response for s in samples)
-        n_global = int(
-            self._all_reduce(
-                torch.tensor([n_local], dtype=torch.float64, device=self.device)
-            )[0]
-        )
+        if self.dp_group is None:
+            n_global = n_local
+        else:
+            n_global = int(self._all_reduce(torch.tensor([n_local], dtype=torch.float64, device=self.device))[0])
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # Sums over tokens, later divided by n_global: [loss, clip, cap, ratio, kl, iw*kept, kept].
-        sums = torch.zeros(7, dtype=torch.float64)
-        n_mb = 0
-        if n_global > 0:
-            for idx, logp in self._microbatch_logp(samples):
-                n_mb += 1
-                lens = [samples[i].n_response for i in idx]
-                n_tok = sum(lens)
-                prox = logp.detach() if prox_logp is None else self._tensor(
-                    np.concatenate([np.asarray(prox_logp[i], np.float32) for i in idx]))
-                behav = np.concatenate(
-                    [np.asarray(samples[i].behav_logprobs, np.float32) for i in idx]
-                )
-                loss_mb, st = decoupled_ppo_loss(
-                    logp,
-                    prox_logp=prox,
-                    behav_logp=self._tensor(behav),
-                    advantages=self._tensor(np.repeat(advantages[idx], lens)),
-                    loss_mask=torch.ones(n_tok, dtype=torch.bool, device=self.device),
-                    eps_clip=self.cfg.eps_clip,
-                    behav_imp_weight_cap=self.cfg.behav_imp_weight_cap,
-                    sample_weight=self._tensor(np.repeat(sample_weight[idx], lens)),
-                )
-                # decoupled_ppo_loss is a mean over this micro-batch's n_tok tokens; rescale it to
-                # this micro-batch's share of the global token mean.
-                scaled = loss_mb * (n_tok / n_global)
-                with torch.profiler.record_function("prof:backward"):
-                    scaled.backward()
-                kept = n_tok * (1.0 - st["cap_frac"])
-                sums += torch.tensor(
-                    [
-                        loss_mb.item() * n_tok,
-                        *(st[k] * n_tok for k in _TOKEN_STATS),
-                        st["importance_weight"] * kept,
-                        kept,
-                    ],
-                    dtype=torch.float64,
-                )
-        sums = self._all_reduce(sums.to(self.device)).cpu()
+        # Sums over tokens, later divided by n_global: [loss, clip, cap, ratio, kl, iw*kept, kept]. They
+        # stay on the device until the step's end: nothing in the loop below waits for the GPU, so the
+        # host launches micro-batch k+1 while the GPU still runs micro-batch k.
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        bins = self._bins(samples) if n_global > 0 else []
+        tokens = self._token_arrays(samples, bins, prox_logp, advantages, sample_weight)
+        off = 0
+        for idx, logp in self._microbatch_logp(samples, bins):
+            n_tok = sum(samples[i].n_response for i in idx)
+            cols = tokens[:, off:off + n_tok]
+            off += n_tok
+            loss_mb, st = decoupled_ppo_loss(
+                logp,
+                prox_logp=logp.detach() if prox_logp is None else cols[3],
+                behav_logp=cols[0],
+                advantages=cols[1],
+                loss_mask=torch.ones(n_tok, dtype=torch.bool, device=self.device),
+                eps_clip=self.cfg.eps_clip,
+                behav_imp_weight_cap=self.cfg.behav_imp_weight_cap,
+                sample_weight=cols[2],
+                sync_stats=False,
+            )
+            # decoupled_ppo_loss is a mean over this micro-batch's n_tok tokens; rescale it to
+            # this micro-batch's share of the global token mean.
+            scaled = loss_mb * (n_tok / n_global)
+            with torch.profiler.record_function("prof:backward"):
+                scaled.backward()
+            v = torch.cat([loss_mb.detach().reshape(1), st]).double()  # loss, then STAT_NAMES
+            kept = n_tok * (1.0 - v[2:3])
+            sums += torch.cat([v[0:3] * n_tok, v[4:6] * n_tok, v[3:4] * kept, kept])
+        n_mb = len(bins)
+        sums = self._all_reduce(sums).cpu()
         grad_norm = self._step() if n_global > 0 else 0.0
 
         denom = max(n_global, 1)
@@ -304,18 +299,36 @@ class TorchTrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
 
     # -- internals --------------------------------------------------------------------------------
-    def _microbatch_logp(
-        self, samples: Sequence[TrainSample]
-    ) -> Iterator[tuple[list[int], Tensor]]:
-        """Yield ``(sample indices, response log-probs concatenated in that order)`` per micro-batch.
-
-        Packing is by full sequence length under ``cfg.token_budget``; samples without response
-        tokens contribute nothing and are skipped. Grad flows iff grad mode is enabled.
-        """
+    def _bins(self, samples: Sequence[TrainSample]) -> list[list[int]]:
+        """Sample indices per micro-batch: FFD by full sequence length under ``cfg.token_budget``;
+        samples without response tokens contribute nothing and are left out."""
         live = [i for i, s in enumerate(samples) if s.n_response > 0]
         lengths = [samples[i].n_prompt + samples[i].n_response for i in live]
-        for bin_ in ffd_pack(lengths, self.cfg.token_budget):
-            idx = [live[b] for b in bin_]
+        return [[live[b] for b in bin_] for bin_ in ffd_pack(lengths, self.cfg.token_budget)]
+
+    def _token_arrays(self, samples: Sequence[TrainSample], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
+                      advantages: np.ndarray, sample_weight: np.ndarray) -> Tensor:
+        """``[behav, advantage, sample weight(, prox)]`` per response token, micro-batch by micro-batch,
+        as one float32 device tensor made by one asynchronous copy (a plain ``.to(device)`` from
+        pageable memory waits for all queued GPU work: once per array and micro-batch, it would stall
+        the host on every forward)."""
+        order = [i for idx in bins for i in idx]
+        lens = [samples[i].n_response for i in order]
+        rows = [np.concatenate([np.asarray(samples[i].behav_logprobs, np.float32) for i in order] or [np.zeros(0)]),
+                np.repeat(advantages[order], lens), np.repeat(sample_weight[order], lens)]
+        if prox_logp is not None:
+            rows.append(np.concatenate([np.asarray(prox_logp[i], np.float32) for i in order] or [np.zeros(0)]))
+        host = torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def _microbatch_logp(
+        self, samples: Sequence[TrainSample], bins: list[list[int]] | None = None
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield ``(sample indices, response log-probs concatenated in that order)`` per micro-batch
+        of ``bins`` (default: ``_bins(samples)``). Grad flows iff grad mode is enabled."""
+        for idx in self._bins(samples) if bins is None else bins:
             if self._packed is not None:
                 mb = pack_sequences([samples[i].prompt_tokens for i in idx],
                                     [samples[i].response_tokens for i in idx], self.device,
@@ -344,9 +357,6 @@ class TorchTrainEngine:
             # Right padding: default positions 0..L-1 are correct for every row.
             logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
             return token_logprobs(logits[rows_t, cols_t], input_ids[rows_t, cols_t + 1], self.temperature)
-
-    def _tensor(self, a: np.ndarray) -> Tensor:
-        return torch.from_numpy(a).to(self.device)
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         if self.dp_group is not None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decoupled_ppo_loss", "token_logprobs"]
+__all__ = ["STAT_NAMES", "decoupled_ppo_loss", "token_logprobs"]
+
+STAT_NAMES = ("clip_frac", "cap_frac", "importance_weight", "ratio", "approx_kl")
 
 
 def decoupled_ppo_loss(
@@ -31,7 +33,9 @@ def decoupled_ppo_loss(
     eps_clip: float,
     behav_imp_weight_cap: float,
     sample_weight: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    *,
+    sync_stats: bool = True,
+) -> tuple[Tensor, dict[str, float] | Tensor]:
     r"""Decoupled PPO loss, token-mean over the loss mask.
 
     With per-token
@@ -59,6 +63,8 @@ def decoupled_ppo_loss(
     ``cap_frac`` (dropped by the cap), ``importance_weight`` (mean w over tokens kept by the cap),
     ``ratio`` (mean u), ``approx_kl`` (k3 estimate of KL(pi_behav || pi_theta):
     E_behav[(rho - 1) - log rho], rho = pi_theta / pi_behav; unbiased and >= 0).
+    ``sync_stats=False`` returns them instead as one device tensor in ``STAT_NAMES`` order, without the
+    device sync that reading them costs (the trainer sums them over a step and reads them once).
     """
     shape = logp.shape
     for name, t in (
@@ -99,7 +105,7 @@ def decoupled_ppo_loss(
     J = surrogate.sum() / n_tokens.clamp(min=1)
     loss = -J
 
-    with torch.no_grad():  # one device sync for all stats
+    with torch.no_grad():
         kept = mask & ~capped
         log_rho = torch.where(mask, logp - behav_logp, zero)  # log pi_theta / pi_behav
         k3 = torch.expm1(log_rho) - log_rho
@@ -112,10 +118,10 @@ def decoupled_ppo_loss(
                 torch.where(mask, u, zero).sum() / n,
                 torch.where(mask, k3, zero).sum() / n,
             ]
-        ).tolist()
-    names = ("clip_frac", "cap_frac", "importance_weight", "ratio", "approx_kl")
-    stats = dict(zip(names, values, strict=True))
-    return loss, stats
+        )
+    if not sync_stats:
+        return loss, values
+    return loss, dict(zip(STAT_NAMES, values.tolist(), strict=True))  # one device sync for all stats
 
 
 def token_logprobs(
