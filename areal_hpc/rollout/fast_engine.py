@@ -213,6 +213,18 @@ class FastEngine:
     def _n_live(self) -> int:
         return self._live
 
+    def _dev(self, values: list[int] | Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+        """Host values as a device tensor without waiting for queued GPU work: staged in pinned memory.
+
+        Why: a copy from pageable memory may synchronize with the stream (CUDA's API notes on async
+        memcpy), which in the step loop would wait for the step in flight and stop the host from
+        preparing the next one while the GPU runs.
+        """
+        t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def _limit(self, r: GenRequest) -> int:
         return min(r.max_tokens or self.max_new_tokens, self.max_new_tokens)
 
@@ -256,20 +268,19 @@ class FastEngine:
             hi = [k for k, (_, j) in enumerate(samples) if j >= half]
             a = self._prefill(slots[:half], seqs[:half], [samples[k] for k in lo])
             b = self._prefill(slots[half:], seqs[half:], [(samples[k][0], samples[k][1] - half) for k in hi])
-            back = torch.tensor(lo + hi).argsort().to(self.device)  # results back in the order of samples
+            back = self._dev(torch.tensor(lo + hi).argsort())  # results back in the order of samples
             return torch.cat([a[0], b[0]])[back], torch.cat([a[1], b[1]])[back]
         self.prefill_tokens += total
-        dev = self.device
         cu_list = [0]
         for n in lens:
             cu_list.append(cu_list[-1] + n)
-        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
-        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)).to(dev, non_blocking=True)
-        cu = torch.tensor(cu_list, dtype=torch.int32).to(dev, non_blocking=True)
+        ids = self._dev([t for s in seqs for t in s])
+        pos = self._dev(torch.cat([torch.arange(n) for n in lens]))
+        slot_of = self._dev(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens)))
+        cu = self._dev(cu_list, torch.int32)
         samples = samples or []
-        last = torch.tensor([cu_list[j + 1] - 1 for _, j in samples], dtype=torch.int64).to(dev, non_blocking=True)
-        idx = torch.tensor([sl for sl, _ in samples], dtype=torch.int64).to(dev, non_blocking=True)
+        last = self._dev([cu_list[j + 1] - 1 for _, j in samples])
+        idx = self._dev([sl for sl, _ in samples])
         return self._prefill_body(ids, pos, slot_of, cu, max(lens), cu_list, last, self._seed[idx], self._ctr[idx],
                                   bool(samples))
 
@@ -311,7 +322,7 @@ class FastEngine:
         for dst, src in zip(g["inputs"], (ids, pos, slot_of, cu, last)):
             dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
         if samples:
-            idx = torch.tensor([sl for sl, _ in samples]).to(self.device, non_blocking=True)
+            idx = self._dev([sl for sl, _ in samples])
             g["seeds"][:n_out] = self._seed[idx]
             g["ctr"][:n_out] = self._ctr[idx]
         g["graph"].replay()
@@ -379,8 +390,8 @@ class FastEngine:
             take.append((free[len(take)], self._pending.pop(0)))
         base = self.generator.initial_seed()
         slots = [s for s, _ in take]
-        idx = torch.tensor(slots).to(self.device, non_blocking=True)
-        seeds = torch.tensor([sequence_seed(base, r.sample_id) for _, r in take]).to(self.device, non_blocking=True)
+        idx = self._dev(slots)
+        seeds = self._dev([sequence_seed(base, r.sample_id) for _, r in take])
         self._seed[idx] = seeds
         self._ctr[idx] = 0
         leaders = sorted(set(lead))
@@ -392,7 +403,7 @@ class FastEngine:
         self._pre_logp[idx] = logp
         # Decode inputs: the sampled token goes in at position len(prompt), as token index 1.
         self._tok[idx] = tok
-        self._pos[idx] = torch.tensor([len(r.prompt_tokens) for _, r in take]).to(self.device, non_blocking=True)
+        self._pos[idx] = self._dev([len(r.prompt_tokens) for _, r in take])
         self._ctr[idx] = 1
         self._active[idx] = 1
         for slot, r in take:
@@ -410,8 +421,8 @@ class FastEngine:
         lens = [len(take[k][1].prompt_tokens) for k in copies]
         width = max(lens)  # beyond a slot's own prompt the copy is overwritten by decoding before it is read
         self.prefill_tokens_shared += sum(lens)
-        dst = torch.tensor([take[k][0] for k in copies]).to(self.device, non_blocking=True)
-        src = torch.tensor([take[lead[k]][0] for k in copies]).to(self.device, non_blocking=True)
+        dst = self._dev([take[k][0] for k in copies])
+        src = self._dev([take[lead[k]][0] for k in copies])
         for c in range(0, len(copies), 64):  # bounded temporaries: a gathered chunk is a few tens of MB
             for cache in (self.k_cache, self.v_cache):
                 cache[:, dst[c:c + 64], :width] = cache[:, src[c:c + 64], :width]
@@ -537,9 +548,7 @@ class FastEngine:
         dst = [i for i in range(target) if self._slots[i] is None][:len(src)]
         if not src:
             return
-        dev = self.device
-        si = torch.tensor(src, device=dev)
-        di = torch.tensor(dst, device=dev)
+        si, di = self._dev(src), self._dev(dst)
         width = 1 + max(len(self._slots[i].request.prompt_tokens) + len(self._slots[i].tokens) for i in src)
         width = min(width, self.max_seq_len)
         for c in range(0, len(src), 16):  # a few MB per slot: in groups, so the gather stays small
@@ -579,7 +588,7 @@ class FastEngine:
             if self._append(slot, g, tok_l[slot], logp_l[slot], v, now):
                 done.append(g)
         if self._freed:  # a freed slot stops advancing and reading its old cache
-            idx = torch.tensor(self._freed).to(self.device, non_blocking=True)
+            idx = self._dev(self._freed)
             self._active[idx] = 0
             self._pos[idx] = 0
             self._freed.clear()
