@@ -190,10 +190,18 @@ def test_greedy_equals_hf_engine_and_logprobs_equal_plain_forward():
         assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
-def test_continuous_batching_gives_one_at_a_time_results():
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_continuous_batching_gives_one_at_a_time_results(graphs, monkeypatch):
+    """Batch sizes 16, 5 and 1 give the same sequences; with the GPU's graph paths replayed eagerly, the
+    batch buckets and slot compaction run too."""
     m = _model()
-    reqs = _requests(16)
-    runs = [_engine(m, b).generate(reqs) for b in (16, 5, 1)]
+    reqs = _requests(48)
+    engines = [_engine(m, b) for b in (64, 5, 1)]
+    if graphs:
+        _eager_graphs(engines[0], monkeypatch)
+    runs = [e.generate(reqs) for e in engines]
+    if graphs:  # the tail thinned out: live slots moved down into the smaller buckets' graphs
+        assert engines[0].compactions > 0 and len(engines[0].bucket_steps) > 1
     lengths = {len(g.tokens) for g in runs[0]}
     assert len(lengths) > 3  # a real mix of lengths: slots were refilled mid-run
     for a, b, c in zip(*runs, strict=True):
@@ -204,16 +212,20 @@ def test_continuous_batching_gives_one_at_a_time_results():
         assert np.allclose(g.logprobs, _reference_logprobs(m, g), atol=1e-4)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
 @pytest.mark.parametrize("batch", [16, 3])  # 3: groups of 4 are split across admissions
-def test_group_prompts_share_one_prefill(batch):
+def test_group_prompts_share_one_prefill(batch, graphs, monkeypatch):
     """Samples of a group share their prompt: one prefill serves them all (KV rows copied, first tokens
-    sampled per seed), with the same tokens and logprobs as separate prefills and fewer tokens computed."""
+    sampled per seed), with the same tokens and logprobs as separate prefills and fewer tokens computed;
+    also through the GPU's graph paths (replayed eagerly)."""
     m = _model()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 97, (3 + k,), generator=g).tolist() for k in range(4)]
     reqs = [GenRequest(i, i // 4, i // 4, prompts[i // 4], max_tokens=4 + i % 7) for i in range(16)]
     shared_eng, plain_eng = _engine(m, batch), _engine(m, batch)
     plain_eng.share_prompts = False
+    if graphs:
+        _eager_graphs(shared_eng, monkeypatch)
     shared, plain = shared_eng.generate(reqs), plain_eng.generate(reqs)
     assert len({tuple(x.tokens) for x in shared[:4]}) > 1  # a group's samples differ: own seeds, own draws
     for a, b in zip(shared, plain, strict=True):
@@ -252,6 +264,50 @@ def test_prefill_too_large_for_a_graph_splits_and_keeps_sample_order(monkeypatch
     eng._use_graph, eng._prefill_buckets = True, [8]  # 17 tokens: too large, split down to <= 8 each
     got = eng._prefill([0, 1, 2, 3], seqs, samples)
     assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-6)
+
+
+def _eager_graphs(eng, monkeypatch):
+    """Route the engine's prefill and decode through its graph paths, each "graph" replayed eagerly over
+    the same static buffers (CPU has no CUDA graphs): the host side of the GPU path, tested here."""
+    from types import SimpleNamespace
+
+    def capture(T, N):
+        entry, body = eng._prefill_static(T, N)
+        entry["graph"] = SimpleNamespace(replay=body)
+        eng._prefill_graphs[(T, N)] = entry
+        return entry
+
+    def capture_decode(n):
+        eng._graphs[n] = SimpleNamespace(replay=lambda: eng._decode_body(n))
+        return eng._graphs[n]
+
+    monkeypatch.setattr(eng, "_capture_prefill", capture)
+    monkeypatch.setattr(eng, "_capture", capture_decode)
+    eng._use_graph = True
+
+
+@pytest.mark.parametrize("samples", [None, "own", "shared"])
+def test_graphed_prefill_buffers_give_the_eager_result(monkeypatch, samples):
+    """Bucketed static buffers (padding into the scratch slot, zero-length unused sequences, sampled rows
+    that outnumber the sequences when a group shares a prompt) give the eager prefill's tokens, log-probs
+    and KV cache rows."""
+    m = _model()
+    seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    want = {"own": [(0, 0), (1, 1), (2, 2)], "shared": [(3, 2), (0, 0), (4, 0), (1, 1), (5, 2)], None: None}[samples]
+    ref, eng = _engine(m, 8), _engine(m, 8)
+    for e in (ref, eng):
+        e._seed[:] = torch.arange(40, 48)
+    a = ref._prefill([0, 1, 2], seqs, want)
+    _eager_graphs(eng, monkeypatch)
+    b = eng._prefill([0, 1, 2], seqs, want)
+    assert eng._prefill_graphs, "the graph path was not taken"
+    if samples is None:
+        assert a is None and b is None
+    else:
+        assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+    for slot, seq in enumerate(seqs):
+        for cache_a, cache_b in ((ref.k_cache, eng.k_cache), (ref.v_cache, eng.v_cache)):
+            torch.testing.assert_close(cache_b[:, slot, :len(seq)], cache_a[:, slot, :len(seq)], atol=1e-5, rtol=0)
 
 
 def test_requests_are_refilled_as_slots_free():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -330,7 +330,9 @@ class FastEngine:
             return None
         return g["tok"][:n_out], g["logp"][:n_out]
 
-    def _capture_prefill(self, T: int, N: int) -> dict:
+    def _prefill_static(self, T: int, N: int) -> tuple[dict, Callable[[], None]]:
+        """The fixed input/output buffers of a (T tokens, N rows) prefill graph and the body that fills
+        its outputs from its inputs (captured by ``_capture_prefill``; tests replay it eagerly)."""
         dev = self.device
         ids, pos = torch.zeros(T, dtype=torch.int64, device=dev), torch.zeros(T, dtype=torch.int64, device=dev)
         slot_of = torch.full((T,), self.max_batch, dtype=torch.int64, device=dev)
@@ -340,12 +342,15 @@ class FastEngine:
         last = torch.zeros(N, dtype=torch.int64, device=dev)
         seeds, ctr = torch.zeros(N, dtype=torch.int64, device=dev), torch.zeros(N, dtype=torch.int64, device=dev)
         pos.copy_(torch.arange(T, device=dev).clamp(max=self.max_seq_len - 1))
-        out: dict = {}
+        entry: dict = {"inputs": (ids, pos, slot_of, cu, last), "seeds": seeds, "ctr": ctr}
 
         def body() -> None:
-            tok, logp = self._prefill_body(ids, pos, slot_of, cu, max_len, None, last, seeds, ctr, True)
-            out["tok"], out["logp"] = tok, logp
+            entry["tok"], entry["logp"] = self._prefill_body(ids, pos, slot_of, cu, max_len, None, last, seeds, ctr,
+                                                             True)
+        return entry, body
 
+    def _capture_prefill(self, T: int, N: int) -> dict:
+        entry, body = self._prefill_static(T, N)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -353,9 +358,8 @@ class FastEngine:
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            body()
-        entry = {"graph": graph, "inputs": (ids, pos, slot_of, cu, last), "seeds": seeds, "ctr": ctr,
-                 "tok": out["tok"], "logp": out["logp"]}
+            body()  # the outputs it leaves in entry are the graph's own: every replay rewrites them
+        entry["graph"] = graph
         self._prefill_graphs[(T, N)] = entry
         log.info("prefill captured in a CUDA graph for %d tokens / %d sequences", T, N)
         return entry
