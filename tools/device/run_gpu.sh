@@ -32,7 +32,7 @@ for s in $stages; do
              --variants packed+compile packed+compile+bucket1024 --out "$OUT/train_loop.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
-           --eta ${E2E_ETA:-1 2 4 8} --timeout 240 --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
+           --eta ${E2E_ETA:-1 2 4 8} --timeout 360 --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
