@@ -218,6 +218,12 @@ def test_split_layer_and_checkpointing_match() -> None:
     close_params(params(split), params(ref), rtol=1e-5, atol=1e-7)
 
 
+def test_token_bucket_without_compile_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        engine(packing="packed", token_budget=256, token_bucket=64)
+    assert "trainer.token_bucket=64" in caplog.text and "trainer.token_bucket=0" in caplog.text
+
+
 def test_compile_ignored_on_cpu_with_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         eng = engine(packing="packed", compile=True)

@@ -147,6 +147,10 @@ class TorchTrainEngine:
                 logger.warning("trainer.compile=true applies to the packed path only; ignored with padding")
             if cfg.activation_checkpointing:
                 set_hf_checkpointing(model, True)
+        if cfg.token_bucket and not (self._packed is not None and self._packed.compile):
+            logger.warning("trainer.token_bucket=%d pads micro-batches for static compiled graphs, but the layers "
+                           "are not compiled here (trainer.compile on CUDA, packed): the padding only costs compute; "
+                           "set trainer.token_bucket=0", cfg.token_bucket)
         logger.info("trainer: %s micro-batches, compute %s, activation checkpointing %s",
                     self.packing, str(self.compute_dtype).removeprefix("torch."), cfg.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(
