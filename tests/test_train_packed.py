@@ -336,22 +336,25 @@ def test_packed_qwen2_rope_widens_for_long_sequences() -> None:
 
 
 def test_pack_sequences_pads_to_bucket() -> None:
-    """One padding sequence brings the stream to the bucket; it predicts nothing and is its own sequence."""
+    """Padding sequences bring the stream to the bucket; they predict nothing, and none is longer than the
+    longest real sequence, so max_len and the highest position stay those of the real ones."""
     mb = pack_sequences([np.array([5, 6]), np.array([7])], [np.array([8, 9, 10]), np.array([11, 12])],
                         pad_to_multiple=16, pad_id=0)
     assert mb.ids.tolist() == [5, 6, 8, 9, 10, 7, 11, 12] + [0] * 8
-    assert mb.pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 2] + list(range(8))
-    assert mb.cu_seqlens.tolist() == mb.cu_list == [0, 5, 8, 16] and mb.max_len == 8
+    assert mb.pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 2] + [0, 1, 2, 3, 4, 0, 1, 2]
+    assert mb.cu_seqlens.tolist() == mb.cu_list == [0, 5, 8, 13, 16] and mb.max_len == 5
     assert mb.pred_rows.tolist() == [1, 2, 3, 5, 6] and mb.targets.tolist() == [8, 9, 10, 11, 12]
     exact = pack_sequences([np.array([5, 6, 7, 8])], [np.array([9, 10, 11, 12])], pad_to_multiple=8)
     assert exact.cu_list == [0, 8] and len(exact.ids) == 8  # already a multiple: no padding sequence
 
 
 def test_token_bucket_padding_changes_nothing() -> None:
-    """Streams padded to a multiple of 64: same log-probs and the same update as unpadded (fp32)."""
+    """Streams padded to a multiple of 128: same log-probs and the same update as unpadded (fp32). The
+    bucket is wider than the model's 64 positions: the padding must not widen the RoPE tables (that would
+    rebuild, and so recompile, the trainer's layers)."""
     batch = samples(12)
     plain, bucketed = engine(packing="packed", token_budget=60), engine(packing="packed", token_budget=60,
-                                                                         token_bucket=64)
+                                                                         token_bucket=128)
     seen = []
     real = attention.causal_varlen
 
@@ -365,11 +368,14 @@ def test_token_bucket_padding_changes_nothing() -> None:
         got = bucketed.compute_logp(batch)
     finally:
         attention_calls.undo()
-    assert seen and all(t % 64 == 0 for t in seen)  # every stream really was padded
+    assert seen and all(t % 128 == 0 for t in seen)  # every stream really was padded
+    net = bucketed._packed._net
+    assert net.max_positions == 64
     for a, b in zip(plain.compute_logp(batch), got, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
     sgd_step(plain, batch), sgd_step(bucketed, batch)
     close_params(params(bucketed), params(plain), rtol=1e-5, atol=1e-7)
+    assert bucketed._packed._net is net  # never rebuilt
 
 
 def test_token_bucket_compiles_each_bucket_once_before_training() -> None:

@@ -111,10 +111,12 @@ def pack_sequences(
     """Concatenate ``prompt + response`` sequences; response token j of a sequence starting at c
     (prompt length P) is predicted by the logits at stream position ``c + P - 1 + j``.
 
-    ``pad_to_multiple > 0`` appends one padding sequence (``pad_id`` tokens, attending only to
+    ``pad_to_multiple > 0`` appends padding sequences (``pad_id`` tokens, attending only within
     themselves, predicting nothing) so the stream length is a multiple of it. Why: compiled layers
     specialised to a few stream lengths run faster kernels than one graph dynamic in the length
-    (trainer.token_bucket); the padding changes no log-prob and no gradient.
+    (trainer.token_bucket); the padding changes no log-prob and no gradient. Each padding sequence is
+    at most as long as the longest real one, so neither ``max_len`` nor the highest position grows
+    (a wider RoPE table would rebuild the trainer's compiled layers).
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_sequences needs matching, non-empty lists, got {len(prompts)}/{len(responses)}")
@@ -126,9 +128,11 @@ def pack_sequences(
     rows = np.concatenate(
         [c + len(p) - 1 + np.arange(len(r), dtype=np.int64) for c, p, r in zip(starts, prompts, responses)]
     )
+    seg = int(lens.max())
+    for a in range(0, n_pad, seg):
+        seqs.append(np.full(min(seg, n_pad - a), pad_id, dtype=np.int64))
     if n_pad:
-        seqs.append(np.full(n_pad, pad_id, dtype=np.int64))
-        starts = np.append(starts, n_real + n_pad)
+        starts = np.append(starts, n_real + np.minimum(np.arange(seg, n_pad + seg, seg), n_pad))
     pos = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
     ids = np.concatenate(seqs)
     # One host-to-device copy for everything (pinned, asynchronous on CUDA), then views.
@@ -144,7 +148,7 @@ def pack_sequences(
         pos=pos_t,
         cu_seqlens=cu_t.to(torch.int32),
         cu_list=[int(x) for x in starts],
-        max_len=max(int(lens.max()), n_pad),
+        max_len=seg,
         pred_rows=rows_t,
         targets=tgt_t,
     )
