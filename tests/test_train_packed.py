@@ -311,6 +311,7 @@ def test_cuda_train_step_syncs_do_not_grow_with_microbatches() -> None:
     for budget in (4096, 40):
         eng = engine(qwen2(device="cuda"), packing="packed", token_budget=budget)
         eng.train_batch(batch, None, adv, w)  # first-call work (allocator, library handles) out of the count
+        eng.compute_logp(batch)
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
