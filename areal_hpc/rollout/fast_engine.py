@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from areal_hpc.comm.transfer import to_device
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
 from areal_hpc.model.decode_kernel import DecodeAttention, decode_kernel_works
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
@@ -214,16 +215,8 @@ class FastEngine:
         return self._live
 
     def _dev(self, values: list[int] | Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
-        """Host values as a device tensor without waiting for queued GPU work: staged in pinned memory.
-
-        Why: a copy from pageable memory may synchronize with the stream (CUDA's API notes on async
-        memcpy), which in the step loop would wait for the step in flight and stop the host from
-        preparing the next one while the GPU runs.
-        """
-        t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        """Host values on the engine's device without waiting for the step in flight (comm/transfer.py)."""
+        return to_device(values, self.device, dtype)
 
     def _limit(self, r: GenRequest) -> int:
         return min(r.max_tokens or self.max_new_tokens, self.max_new_tokens)

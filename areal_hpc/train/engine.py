@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from areal_hpc.comm.transfer import to_device
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.train.loss import decoupled_ppo_loss, token_logprobs
 from areal_hpc.train.packed import (
@@ -313,19 +314,16 @@ class TorchTrainEngine:
     def _token_arrays(self, samples: Sequence[TrainSample], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
                       advantages: np.ndarray, sample_weight: np.ndarray) -> Tensor:
         """``[behav, advantage, sample weight(, prox)]`` per response token, micro-batch by micro-batch,
-        as one float32 device tensor made by one asynchronous copy (a plain ``.to(device)`` from
-        pageable memory waits for all queued GPU work: once per array and micro-batch, it would stall
-        the host on every forward)."""
+        as one float32 device tensor made by one copy that does not wait for queued GPU work
+        (comm/transfer.py; one plain ``.to(device)`` per array and micro-batch stalled the host on
+        every forward)."""
         order = [i for idx in bins for i in idx]
         lens = [samples[i].n_response for i in order]
         rows = [np.concatenate([np.asarray(samples[i].behav_logprobs, np.float32) for i in order] or [np.zeros(0)]),
                 np.repeat(advantages[order], lens), np.repeat(sample_weight[order], lens)]
         if prox_logp is not None:
             rows.append(np.concatenate([np.asarray(prox_logp[i], np.float32) for i in order] or [np.zeros(0)]))
-        host = torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
+        return to_device(torch.from_numpy(np.stack(rows).astype(np.float32, copy=False)), self.device)
 
     def _microbatch_logp(
         self, samples: Sequence[TrainSample], bins: list[list[int]] | None = None

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from areal_hpc.comm.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PackedMicrobatch", "bucket_tokens", "ffd_pack", "pack_sequences", "pad_microbatch"]
@@ -135,12 +137,8 @@ def pack_sequences(
         starts = np.append(starts, n_real + np.minimum(np.arange(seg, n_pad + seg, seg), n_pad))
     pos = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
     ids = np.concatenate(seqs)
-    # One host-to-device copy for everything (pinned, asynchronous on CUDA), then views.
-    flat = torch.from_numpy(np.concatenate([ids, pos, starts, rows, ids[rows + 1]]))
-    if torch.device(device).type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
+    # One host-to-device copy for everything (no wait for queued GPU work), then views.
+    flat = to_device(torch.from_numpy(np.concatenate([ids, pos, starts, rows, ids[rows + 1]])), torch.device(device))
     T, n, N = len(ids), len(starts), len(rows)
     ids_t, pos_t, cu_t, rows_t, tgt_t = torch.split(flat, [T, T, n, N, N])
     return PackedMicrobatch(
