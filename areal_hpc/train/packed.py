@@ -342,7 +342,6 @@ class PackedLogp:
         # token_bucket > 0: the engine pads every micro-batch to a multiple of it, so the compiled
         # layers specialise to those few stream lengths (dynamic=False: one graph per bucket and grad
         # mode, faster kernels than the dynamic-length graph: tools/bench/NOTES-train.md).
-        self.token_bucket = token_bucket
         self.buckets = [] if token_bucket <= 0 else list(
             range(token_bucket, bucket_tokens(max(max_tokens, 1), token_bucket) + 1, token_bucket))
         self.compile_dynamic: bool | None = token_bucket <= 0
