@@ -6,6 +6,7 @@ real path: bf16, varlen prefill, CUDA-graph decode and the fused Triton sampler.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -418,8 +419,9 @@ def test_gpu_shared_group_prefill_agrees_with_separate():
 @cuda
 def test_gpu_step_loop_waits_at_most_once_per_step():
     """With requests admitted and finished nearly every step, the loop's only wait is for the previous
-    step's results (torch's sync debug mode counts synchronizing calls): no blocking copy or scalar
-    read sneaks in, so the host prepares step k+1 while the GPU runs step k."""
+    step's results (an event wait, which torch's sync debug mode does not count): no blocking copy,
+    scalar read or ``t[idx] = scalar`` (a blocking copy of a CPU scalar, 3.5 per step on an H200
+    before it became ``index_fill_``) sneaks in, so the host prepares step k+1 while the GPU runs step k."""
     import warnings
 
     m = _model("cuda", torch.bfloat16, vocab=997)
@@ -436,8 +438,8 @@ def test_gpu_step_loop_waits_at_most_once_per_step():
                 steps += 1
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(r.message) for r in rec)
-    assert steps > 10 and syncs <= steps + 2, (syncs, steps)
+    where = collections.Counter(f"{r.filename}:{r.lineno}" for r in rec if "synchroniz" in str(r.message))
+    assert steps > 10 and sum(where.values()) <= 2, (steps, where)
 
 
 @cuda

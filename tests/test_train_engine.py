@@ -271,6 +271,7 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         out["stats2"] = _step(engine, samples if rank == 0 else [])
         out["params2"] = params(engine)
         torch.save(out, Path(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while its peer still talks to it (a rare SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 

@@ -390,7 +390,7 @@ class FastEngine:
         idx = self._dev(slots)
         seeds = self._dev([sequence_seed(base, r.sample_id) for _, r in take])
         self._seed[idx] = seeds
-        self._ctr[idx] = 0
+        self._ctr.index_fill_(0, idx, 0)  # not t[idx] = 0: that copies a CPU scalar, a sync
         leaders = sorted(set(lead))
         seq_of = {k: j for j, k in enumerate(leaders)}
         tok, logp = self._prefill([slots[k] for k in leaders], [take[k][1].prompt_tokens for k in leaders],
@@ -401,8 +401,8 @@ class FastEngine:
         # Decode inputs: the sampled token goes in at position len(prompt), as token index 1.
         self._tok[idx] = tok
         self._pos[idx] = self._dev([len(r.prompt_tokens) for _, r in take])
-        self._ctr[idx] = 1
-        self._active[idx] = 1
+        self._ctr.index_fill_(0, idx, 1)
+        self._active.index_fill_(0, idx, 1)
         for slot, r in take:
             self._slots[slot] = Generation(r)
         self._live += len(take)
@@ -554,8 +554,8 @@ class FastEngine:
                 cache[:, b, :width] = cache[:, a, :width]
         for t in (self._tok, self._pos, self._seed, self._ctr, self._active):
             t[di] = t[si]
-        self._active[si] = 0
-        self._pos[si] = 0
+        self._active.index_fill_(0, si, 0)
+        self._pos.index_fill_(0, si, 0)
         for i, j in zip(src, dst):
             self._slots[j], self._slots[i] = self._slots[i], None
         self._hi = None
@@ -586,7 +586,7 @@ class FastEngine:
                 done.append(g)
         if self._freed:  # a freed slot stops advancing and reading its old cache
             idx = self._dev(self._freed)
-            self._active[idx] = 0
-            self._pos[idx] = 0
+            self._active.index_fill_(0, idx, 0)
+            self._pos.index_fill_(0, idx, 0)
             self._freed.clear()
         return done
