@@ -114,11 +114,11 @@ def profile(engine: FastEngine, B: int, prompt: int, vocab: int, ctx: int) -> di
     decode_ms = 1e3 * (time.perf_counter() - t) / n
     k = max(1, B // 16)
     seqs = [r.prompt_tokens for r in requests(k, prompt, [1] * k, vocab, seed=5)]
-    engine._prefill(list(range(k)), seqs, sample_next=True)
+    engine._prefill(list(range(k)), seqs, [(i, i) for i in range(k)])
     sync()
     t = time.perf_counter()
     for _ in range(5):
-        engine._prefill(list(range(k)), seqs, sample_next=True)
+        engine._prefill(list(range(k)), seqs, [(i, i) for i in range(k)])
     sync()
     return {"device_decode_ms": decode_ms, "device_decode_context": ctx,
             "prefill_ms": 1e3 * (time.perf_counter() - t) / 5, "prefill_prompts": k}
