@@ -24,9 +24,12 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter
         print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 63, 64, 65, 128, 200)))
         print(check_against_reference(cpu, torch.float32, 4, 4, 16, lengths=(3, 0, 130)))  # no GQA, D=16
         print(check_against_reference(cpu, torch.float32, 12, 2, 128, lengths=(600, 5)))  # 10 chunks > SP=8
+        for chunk, warps in ((32, 2), (128, 4), (256, 8)):  # the other splits the engine may choose
+            print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 31, 33, 129, 255, 300),
+                                          chunk=chunk, num_warps=warps))
     """))
     errs = [float(x) for x in out.split()]
-    assert len(errs) == 3 and max(errs) < 1e-4, errs
+    assert len(errs) == 6 and max(errs) < 1e-4, errs
 
 
 def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
@@ -86,8 +89,61 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
     (12, 2, 128, (1151, 0, 640, 64, 999)),
     (4, 4, 64, (99, 3, 0)),
 ])
-def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths):
-    """bf16: within 2e-2 of RoPE + index write + SDPA; the new key/value land in the cache."""
+@pytest.mark.parametrize("split", ["64x4", "32x2", "128x4", "128x8", "256x8"])
+def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, split):
+    """bf16, every split the engine may choose: within 2e-2 of RoPE + index write + SDPA; the new
+    key/value land in the cache."""
     from areal_hpc.model.decode_kernel import check_against_reference
 
-    assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths) < 2e-2
+    chunk, warps = (int(x) for x in split.split("x"))
+    assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths, chunk=chunk,
+                                   num_warps=warps) < 2e-2
+
+
+def test_split_choices_in_the_config_are_the_kernels_configs():
+    """``rollout.decode_attention`` offers exactly the splits ``DecodeAttention.tune`` tries."""
+    from areal_hpc.config.schema import RolloutConfig
+    from areal_hpc.model.decode_kernel import CONFIGS
+
+    choices = RolloutConfig.__dataclass_fields__["decode_attention"].metadata["choices"]
+    assert choices == ("auto", *(f"{c}x{w}" for c, w in CONFIGS))
+
+
+@cuda
+def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
+    """At start the engine times every split on its own batch and keeps the fastest; a fixed split
+    generates what the tuned one does (up to bf16 summation order)."""
+    import numpy as np
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from areal_hpc.model.decode_kernel import CONFIGS
+    from areal_hpc.rollout.engine import GenRequest
+    from areal_hpc.rollout.fast_engine import FastEngine
+
+    cfg = Qwen2Config(vocab_size=997, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+    class Tok:
+        eos_id = -1
+
+    def engine(split):
+        return FastEngine(m, Tok(), max_batch=32, max_new_tokens=40, max_seq_len=300, temperature=1.0, top_p=1.0,
+                          seed=3, decode_attention=split)
+
+    auto = engine("auto")
+    st = auto.stats()
+    assert st["decode_attention"] in {f"{c}x{w}" for c, w in CONFIGS}
+    assert len(st["decode_attention_us"]) >= 2 and min(st["decode_attention_us"].values()) > 0
+    g = torch.Generator().manual_seed(1)
+    reqs = [GenRequest(i, i, i, torch.randint(3, 997, (200 + i,), generator=g).tolist(), max_tokens=40)
+            for i in range(32)]
+    other = "256x8" if st["decode_attention"] != "256x8" else "64x4"
+    a, b = auto.generate(reqs, greedy=True), engine(other).generate(reqs, greedy=True)
+    same = [x for x, y in zip(a, b, strict=True) if x.tokens == y.tokens]
+    assert len(same) >= 0.8 * len(reqs)
+    for x, y in zip(a, b, strict=True):
+        k = next((j for j, (p, q) in enumerate(zip(x.tokens, y.tokens)) if p != q), len(x.tokens))
+        assert np.allclose(x.logprobs[:k], y.logprobs[:k], atol=3e-2)

@@ -152,6 +152,13 @@ class RolloutConfig:
     )
     cuda_graphs: bool = _f(True, "fast engine: capture the decode step in a CUDA graph")
     compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
+    decode_attention: str = _f(
+        "auto",
+        "fast engine on CUDA: keys per program x warps of the split-K decode attention kernel; auto times "
+        "each at engine start and keeps the fastest (a fixed one makes generation reproducible across runs, "
+        "since the split changes the floating-point summation order)",
+        ("auto", "64x4", "32x2", "128x4", "128x8", "256x8"),
+    )
     dtype: str = _f(
         "auto",
         "dtype of the rollout's copy of the weights (the trainer keeps model.dtype as master weights); "

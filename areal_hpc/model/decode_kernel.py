@@ -22,7 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK = 64  # keys per program: one tile; a 256-token prefix is 4 programs per (slot, KV head)
+CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 programs per (slot, KV head)
+# (keys per program, warps) tried by DecodeAttention.tune: the best split differs between GPUs (an
+# H100 at 3 TB/s, an H200 at 4.3) and with the batch, and a wrong one costs up to half the kernel.
+CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8))
 
 
 try:  # Triton ships with CUDA builds of torch; without it the library attention paths serve
@@ -131,15 +134,23 @@ def _kernels():
 
 
 class DecodeAttention:
-    """Fused decode attention for one engine: holds the split-K scratch, sized once for (batch, cache)."""
+    """Fused decode attention for one engine: holds the split-K scratch, sized for (batch, cache, chunk)."""
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, max_batch: int, cache_len: int,
-                 device: torch.device) -> None:
+                 device: torch.device, chunk: int = CHUNK, num_warps: int = 4) -> None:
         self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
         self.g = n_heads // n_kv
-        self.n_split = -(-cache_len // CHUNK)
-        self.acc = torch.empty(max_batch * n_heads * self.n_split * head_dim, dtype=torch.float32, device=device)
-        self.ml = torch.empty(max_batch * n_heads * self.n_split * 2, dtype=torch.float32, device=device)
+        self.max_batch, self.cache_len, self.device = max_batch, cache_len, device
+        self.timings: dict[str, float] = {}  # us per call of each config tune() tried
+        self.configure(chunk, num_warps)
+
+    def configure(self, chunk: int, num_warps: int) -> None:
+        """Use ``chunk`` keys per program and ``num_warps`` warps; the scratch is resized to match."""
+        self.chunk, self.num_warps = chunk, num_warps
+        self.n_split = -(-self.cache_len // chunk)
+        n = self.max_batch * self.hq * self.n_split
+        self.acc = torch.empty(n * self.d, dtype=torch.float32, device=self.device)
+        self.ml = torch.empty(n * 2, dtype=torch.float32, device=self.device)
 
     def __call__(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                  pos: Tensor) -> Tensor:
@@ -157,10 +168,48 @@ class DecodeAttention:
         split[(B, self.hkv, self.n_split)](
             qkv, cos, sin, k_cache, v_cache, pos, self.acc, self.ml, qkv.stride(0), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), self.n_split, self.d ** -0.5,
-            HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=CHUNK, num_warps=4)
+            HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=self.chunk, num_warps=self.num_warps)
         combine[(B, self.hkv)](pos, self.acc, self.ml, out, out.stride(0), self.n_split, G=self.g, GP=gp,
-                               HQ=self.hq, D=self.d, CH=CHUNK, SP=8, num_warps=4)
+                               HQ=self.hq, D=self.d, CH=self.chunk, SP=8, num_warps=4)
         return out
+
+    def tune(self, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype,
+             max_context: int = 1024, reps: int = 20) -> tuple[int, int]:
+        """Time every correct config of ``CONFIGS`` on a full batch and keep the fastest.
+
+        ``k_cache``/``v_cache`` are one layer's caches [B', L, Hkv, D] with nothing live in them: the
+        timed calls write keys at random positions (contexts uniform up to ``max_context``, the
+        range most decode steps see). A config whose kernel fails to build or disagrees with the
+        reference is skipped, so tuning never trades correctness for speed.
+        """
+        g = torch.Generator(device="cpu").manual_seed(0)
+        B = self.max_batch
+        qkv = torch.randn(B, (self.hq + 2 * self.hkv) * self.d, generator=g).to(self.device, dtype)
+        hi = max(2, min(self.cache_len - 1, max_context))
+        pos = torch.randint(1, hi, (B,), generator=g).to(self.device)
+        best, best_us = (self.chunk, self.num_warps), float("inf")
+        for chunk, warps in CONFIGS:
+            try:
+                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, chunk=chunk,
+                                           num_warps=warps) >= 2e-2:
+                    continue
+                self.configure(chunk, warps)
+                for _ in range(3):
+                    self(qkv, cos, sin, k_cache, v_cache, pos)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    self(qkv, cos, sin, k_cache, v_cache, pos)
+                end.record()
+                end.synchronize()
+            except Exception:  # noqa: BLE001 - a config this GPU cannot build is simply not a candidate
+                continue
+            us = 1e3 * start.elapsed_time(end) / reps
+            self.timings[f"{chunk}x{warps}"] = us
+            if us < best_us:
+                best, best_us = (chunk, warps), us
+        self.configure(*best)
+        return best
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n_kv: int,
@@ -194,7 +243,8 @@ def decode_kernel_works(device: torch.device, dtype: torch.dtype, n_heads: int, 
 
 
 def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
-                            lengths: tuple[int, ...] = (0, 1, 63, 64, 65, 199, 255)) -> float:
+                            lengths: tuple[int, ...] = (0, 1, 31, 33, 63, 64, 65, 127, 128, 129, 199, 255),
+                            chunk: int = CHUNK, num_warps: int = 4) -> float:
     """Max abs difference of the fused kernels against RoPE + index write + SDPA; raises if the cache
     was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row."""
     from areal_hpc.model.attention import cached_decode
@@ -213,7 +263,8 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
     rows = torch.arange(B, device=device)
     kc2[rows, pos], vc2[rows, pos] = k, v
     ref = cached_decode(q, kc2, vc2, pos + 1).float()
-    out = DecodeAttention(n_heads, n_kv, head_dim, B, L, device)(qkv, cos, sin, kc, vc, pos).float()
+    attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps)
+    out = attn(qkv, cos, sin, kc, vc, pos).float()
     tol = 0 if dtype == torch.float32 else 2e-2
     if not torch.equal(vc, vc2) or float((kc.float() - kc2.float()).abs().max()) > tol + 1e-5:
         raise AssertionError("fused decode attention wrote the KV cache wrongly")

@@ -66,7 +66,8 @@ class FastEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int, max_new_tokens: int,
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
-                 admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True) -> None:
+                 admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True,
+                 decode_attention: str = "auto") -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch, self.max_new_tokens, self.max_seq_len = max_batch, max_new_tokens, max_seq_len
@@ -123,6 +124,13 @@ class FastEngine:
         self._fused_sampler = triton_available(dev) and temperature > 0 and top_p >= 1.0
         self._fused_attn = decode_kernel_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._attn = DecodeAttention(s.n_heads, s.n_kv_heads, s.head_dim, B, L, dev) if self._fused_attn else None
+        if self._attn is not None:
+            if decode_attention == "auto" and dev.type == "cuda":  # nothing live yet: timing may write layer 0's cache
+                self._attn.tune(self.runner._cos, self.runner._sin, self.k_cache[0], self.v_cache[0], self.dtype)
+                log.info("decode attention: %dx%d chosen (us per call: %s)", self._attn.chunk, self._attn.num_warps,
+                         {k: round(v, 1) for k, v in self._attn.timings.items()})
+            elif decode_attention != "auto":
+                self._attn.configure(*(int(x) for x in decode_attention.split("x")))
         flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
         self._pre, self._rope, self._post = decode_pre, decode_rope, decode_post
@@ -208,7 +216,9 @@ class FastEngine:
                 "mean_decode_batch": sum(b * n for b, n in self.bucket_steps.items()) / steps,
                 "tokens_per_decode_step": self.tokens_generated / steps,
                 "bucket_steps": {str(b): n for b, n in sorted(self.bucket_steps.items())},
-                "compactions": self.compactions, "slots_moved": self.slots_moved}
+                "compactions": self.compactions, "slots_moved": self.slots_moved,
+                **({"decode_attention": f"{self._attn.chunk}x{self._attn.num_warps}",
+                    "decode_attention_us": dict(self._attn.timings)} if self._attn is not None else {})}
 
     # -- internals -------------------------------------------------------------------------------
     def _n_live(self) -> int:

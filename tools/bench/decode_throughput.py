@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time each batch with the uncompiled layer inside the graph (what torch.compile buys)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of a decode step per batch")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
+    ap.add_argument("--decode-attention", default="auto",
+                    help="split of the fused decode attention: auto (timed at engine start) or CHUNKxWARPS, e.g. 64x4")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     for B, compiled in variants:
         eng = FastEngine(model, _NoEos(), max_batch=B, max_new_tokens=args.new, max_seq_len=args.prompt + args.new,
                          temperature=1.0, top_p=1.0, cuda_graphs=not args.no_graph, seed=1, compile_decode=compiled,
-                         prefill_token_budget=max(16384, B * args.prompt))
+                         prefill_token_budget=max(16384, B * args.prompt), decode_attention=args.decode_attention)
         time_engine(eng, requests(B, args.prompt, [8] * B, shape.vocab, seed=99))  # capture + warm-up
         reqs = requests(B, args.prompt, [args.new] * B, shape.vocab, seed=B)
         secs, n_tok = time_engine(eng, reqs)
@@ -207,7 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
                "fraction_of_roofline": ours / roof,
                "decode_phase_tok_s": d_tok / d_secs, "decode_phase_fraction_of_roofline": d_tok / d_secs / roof,
                "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
-               "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes}
+               "step_ms": 1e3 * secs / max(eng.decode_steps, 1), "bytes_per_step": step_bytes,
+               **{k: v for k, v in eng.stats().items() if k.startswith("decode_attention")}}
+        if "decode_attention" in row:
+            print(f"batch {B}: decode attention {row['decode_attention']}, us per call of each split tried: "
+                  f"{ {k: round(v, 1) for k, v in row.get('decode_attention_us', {}).items()} }", flush=True)
         row.update(profile(eng, B, args.prompt, shape.vocab, int(avg_ctx)))
         if args.profile and dev.type == "cuda":
             with hold_context(eng, B, int(avg_ctx)):
