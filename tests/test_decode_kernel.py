@@ -127,7 +127,7 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
     m = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
     class Tok:
-        eos_id = -1
+        eos_id, pad_id = -1, 0
 
     def engine(split):
         return FastEngine(m, Tok(), max_batch=32, max_new_tokens=40, max_seq_len=300, temperature=1.0, top_p=1.0,
