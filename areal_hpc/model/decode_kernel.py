@@ -194,22 +194,39 @@ class DecodeAttention:
                                            num_warps=warps) >= 2e-2:
                     continue
                 self.configure(chunk, warps)
-                for _ in range(3):
-                    self(qkv, cos, sin, k_cache, v_cache, pos)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(reps):
-                    self(qkv, cos, sin, k_cache, v_cache, pos)
-                end.record()
-                end.synchronize()
+                us = self._graph_time(lambda: self(qkv, cos, sin, k_cache, v_cache, pos), reps)
             except Exception:  # noqa: BLE001 - a config this GPU cannot build is simply not a candidate
                 continue
-            us = 1e3 * start.elapsed_time(end) / reps
             self.timings[f"{chunk}x{warps}"] = us
             if us < best_us:
                 best, best_us = (chunk, warps), us
         self.configure(*best)
         return best
+
+    @staticmethod
+    def _graph_time(call, reps: int) -> float:
+        """Device microseconds per ``call``, replayed from a CUDA graph as the engine runs it. Timed
+        from Python instead, each call costs two Triton launches of ~20-30 us of host time, more
+        than the kernels themselves: the first version of this tuner ranked launch overhead."""
+        for _ in range(3):  # compiles, then warms outside the capture
+            call()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                call()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        del graph
+        return 1e3 * start.elapsed_time(end) / reps
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n_kv: int,
