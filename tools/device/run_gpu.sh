@@ -3,6 +3,7 @@
 # Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
 #   stages: probe tests decode train weights e2e   (default: these, one GPU)
 #           trainloop                               (micro-batches of varying length: dynamic vs bucketed graphs)
+#           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,6 +32,7 @@ for s in $stages; do
     trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
              --variants packed+compile packed+compile+bucket1024 --out "$OUT/train_loop.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
+    syncprobe) python3 tools/device/sync_probe.py --out "$OUT/sync_probe.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --eta ${E2E_ETA:-1 2 4 8} --timeout 360 --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
     broadcast)
