@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from areal_hpc.model.graphs import capture
+
 CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 programs per (slot, KV head)
 # (keys per program, warps) tried by DecodeAttention.tune: the best split differs between GPUs (an
 # H100 at 3 TB/s, an H200 at 4.3) and with the batch, and a wrong one costs up to half the kernel.
@@ -208,17 +210,13 @@ class DecodeAttention:
         """Device microseconds per ``call``, replayed from a CUDA graph as the engine runs it. Timed
         from Python instead, each call costs two Triton launches of ~20-30 us of host time, more
         than the kernels themselves: the first version of this tuner ranked launch overhead."""
-        for _ in range(3):  # compiles, then warms outside the capture
-            call()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        call()  # compiles this split's kernels outside the capture
+
+        def body() -> None:
             for _ in range(reps):
                 call()
+
+        graph = capture(body)
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

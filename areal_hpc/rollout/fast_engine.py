@@ -37,6 +37,7 @@ from torch import Tensor
 from areal_hpc.comm.transfer import to_device
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
 from areal_hpc.model.decode_kernel import DecodeAttention, decode_kernel_works
+from areal_hpc.model.graphs import capture
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import Generation, GenRequest, run_to_completion
@@ -354,15 +355,8 @@ class FastEngine:
 
     def _capture_prefill(self, T: int, N: int) -> dict:
         entry, body = self._prefill_static(T, N)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            body()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            body()  # the outputs it leaves in entry are the graph's own: every replay rewrites them
-        entry["graph"] = graph
+        # The outputs the capture leaves in entry are the graph's own: every replay rewrites them.
+        entry["graph"] = capture(body, self._graph_pool)
         self._prefill_graphs[(T, N)] = entry
         log.info("prefill captured in a CUDA graph for %d tokens / %d sequences", T, N)
         return entry
