@@ -27,9 +27,14 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter
         for chunk, warps in ((32, 2), (128, 4), (256, 8)):  # the other splits the engine may choose
             print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 31, 33, 129, 255, 300),
                                           chunk=chunk, num_warps=warps))
+        # the pipelined loop: tile and chunk edges, a chunk start (256, 512), one past it, several chunks
+        for chunk, block in ((256, 64), (128, 32)):
+            print(check_against_reference(cpu, torch.float32, 14, 2, 64,
+                                          lengths=(0, 1, 63, 64, 65, 255, 256, 257, 300, 511, 512, 700),
+                                          chunk=chunk, num_warps=4, block=block))
     """))
     errs = [float(x) for x in out.split()]
-    assert len(errs) == 6 and max(errs) < 1e-4, errs
+    assert len(errs) == 8 and max(errs) < 1e-4, errs
 
 
 def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
@@ -89,24 +94,25 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
     (12, 2, 128, (1151, 0, 640, 64, 999)),
     (4, 4, 64, (99, 3, 0)),
 ])
-@pytest.mark.parametrize("split", ["64x4", "32x2", "128x4", "128x8", "256x8"])
+@pytest.mark.parametrize("split", ["64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64",
+                                   "512x8x128"])
 def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, split):
     """bf16, every split the engine may choose: within 2e-2 of RoPE + index write + SDPA; the new
     key/value land in the cache."""
-    from areal_hpc.model.decode_kernel import check_against_reference
+    from areal_hpc.model.decode_kernel import check_against_reference, parse_config
 
-    chunk, warps = (int(x) for x in split.split("x"))
-    assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths, chunk=chunk,
-                                   num_warps=warps) < 2e-2
+    cfg = parse_config(split)
+    assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths, chunk=cfg[0],
+                                   num_warps=cfg[1], block=cfg[2] if len(cfg) > 2 else None) < 2e-2
 
 
 def test_split_choices_in_the_config_are_the_kernels_configs():
     """``rollout.decode_attention`` offers exactly the splits ``DecodeAttention.tune`` tries."""
     from areal_hpc.config.schema import RolloutConfig
-    from areal_hpc.model.decode_kernel import CONFIGS
+    from areal_hpc.model.decode_kernel import CONFIGS, config_name
 
     choices = RolloutConfig.__dataclass_fields__["decode_attention"].metadata["choices"]
-    assert choices == ("auto", *(f"{c}x{w}" for c, w in CONFIGS))
+    assert choices == ("auto", *(config_name(c) for c in CONFIGS))
 
 
 @cuda
@@ -116,7 +122,7 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
     import numpy as np
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from areal_hpc.model.decode_kernel import CONFIGS
+    from areal_hpc.model.decode_kernel import CONFIGS, config_name
     from areal_hpc.rollout.engine import GenRequest
     from areal_hpc.rollout.fast_engine import FastEngine
 
@@ -135,12 +141,12 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
 
     auto = engine("auto")
     st = auto.stats()
-    assert st["decode_attention"] in {f"{c}x{w}" for c, w in CONFIGS}
+    assert st["decode_attention"] in {config_name(c) for c in CONFIGS}
     assert len(st["decode_attention_us"]) >= 2 and min(st["decode_attention_us"].values()) > 0
     g = torch.Generator().manual_seed(1)
     reqs = [GenRequest(i, i, i, torch.randint(3, 997, (200 + i,), generator=g).tolist(), max_tokens=40)
             for i in range(32)]
-    other = "256x8" if st["decode_attention"] != "256x8" else "64x4"
+    other = "512x4x64" if st["decode_attention"] != "512x4x64" else "64x4"
     a, b = auto.generate(reqs, greedy=True), engine(other).generate(reqs, greedy=True)
     same = [x for x, y in zip(a, b, strict=True) if x.tokens == y.tokens]
     assert len(same) >= 0.8 * len(reqs)

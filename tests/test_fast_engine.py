@@ -399,6 +399,43 @@ def test_gpu_graph_and_eager_decode_agree():
         assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
 
 
+def test_decode_layers_compute_the_same_function():
+    """``inplace`` (residual adds accumulated by the GEMMs into the residual stream) decodes what the
+    ``fused`` layer does; an unknown layer is refused with the choices."""
+    m = _model()
+    reqs = _requests(16)
+    runs = {}
+    for layer in ("inplace", "fused"):
+        eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                         seed=5, decode_layer=layer)
+        runs[layer] = eng.generate(reqs)
+        assert eng.stats()["decode_layer"] == layer
+    for a, b in zip(runs["inplace"], runs["fused"], strict=True):
+        assert a.tokens == b.tokens
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="inplace"):
+        FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                   decode_layer="inplcae")
+
+
+@cuda
+@pytest.mark.parametrize("layer", ["fused", "autotune"])
+def test_gpu_decode_layers_agree(layer):
+    """On the GPU (compiled, CUDA graphs): the other layers against ``inplace``, to bf16 rounding."""
+    m = _model("cuda", torch.bfloat16, vocab=997)
+    reqs = _requests(20, vocab=997)
+
+    def run(which):
+        return FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                          seed=5, decode_layer=which).generate(reqs)
+
+    a, b = run("inplace"), run(layer)
+    assert sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) >= 0.9 * len(reqs)
+    for x, y in zip(a, b, strict=True):
+        if x.tokens == y.tokens:
+            assert np.allclose(x.logprobs, y.logprobs, atol=2e-2)
+
+
 @cuda
 def test_gpu_shared_group_prefill_agrees_with_separate():
     """The graphed prefill with groups sharing their prompt (more sampled rows than sequences) on CUDA."""

@@ -154,10 +154,19 @@ class RolloutConfig:
     compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
     decode_attention: str = _f(
         "auto",
-        "fast engine on CUDA: keys per program x warps of the split-K decode attention kernel; auto times "
+        "fast engine on CUDA: keys per program x warps [x keys per pipelined loop tile] of the split-K decode "
+        "attention kernel; auto times "
         "each at engine start and keeps the fastest (a fixed one makes generation reproducible across runs, "
         "since the split changes the floating-point summation order)",
-        ("auto", "64x4", "32x2", "128x4", "128x8", "256x8"),
+        ("auto", "64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64", "512x8x128"),
+    )
+    decode_layer: str = _f(
+        "inplace",
+        "fast engine on CUDA: how the decode layer runs its GEMMs. inplace: cuBLAS, each residual add done by "
+        "the GEMM into the residual stream, norms and activation compiled; fused: norm+projections and the "
+        "MLP block compiled whole; autotune: as fused with torch.compile max-autotune per batch bucket "
+        "(minutes of tuning at engine start, cached on disk)",
+        ("inplace", "fused", "autotune"),
     )
     dtype: str = _f(
         "auto",

@@ -14,7 +14,12 @@ a contiguous copy of the value and index kernels to write the new key first: per
 * the second merges the chunks' (max, sum, weighted values) into the output, per (slot, KV head).
 
 An earlier single-kernel version (one program looping over the whole prefix) was latency-bound at
-24 us per layer for 5.6-12 us of bytes (tools/bench/NOTES.md, decode v5).
+24 us per layer for 5.6-12 us of bytes (tools/bench/NOTES.md, decode v5). The split-K kernel with
+one tile per program is latency-bound too, differently: ~2.5 waves of short programs per layer at
+batch 256, each paying the position load, RoPE and its stores before the next wave's loads start.
+So a third form sits between them: a program covers CHUNK keys in BLOCK-key tiles, a software-
+pipelined loop keeping the next tiles' loads in flight, so fewer programs stream longer. The
+tuner picks among all three shapes on the GPU at hand.
 """
 
 from __future__ import annotations
@@ -25,9 +30,24 @@ from torch import Tensor
 from areal_hpc.model.graphs import capture
 
 CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 programs per (slot, KV head)
-# (keys per program, warps) tried by DecodeAttention.tune: the best split differs between GPUs (an
-# H100 at 3 TB/s, an H200 at 4.3) and with the batch, and a wrong one costs up to half the kernel.
-CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8))
+# (keys per program, warps[, keys per loop tile]) tried by DecodeAttention.tune: the best split differs
+# between GPUs (an H100 at 3 TB/s, an H200 at 4.3) and with the batch and context, and a wrong one costs
+# up to half the kernel. Two numbers: one tile per program; three: a pipelined loop over tiles.
+CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4, 64), (1024, 4, 64),
+           (512, 8, 128))
+STAGES = 3  # loads in flight in the looped kernel: the tile being used and the next two
+
+
+def config_name(cfg: tuple[int, ...]) -> str:
+    """``(256, 4, 64)`` -> ``"256x4x64"``: the spelling of ``rollout.decode_attention``."""
+    return "x".join(str(x) for x in cfg)
+
+
+def parse_config(name: str) -> tuple[int, ...]:
+    cfg = tuple(int(x) for x in name.split("x"))
+    if cfg not in CONFIGS:
+        raise ValueError(f"decode attention split {name!r} is not one of {[config_name(c) for c in CONFIGS]}")
+    return cfg
 
 
 try:  # Triton ships with CUDA builds of torch; without it the library attention paths serve
@@ -98,6 +118,64 @@ if triton is not None:
             tl.store(ml_ptr + part * 2 + 1, l_sum, mask=qmask)
 
     @triton.jit
+    def _split_loop(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr,
+                    s_qkv, sc_b, sc_l, sc_h, n_split, scale,
+                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                    CH: tl.constexpr, BLK: tl.constexpr, STAGES: tl.constexpr):
+        """As ``_split``, over CH keys in BLK-key tiles with an online softmax; same partial outputs."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.program_id(2)
+        p = tl.load(pos_ptr + b).to(tl.int32)
+        lo = c * CH
+        if lo <= p:
+            d = tl.arange(0, D)
+            g = tl.arange(0, GP)
+            qmask = g < G
+            cos = tl.load(cos_ptr + p * D + d)
+            sin = tl.load(sin_ptr + p * D + d)
+            row = b * s_qkv
+            q = _rope(qkv_ptr, row + h * G * D, g, d, qmask, cos, sin, D // 2, D)
+            q = (q * scale).to(qkv_ptr.dtype.element_ty)
+            cache = b * sc_b + h * sc_h
+            hi = tl.minimum(lo + CH, p)  # cached keys of this chunk: lo..hi-1
+            m_i = tl.full([GP], float("-inf"), tl.float32)
+            l_i = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, D], tl.float32)
+            for start in tl.range(lo, hi, BLK, num_stages=STAGES):
+                n = start + tl.arange(0, BLK)
+                kmask = n < hi
+                k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=kmask[:, None], other=0.0)
+                v = tl.load(vc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=kmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k))
+                s = tl.where(kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key `start` < hi is always valid
+                alpha = tl.exp(m_i - m_new)
+                pr = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+                m_i = m_new
+            if p < lo + CH:  # this chunk holds position p: the new key/value join from registers
+                one = tl.arange(0, 1)
+                kn = _rope(qkv_ptr, row + (HQ + h) * D, one, d, one < 1, cos, sin, D // 2, D)
+                kn = kn.to(kc_ptr.dtype.element_ty)
+                vn = tl.load(qkv_ptr + row + (HQ + HKV + h) * D + one[:, None] * D + d[None, :])
+                tl.store(kc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], kn)
+                tl.store(vc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], vn)
+                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1)
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp(m_i - m_new)
+                pn = tl.exp(s_new - m_new)
+                l_i = l_i * alpha + pn
+                acc = acc * alpha[:, None] + pn[:, None] * vn.to(tl.float32)
+                m_i = m_new
+            heads = h * G + g
+            part = (b * HQ + heads) * n_split + c
+            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
+            tl.store(ml_ptr + part * 2, m_i, mask=qmask)
+            tl.store(ml_ptr + part * 2 + 1, l_i, mask=qmask)
+
+    @triton.jit
     def _combine(pos_ptr, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G: tl.constexpr, GP: tl.constexpr,
                  HQ: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, SP: tl.constexpr):
         b = tl.program_id(0)
@@ -132,23 +210,30 @@ if triton is not None:
 
 
 def _kernels():
-    return None if triton is None else (_split, _combine)
+    return None if triton is None else (_split, _split_loop, _combine)
 
 
 class DecodeAttention:
     """Fused decode attention for one engine: holds the split-K scratch, sized for (batch, cache, chunk)."""
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, max_batch: int, cache_len: int,
-                 device: torch.device, chunk: int = CHUNK, num_warps: int = 4) -> None:
+                 device: torch.device, chunk: int = CHUNK, num_warps: int = 4, block: int | None = None) -> None:
         self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
         self.g = n_heads // n_kv
         self.max_batch, self.cache_len, self.device = max_batch, cache_len, device
         self.timings: dict[str, float] = {}  # us per call of each config tune() tried
-        self.configure(chunk, num_warps)
+        self.configure(chunk, num_warps, block)
 
-    def configure(self, chunk: int, num_warps: int) -> None:
-        """Use ``chunk`` keys per program and ``num_warps`` warps; the scratch is resized to match."""
-        self.chunk, self.num_warps = chunk, num_warps
+    @property
+    def config(self) -> tuple[int, ...]:
+        return (self.chunk, self.num_warps) if self.block is None else (self.chunk, self.num_warps, self.block)
+
+    def configure(self, chunk: int, num_warps: int, block: int | None = None) -> None:
+        """Use ``chunk`` keys per program and ``num_warps`` warps, in one tile or (``block``) a loop over
+        ``block``-key tiles; the scratch is resized to match."""
+        if block is not None and (chunk % block or block < 16):
+            raise ValueError(f"decode attention: chunk {chunk} must be a multiple of the tile {block} (>= 16)")
+        self.chunk, self.num_warps, self.block = chunk, num_warps, (None if block == chunk else block)
         self.n_split = -(-self.cache_len // chunk)
         n = self.max_batch * self.hq * self.n_split
         self.acc = torch.empty(n * self.d, dtype=torch.float32, device=self.device)
@@ -162,21 +247,24 @@ class DecodeAttention:
         Writes the roped key and the value of the new token at ``pos`` of each slot's cache, then
         attends over keys 0..pos inclusive.
         """
-        split, combine = _kernels()
+        split, split_loop, combine = _kernels()
         B = qkv.shape[0]
         assert qkv.stride(1) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
         out = torch.empty(B, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
         gp = max(16, 1 << (self.g - 1).bit_length())
-        split[(B, self.hkv, self.n_split)](
-            qkv, cos, sin, k_cache, v_cache, pos, self.acc, self.ml, qkv.stride(0), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), self.n_split, self.d ** -0.5,
-            HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=self.chunk, num_warps=self.num_warps)
+        args = (qkv, cos, sin, k_cache, v_cache, pos, self.acc, self.ml, qkv.stride(0), k_cache.stride(0),
+                k_cache.stride(1), k_cache.stride(2), self.n_split, self.d ** -0.5)
+        shape = dict(HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=self.chunk, num_warps=self.num_warps)
+        if self.block is None:
+            split[(B, self.hkv, self.n_split)](*args, **shape)
+        else:
+            split_loop[(B, self.hkv, self.n_split)](*args, **shape, BLK=self.block, STAGES=STAGES)
         combine[(B, self.hkv)](pos, self.acc, self.ml, out, out.stride(0), self.n_split, G=self.g, GP=gp,
                                HQ=self.hq, D=self.d, CH=self.chunk, SP=8, num_warps=4)
         return out
 
     def tune(self, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype,
-             max_context: int = 1024, reps: int = 20) -> tuple[int, int]:
+             max_context: int = 1024, reps: int = 20) -> tuple[int, ...]:
         """Time every correct config of ``CONFIGS`` on a full batch and keep the fastest.
 
         ``k_cache``/``v_cache`` are one layer's caches [B', L, Hkv, D] with nothing live in them: the
@@ -189,19 +277,19 @@ class DecodeAttention:
         qkv = torch.randn(B, (self.hq + 2 * self.hkv) * self.d, generator=g).to(self.device, dtype)
         hi = max(2, min(self.cache_len - 1, max_context))
         pos = torch.randint(1, hi, (B,), generator=g).to(self.device)
-        best, best_us = (self.chunk, self.num_warps), float("inf")
-        for chunk, warps in CONFIGS:
+        best, best_us = self.config, float("inf")
+        for cfg in CONFIGS:
             try:
-                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, chunk=chunk,
-                                           num_warps=warps) >= 2e-2:
+                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, chunk=cfg[0],
+                                           num_warps=cfg[1], block=cfg[2] if len(cfg) > 2 else None) >= 2e-2:
                     continue
-                self.configure(chunk, warps)
+                self.configure(*cfg)
                 us = self._graph_time(lambda: self(qkv, cos, sin, k_cache, v_cache, pos), reps)
             except Exception:  # noqa: BLE001 - a config this GPU cannot build is simply not a candidate
                 continue
-            self.timings[f"{chunk}x{warps}"] = us
+            self.timings[config_name(cfg)] = us
             if us < best_us:
-                best, best_us = (chunk, warps), us
+                best, best_us = cfg, us
         self.configure(*best)
         return best
 
@@ -259,7 +347,7 @@ def decode_kernel_works(device: torch.device, dtype: torch.dtype, n_heads: int, 
 
 def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                             lengths: tuple[int, ...] = (0, 1, 31, 33, 63, 64, 65, 127, 128, 129, 199, 255),
-                            chunk: int = CHUNK, num_warps: int = 4) -> float:
+                            chunk: int = CHUNK, num_warps: int = 4, block: int | None = None) -> float:
     """Max abs difference of the fused kernels against RoPE + index write + SDPA; raises if the cache
     was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row."""
     from areal_hpc.model.attention import cached_decode
@@ -278,7 +366,7 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
     rows = torch.arange(B, device=device)
     kc2[rows, pos], vc2[rows, pos] = k, v
     ref = cached_decode(q, kc2, vc2, pos + 1).float()
-    attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps)
+    attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps, block=block)
     out = attn(qkv, cos, sin, kc, vc, pos).float()
     tol = 0 if dtype == torch.float32 else 2e-2
     if not torch.equal(vc, vc2) or float((kc.float() - kc2.float()).abs().max()) > tol + 1e-5:

@@ -48,5 +48,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int)
         log.info("rollout engine: fast (%s, batch %d, cache %d tokens, graphs %s)", model.dtype,
                  common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
         return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
-                          compile_decode=r.compile, decode_attention=r.decode_attention, **common)
+                          compile_decode=r.compile, decode_attention=r.decode_attention,
+                          decode_layer=r.decode_layer, **common)
     return TorchEngine(model, tok, **common)

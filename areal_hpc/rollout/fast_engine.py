@@ -36,7 +36,7 @@ from torch import Tensor
 
 from areal_hpc.comm.transfer import to_device
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
-from areal_hpc.model.decode_kernel import DecodeAttention, decode_kernel_works
+from areal_hpc.model.decode_kernel import DecodeAttention, config_name, decode_kernel_works, parse_config
 from areal_hpc.model.graphs import capture
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
 from areal_hpc.model.tokenizer import Tokenizer
@@ -63,12 +63,34 @@ def decode_post(x: Tensor, o: Tensor, wo: Tensor, ln2: Tensor, w_gu: Tensor, wd:
     return x + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, wd)
 
 
+def decode_norm(x: Tensor, w: Tensor, s: Qwen2Shape) -> Tensor:
+    return rms_norm(x, w, s.eps)
+
+
+def decode_act(gu: Tensor) -> Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+# How the decode layer's GEMMs and residual adds run (``rollout.decode_layer``):
+# inplace  - cuBLAS GEMMs outside the compiled parts, each residual add accumulated into the residual
+#            stream by the GEMM itself (addmm_, beta=1); only the norms and the activation are compiled.
+#            Compiled whole, inductor emits an out-of-place addmm that first copies the residual:
+#            48 device copies per step (H200 profile, tools/bench/NOTES.md).
+# fused    - the norm + projections and the post-attention block each compiled whole (the v7 layer).
+# autotune - as fused, compiled with max-autotune per batch bucket: inductor times Triton GEMM
+#            templates (the residual add fused into their epilogue) against cuBLAS at each shape.
+DECODE_LAYERS = ("inplace", "fused", "autotune")
+
+
 class FastEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int, max_new_tokens: int,
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
                  admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True,
-                 decode_attention: str = "auto") -> None:
+                 decode_attention: str = "auto", decode_layer: str = "inplace") -> None:
+        if decode_layer not in DECODE_LAYERS:
+            raise ValueError(f"decode_layer {decode_layer!r}: choose one of {DECODE_LAYERS}")
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch, self.max_new_tokens, self.max_seq_len = max_batch, max_new_tokens, max_seq_len
@@ -128,18 +150,15 @@ class FastEngine:
         if self._attn is not None:
             if decode_attention == "auto" and dev.type == "cuda":  # nothing live yet: timing may write layer 0's cache
                 self._attn.tune(self.runner._cos, self.runner._sin, self.k_cache[0], self.v_cache[0], self.dtype)
-                log.info("decode attention: %dx%d chosen (us per call: %s)", self._attn.chunk, self._attn.num_warps,
+                log.info("decode attention: %s chosen (us per call: %s)", config_name(self._attn.config),
                          {k: round(v, 1) for k, v in self._attn.timings.items()})
             elif decode_attention != "auto":
-                self._attn.configure(*(int(x) for x in decode_attention.split("x")))
+                self._attn.configure(*parse_config(decode_attention))
         flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
-        self._pre, self._rope, self._post = decode_pre, decode_rope, decode_post
+        self.decode_layer = decode_layer
         self._compiled = compile_decode and dev.type == "cuda" and triton_available(dev)
-        if self._compiled:  # static per bucket at first; torch marks the batch dynamic once it changes
-            self._pre = torch.compile(decode_pre, fullgraph=True)
-            self._rope = torch.compile(decode_rope, fullgraph=True)
-            self._post = torch.compile(decode_post, fullgraph=True)
+        self._set_layer(self._compiled)
         self.tokens_generated = 0
         self.prefill_tokens = 0
         self.prefill_tokens_shared = 0  # prompt tokens not computed: copied from a group member's prefill
@@ -217,8 +236,8 @@ class FastEngine:
                 "mean_decode_batch": sum(b * n for b, n in self.bucket_steps.items()) / steps,
                 "tokens_per_decode_step": self.tokens_generated / steps,
                 "bucket_steps": {str(b): n for b, n in sorted(self.bucket_steps.items())},
-                "compactions": self.compactions, "slots_moved": self.slots_moved,
-                **({"decode_attention": f"{self._attn.chunk}x{self._attn.num_warps}",
+                "compactions": self.compactions, "slots_moved": self.slots_moved, "decode_layer": self.decode_layer,
+                **({"decode_attention": config_name(self._attn.config),
                     "decode_attention_us": dict(self._attn.timings)} if self._attn is not None else {})}
 
     # -- internals -------------------------------------------------------------------------------
@@ -454,8 +473,11 @@ class FastEngine:
                 kc.index_put_((self._rows[:n], pos), k)
                 vc.index_put_((self._rows[:n], pos), v)
                 o = cached_decode(q, kc, vc, lengths, self._offsets_for(n))
-            x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
-        logits = run.logits(rms_norm(x, run.norm, shape.eps))
+            if self.decode_layer == "inplace":
+                x = self._post_inplace(x, o, L, shape)
+            else:
+                x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
+        logits = run.logits(self._norm(x, run.norm, shape))
         seed, ctr = self._seed[:n], self._ctr[:n]
         if self._fused_sampler:
             sample_fused(logits, self.temperature, seed, ctr, self._out_tok[:n], self._out_logp[:n])
@@ -467,6 +489,24 @@ class FastEngine:
         self._tok[:n].copy_(self._out_tok[:n])
         pos.copy_((pos + self._active[:n]).clamp(max=self.max_seq_len - 1))
         ctr.add_(1)
+
+    def _set_layer(self, compiled: bool) -> None:
+        """The decode layer's pieces, compiled (static per bucket at first; torch marks the batch
+        dynamic once it changes, except under autotune, which tunes each bucket's shapes) or eager."""
+        fns = dict(pre=decode_pre, rope=decode_rope, post=decode_post, norm=decode_norm, act=decode_act)
+        if compiled:
+            kw = (dict(mode="max-autotune-no-cudagraphs", dynamic=False) if self.decode_layer == "autotune"
+                  else {})
+            fns = {k: torch.compile(f, fullgraph=True, **kw) for k, f in fns.items()}
+        self._pre, self._rope, self._post, self._norm, self._act = (fns[k] for k in ("pre", "rope", "post", "norm",
+                                                                                     "act"))
+        self._compiled = compiled
+
+    def _post_inplace(self, x: Tensor, o: Tensor, L, shape: Qwen2Shape) -> Tensor:
+        """Output projection and MLP with both residual adds done by the GEMMs, into ``x`` itself."""
+        x.addmm_(o.reshape(x.shape[0], shape.n_heads * shape.head_dim), L.wo.t())
+        gu = torch.mm(self._norm(x, L.ln2, shape), L.w_gu.t())
+        return x.addmm_(self._act(gu), L.wd.t())
 
     def _offsets_for(self, n: int) -> tuple[Tensor, Tensor] | None:
         if self._offsets is None:
@@ -488,7 +528,7 @@ class FastEngine:
                 if not self._compiled:
                     raise
                 log.warning("torch.compile of the decode layer failed (%s); decoding with the eager layer", e)
-                self._pre, self._rope, self._post, self._compiled = decode_pre, decode_rope, decode_post, False
+                self._set_layer(False)
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels, outside the capture
                 self._decode_body(n)
         torch.cuda.current_stream().wait_stream(s)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from areal_hpc.model.presets import build_random  # noqa: E402
 from areal_hpc.model.qwen2 import Qwen2Shape  # noqa: E402
 from areal_hpc.rollout.engine import GenRequest  # noqa: E402
-from areal_hpc.rollout.fast_engine import FastEngine  # noqa: E402
+from areal_hpc.rollout.fast_engine import DECODE_LAYERS, FastEngine  # noqa: E402
 from tools.bench.common import copy_bandwidth, device_info, sync, write_result  # noqa: E402
 
 
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
     ap.add_argument("--decode-attention", default="auto",
                     help="split of the fused decode attention: auto (timed at engine start) or CHUNKxWARPS, e.g. 64x4")
+    ap.add_argument("--decode-layer", nargs="+", default=["inplace"], choices=DECODE_LAYERS,
+                    help="decode layer variants to time side by side (rollout.decode_layer)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -191,12 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
     rows = []
-    variants = [(B, True) for B in args.batch] + ([(B, False) for B in args.batch] if args.eager_layers_too else [])
-    for B, compiled in variants:
+    variants = [(B, True, layer) for B in args.batch for layer in args.decode_layer]
+    variants += [(B, False, "inplace") for B in args.batch] if args.eager_layers_too else []
+    for B, compiled, layer in variants:
+        t_build = time.perf_counter()
         eng = FastEngine(model, _NoEos(), max_batch=B, max_new_tokens=args.new, max_seq_len=args.prompt + args.new,
                          temperature=1.0, top_p=1.0, cuda_graphs=not args.no_graph, seed=1, compile_decode=compiled,
-                         prefill_token_budget=max(16384, B * args.prompt), decode_attention=args.decode_attention)
+                         prefill_token_budget=max(16384, B * args.prompt), decode_attention=args.decode_attention,
+                         decode_layer=layer)
         time_engine(eng, requests(B, args.prompt, [8] * B, shape.vocab, seed=99))  # capture + warm-up
+        setup_s = time.perf_counter() - t_build  # engine start: split tuning, compile (autotune), capture
         reqs = requests(B, args.prompt, [args.new] * B, shape.vocab, seed=B)
         secs, n_tok = time_engine(eng, reqs)
         ours = n_tok / secs
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         step_bytes = weight_bytes + B * avg_ctx * kv_per_token
         roof = B / (step_bytes / (bw * 1e9))
         attn = "triton" if eng._fused_attn else ("flash" if eng._offsets is not None else "sdpa")
-        row = {"batch": B, "compiled_layer": compiled, "attention": attn, "ours_tok_s": ours, "roofline_tok_s": roof,
+        row = {"batch": B, "compiled_layer": compiled, "decode_layer": layer, "setup_s": setup_s, "attention": attn,
+               "ours_tok_s": ours, "roofline_tok_s": roof,
                "fraction_of_roofline": ours / roof,
                "decode_phase_tok_s": d_tok / d_secs, "decode_phase_fraction_of_roofline": d_tok / d_secs / roof,
                "seconds": secs, "tokens": n_tok, "decode_steps": eng.decode_steps,
@@ -218,10 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile and dev.type == "cuda":
             with hold_context(eng, B, int(avg_ctx)):
                 row["kernels"] = kernel_profile(eng, B)
-        if not args.no_hf and compiled:
+        first = compiled and layer == args.decode_layer[0]  # baselines once per batch, not per variant
+        if not args.no_hf and first:
             hf = hf_generate(model, reqs, args.hf_new)
             row.update(hf_tok_s=hf, speedup_vs_hf=ours / hf)
-        if not args.no_tail and compiled:
+        if not args.no_tail and first:
             rng = np.random.default_rng(7)
             lens = np.clip(np.round(np.exp(rng.normal(math.log(48), 1.0, 4 * B))), 1, args.new).astype(int)
             tail = requests(4 * B, args.prompt, lens.tolist(), shape.vocab, seed=3 * B)
@@ -234,12 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     print("ours: whole generate (prefill of every prompt + decode); decode: the decode phase alone, same loop")
-    print(f"{'batch':>5} {'layer':>8} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF':>7} {'roofline':>9} {'of roof':>8} "
+    print(f"{'batch':>5} {'layer':>8} {'setup s':>7} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF':>7} "
+          f"{'roofline':>9} {'of roof':>8} "
           f"{'decode tok/s':>12} {'of roof':>8} "
           f"{'step ms':>8} {'gpu ms':>7} {'prefill ms':>10} {'tail cont/waves':>16}")
     for r in rows:
-        layer = "compiled" if r["compiled_layer"] else "eager"
-        print(f"{r['batch']:>5} {layer:>8} {r['ours_tok_s']:>11.0f} {r.get('hf_tok_s', float('nan')):>9.0f} "
+        layer = r["decode_layer"] if r["compiled_layer"] else "eager"
+        print(f"{r['batch']:>5} {layer:>8} {r['setup_s']:>7.1f} {r['ours_tok_s']:>11.0f} "
+              f"{r.get('hf_tok_s', float('nan')):>9.0f} "
               f"{r.get('speedup_vs_hf', float('nan')):>6.1f}x {r['roofline_tok_s']:>9.0f} "
               f"{r['fraction_of_roofline']:>7.1%} {r['decode_phase_tok_s']:>12.0f} "
               f"{r['decode_phase_fraction_of_roofline']:>7.1%} {r['step_ms']:>8.2f} {r['device_decode_ms']:>7.2f} "
