@@ -164,9 +164,8 @@ class RolloutConfig:
         "inplace",
         "fast engine on CUDA: how the decode layer runs its GEMMs. inplace: cuBLAS, each residual add done by "
         "the GEMM into the residual stream, norms and activation compiled; fused: norm+projections and the "
-        "MLP block compiled whole; autotune: as fused with torch.compile max-autotune per batch bucket "
-        "(minutes of tuning at engine start, cached on disk)",
-        ("inplace", "fused", "autotune"),
+        "MLP block compiled whole (the residual adds then cost a copy each)",
+        ("inplace", "fused"),
     )
     dtype: str = _f(
         "auto",

@@ -78,9 +78,9 @@ def decode_act(gu: Tensor) -> Tensor:
 #            Compiled whole, inductor emits an out-of-place addmm that first copies the residual:
 #            48 device copies per step (H200 profile, tools/bench/NOTES.md).
 # fused    - the norm + projections and the post-attention block each compiled whole (the v7 layer).
-# autotune - as fused, compiled with max-autotune per batch bucket: inductor times Triton GEMM
-#            templates (the residual add fused into their epilogue) against cuBLAS at each shape.
-DECODE_LAYERS = ("inplace", "fused", "autotune")
+# (torch.compile's max-autotune was tried too: 17-23 s of tuning per GEMM shape and bucket, minutes at
+# engine start, and it did not finish within a device call; tools/bench/NOTES.md, fifth session.)
+DECODE_LAYERS = ("inplace", "fused")
 
 
 class FastEngine:
@@ -492,12 +492,10 @@ class FastEngine:
 
     def _set_layer(self, compiled: bool) -> None:
         """The decode layer's pieces, compiled (static per bucket at first; torch marks the batch
-        dynamic once it changes, except under autotune, which tunes each bucket's shapes) or eager."""
+        dynamic once it changes) or eager."""
         fns = dict(pre=decode_pre, rope=decode_rope, post=decode_post, norm=decode_norm, act=decode_act)
         if compiled:
-            kw = (dict(mode="max-autotune-no-cudagraphs", dynamic=False) if self.decode_layer == "autotune"
-                  else {})
-            fns = {k: torch.compile(f, fullgraph=True, **kw) for k, f in fns.items()}
+            fns = {k: torch.compile(f, fullgraph=True) for k, f in fns.items()}
         self._pre, self._rope, self._post, self._norm, self._act = (fns[k] for k in ("pre", "rope", "post", "norm",
                                                                                      "act"))
         self._compiled = compiled

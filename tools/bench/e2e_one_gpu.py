@@ -67,7 +67,7 @@ def reward_curve(run_dir: Path) -> list[float]:
     return [float(x) for x in used.groupby("step")["reward"].mean().tolist()]
 
 
-def run(config: str, root: Path, name: str, overrides: list[str], timeout: float) -> dict:
+def run(config: str, root: Path, name: str, overrides: list[str], timeout: float, skip: int = 2) -> dict:
     cmd = [sys.executable, "-m", "areal_hpc.cli", "train", config, f"run.output_dir={root}", f"run.name={name}",
            "run.progress=false", *overrides]
     t = time.perf_counter()
@@ -83,8 +83,8 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         return {"mode": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
     summary = json.loads((root / name / "summary.json").read_text())
     curve = reward_curve(root / name)
-    steady, steady_tok = steady_rate(root / name)
-    train_s, wait_s = trainer_split(root / name)
+    steady, steady_tok = steady_rate(root / name, skip)
+    train_s, wait_s = trainer_split(root / name, skip)
     k = max(1, len(curve) // 5)
     engines = [e for e in summary.get("rollout_engines", []) if e.get("decode_steps")]
     if engines:  # the rollout's decode steps: how full they ran (the bucket each step used)
@@ -92,7 +92,8 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         summary["decode_steps"] = steps
         summary["mean_decode_batch"] = sum(e["mean_decode_batch"] * e["decode_steps"] for e in engines) / steps
         summary["tokens_per_decode_step"] = sum(e["tokens_generated"] for e in engines) / steps
-    return {**summary, "wall_seconds": wall, "reward_per_step": curve, "steady_samples_per_s": steady,
+    return {**summary, "wall_seconds": wall, "reward_per_step": curve, "steady_skip": skip,
+            "steady_samples_per_s": steady,
             "steady_tokens_per_s": steady_tok, "steady_train_s_per_step": train_s, "steady_wait_s_per_step": wait_s,
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eta", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("--skip", type=int, default=2,
+                    help="steady figures start after this step: a long async run's first steps train the "
+                         "shortest samples while the long ones are still in flight")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
@@ -115,12 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         plan = [("sync", 0, "sync", ["async=false", "rollout.eta=0"])]
         plan += [("async", eta, f"async_eta{eta}", [f"rollout.eta={eta}"]) for eta in args.eta]
         for mode, eta, name, extra in plan:
-            rows.append({"mode": mode, "eta": eta, **run(args.config, root, name, [*common, *extra], args.timeout)})
+            rows.append({"mode": mode, "eta": eta, **run(args.config, root, name, [*common, *extra], args.timeout,
+                                                          args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
     ok = [r for r in rows if not r.get("failed")]
     base = rows[0] if not rows[0].get("failed") else None
-    print("steady: steps 3..end; 'tok vs sync' compares steady response tokens/s, which short async runs "
-          "overstate less than samples/s (the shortest groups finish first)")
+    print(f"steady: steps {args.skip + 1}..end; 'tok vs sync' compares steady response tokens/s, which short "
+          "async runs overstate less than samples/s (the shortest groups finish first)")
     print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'steady/s':>9} {'vs sync':>8} "
           f"{'tok vs sync':>11} "
           f"{'idle':>6} {'train s':>7} {'wait s':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
