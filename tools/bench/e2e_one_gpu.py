@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eta", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("--stale-policy", nargs="+", default=["reject"], choices=["reject", "downweight"],
+                    help="trainer.stale_policy of the async runs, each with every eta: with long-tailed lengths, "
+                         "reject drops every group holding a response that spanned more than eta versions")
     ap.add_argument("--skip", type=int, default=2,
                     help="steady figures start after this step: a long async run's first steps train the "
                          "shortest samples while the long ones are still in flight")
@@ -116,17 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
-        plan = [("sync", 0, "sync", ["async=false", "rollout.eta=0"])]
-        plan += [("async", eta, f"async_eta{eta}", [f"rollout.eta={eta}"]) for eta in args.eta]
-        for mode, eta, name, extra in plan:
-            rows.append({"mode": mode, "eta": eta, **run(args.config, root, name, [*common, *extra], args.timeout,
-                                                          args.skip)})
+        plan = [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0"])]
+        plan += [("async", eta, pol, f"async_eta{eta}" + ("" if pol == "reject" else f"_{pol}"),
+                  [f"rollout.eta={eta}", f"trainer.stale_policy={pol}"])
+                 for pol in args.stale_policy for eta in args.eta]
+        for mode, eta, pol, name, extra in plan:
+            rows.append({"mode": mode, "eta": eta, "stale_policy": pol,
+                         **run(args.config, root, name, [*common, *extra], args.timeout, args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
     ok = [r for r in rows if not r.get("failed")]
     base = rows[0] if not rows[0].get("failed") else None
     print(f"steady: steps {args.skip + 1}..end; 'tok vs sync' compares steady response tokens/s, which short "
           "async runs overstate less than samples/s (the shortest groups finish first)")
-    print(f"{'mode':6} {'eta':>3} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} {'steady/s':>9} {'vs sync':>8} "
+    print(f"{'mode':6} {'eta':>3} {'stale':>10} {'rejected':>8} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} "
+          f"{'steady/s':>9} {'vs sync':>8} "
           f"{'tok vs sync':>11} "
           f"{'idle':>6} {'train s':>7} {'wait s':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
           f"{'reward first':>12} {'reward last':>11}")
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["steady_speedup_vs_sync"] = r["steady_samples_per_s"] / base["steady_samples_per_s"] if base else float("nan")
         r["steady_token_speedup_vs_sync"] = (r["steady_tokens_per_s"] / base["steady_tokens_per_s"]
                                              if base else float("nan"))
-        print(f"{r['mode']:6} {r['eta']:>3} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
+        print(f"{r['mode']:6} {r['eta']:>3} {r['stale_policy']:>10} {r.get('rejected', 0):>8.0f} "
+              f"{r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
               f"{r['steady_token_speedup_vs_sync']:>10.2f}x "
               f"{r['rollout_idle_fraction']:>6.2f} {r['steady_train_s_per_step']:>7.2f} "
