@@ -399,6 +399,48 @@ def test_gpu_graph_and_eager_decode_agree():
         assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["fast", "hf"])
+def test_abort_stops_a_group_where_it_stands_and_the_rest_run_on(kind):
+    """``abort`` hands back a group's queued and live sequences as they stand; the other groups finish
+    as if nothing happened (the fast engine's per-sequence seeds make that exact); ``first_versions``
+    reports each group's oldest token, or None while a member has not sampled."""
+    m = _model()
+    g = torch.Generator().manual_seed(4)
+    reqs = [GenRequest(i, i, i // 4, torch.randint(3, 97, (4,), generator=g).tolist(), max_tokens=12)
+            for i in range(16)]  # 4 groups of 4
+
+    def engine():
+        if kind == "fast":
+            return _engine(m, 16)
+        return TorchEngine(m, _Tok(), max_batch=16, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5)
+
+    eng = engine()
+    eng.submit(reqs)
+    assert set(eng.first_versions().values()) == {None}  # nothing sampled yet
+    done = []
+    for _ in range(4):
+        done += eng.step()
+    eng.version = 3  # a new version: tokens from here on carry it; the groups' oldest stays 0
+    done += eng.step()
+    first = eng.first_versions()
+    assert first and set(first) <= {0, 1, 2, 3} and set(first.values()) == {0}
+    before = {d.request.sample_id for d in done}
+    stopped = eng.abort({1})
+    assert {s.request.sample_id for s in stopped} == {4, 5, 6, 7} - before
+    assert all(s.aborted and not s.finished and 1 <= len(s.tokens) < 12 for s in stopped)
+    assert all(len(s.versions) == len(s.tokens) == len(s.logprobs) for s in stopped)
+    while eng.num_active():
+        done += eng.step()
+    assert 1 not in eng.first_versions()
+    rest = {d.request.sample_id: d for d in done if d.request.group_id != 1}
+    assert sorted(rest) == [i for i in range(16) if i // 4 != 1]
+    assert all(d.finished and not d.aborted for d in rest.values())
+    if kind == "fast":  # the same tokens as a run without the abort
+        plain = {x.request.sample_id: x for x in engine().generate(reqs)}
+        for i, d in rest.items():
+            assert d.tokens == plain[i].tokens and np.allclose(d.logprobs, plain[i].logprobs, atol=1e-5)
+
+
 def test_decode_layers_compute_the_same_function():
     """``inplace`` (residual adds accumulated by the GEMMs into the residual stream) decodes what the
     ``fused`` layer does; an unknown layer is refused with the choices."""

@@ -173,6 +173,12 @@ class RolloutConfig:
         "auto: bfloat16 on CUDA, model.dtype on CPU",
         ("auto", "float32", "bfloat16", "float16"),
     )
+    abort_stale: bool = _f(
+        True,
+        "with trainer.stale_policy=reject: stop decoding a group once its oldest token is more than eta versions "
+        "behind the rollout's weights (the trainer must reject it) and deliver it as it stands, rejected and "
+        "logged like any other, so its slots serve fresh groups",
+    )
     gated_yield_ms: float = _f(
         0.0,
         "rollout sharing its GPU with a trainer: sleep this long after each decode step while the staleness "

@@ -185,6 +185,8 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             "downweighted": totals["downweighted"],
             "leftover_at_stop": sum(s["leftover"] for s in stops),
             "generated": sum(s["pushed"] for s in rs), "abandoned_in_flight": sum(s["abandoned"] for s in rs),
+            "aborted_stale_groups": sum(s.get("aborted_groups", 0) for s in rs),
+            "aborted_stale_tokens": sum(s.get("aborted_tokens", 0) for s in rs),
             "abandoned_prompts": sorted(p for s in rs for p in s["abandoned_prompts"]),
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
             "rollout_yield_fraction": sum(s.get("yield_seconds", 0.0) for s in rs) / max(1e-9, train_seconds * len(rs)),

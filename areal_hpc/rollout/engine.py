@@ -43,6 +43,22 @@ class Generation:
     t_end: float = 0.0
     finished: bool = False
     interruptions: int = 0
+    aborted: bool = False  # stopped by ``abort`` before EOS or its length limit
+
+
+def first_versions(live: Iterable[Generation], queued: Iterable[GenRequest]) -> dict[int, int | None]:
+    """Per group with a sequence in flight: the version of its oldest token, or None while one of its
+    sequences has no token yet (queued, or admitted in a step whose results are not back)."""
+    out: dict[int, int | None] = {}
+    for g in live:
+        gid = g.request.group_id
+        if not g.versions:
+            out[gid] = None
+        elif out.get(gid, 0) is not None:
+            out[gid] = min(out.get(gid, g.versions[0]), g.versions[0])
+    for r in queued:
+        out[r.group_id] = None
+    return out
 
 
 class InferenceEngine(Protocol):
@@ -55,6 +71,10 @@ class InferenceEngine(Protocol):
     def num_active(self) -> int: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def first_versions(self) -> dict[int, int | None]: ...
+
+    def abort(self, group_ids: set[int]) -> list[Generation]: ...
 
 
 def run_to_completion(engine: InferenceEngine, requests: list[GenRequest]) -> list[Generation]:
@@ -129,6 +149,28 @@ class TorchEngine:
 
     def free_slots(self) -> int:
         return self.max_batch - len(self._live) - len(self._pending)
+
+    def first_versions(self) -> dict[int, int | None]:
+        return first_versions(self._live, self._pending)
+
+    def abort(self, group_ids: set[int]) -> list[Generation]:
+        """Stop every queued or live sequence of ``group_ids`` as it stands and return them (``aborted``)."""
+        out = [Generation(r) for r in self._pending if r.group_id in group_ids]
+        self._pending = [r for r in self._pending if r.group_id not in group_ids]
+        keep = [i for i, g in enumerate(self._live) if g.request.group_id not in group_ids]
+        if len(keep) < len(self._live):
+            out += [g for g in self._live if g.request.group_id in group_ids]
+            self._live = [self._live[i] for i in keep]
+            if not self._live:
+                self._cache = self._mask = self._pos = self._next_logits = None
+            else:  # the cache rows of the live sequences that stay, as a finished row leaves
+                idx = torch.tensor(keep, device=self.device)
+                self._cache.batch_select_indices(idx)
+                self._mask, self._pos, self._next_logits = self._mask[idx], self._pos[idx], self._next_logits[idx]
+        now = time.time()
+        for g in out:
+            g.aborted, g.t_end = True, now
+        return out
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

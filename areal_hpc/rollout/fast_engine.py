@@ -40,7 +40,7 @@ from areal_hpc.model.decode_kernel import DecodeAttention, config_name, decode_k
 from areal_hpc.model.graphs import capture
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
 from areal_hpc.model.tokenizer import Tokenizer
-from areal_hpc.rollout.engine import Generation, GenRequest, run_to_completion
+from areal_hpc.rollout.engine import Generation, GenRequest, first_versions, run_to_completion
 from areal_hpc.rollout.sampling import sample, sample_fused, sequence_seed, triton_available
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class FastEngine:
         self._live = 0  # occupied slots; kept as a count because the loop asks several times per step
         self._freed: list[int] = []  # slots freed while draining a step, reset on the device at its end
         self._pending: list[GenRequest] = []
+        self._early: list[Generation] = []  # finished while ``abort`` drained the step in flight
         self._stale: bool = False
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets = [B]
@@ -176,13 +177,38 @@ class FastEngine:
             self._pending.append(r)
 
     def num_active(self) -> int:
-        return self._n_live() + len(self._pending) + (self._inflight is not None)
+        return self._n_live() + len(self._pending) + (self._inflight is not None) + len(self._early)
 
     def active_groups(self) -> set[int]:
         return {g.request.group_id for g in self._slots if g is not None} | {r.group_id for r in self._pending}
 
     def free_slots(self) -> int:
         return self.max_batch - self._n_live() - len(self._pending)
+
+    def first_versions(self) -> dict[int, int | None]:
+        return first_versions((g for g in self._slots if g is not None), self._pending)
+
+    def abort(self, group_ids: set[int]) -> list[Generation]:
+        """Stop every queued or live sequence of ``group_ids`` as it stands and return them (``aborted``).
+
+        The step in flight is applied first (slots must not change under it); sequences it finished
+        come out of the next ``step()``.
+        """
+        self._early += self._drain()
+        now = time.time()
+        out = [Generation(r) for r in self._pending if r.group_id in group_ids]
+        self._pending = [r for r in self._pending if r.group_id not in group_ids]
+        for slot, g in enumerate(self._slots):
+            if g is not None and g.request.group_id in group_ids:
+                out.append(g)
+                self._slots[slot] = None
+                self._live -= 1
+                self._freed.append(slot)
+                self._hi = None
+        self._reset_freed()
+        for g in out:
+            g.aborted, g.t_end = True, now
+        return out
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
@@ -202,7 +228,7 @@ class FastEngine:
         Results therefore arrive one step late; a sequence that finished in the previous step costs
         one wasted row in this one, and the host's bookkeeping and prefill launches overlap device work.
         """
-        finished: list[Generation] = []
+        finished, self._early = self._early, []
         if self._stale:
             finished += self._drain()  # the rebuilt cache must cover every token sampled so far
             self._recompute()
@@ -626,9 +652,12 @@ class FastEngine:
                 continue
             if self._append(slot, g, tok_l[slot], logp_l[slot], v, now):
                 done.append(g)
+        self._reset_freed()
+        return done
+
+    def _reset_freed(self) -> None:
         if self._freed:  # a freed slot stops advancing and reading its old cache
             idx = self._dev(self._freed)
             self._active.index_fill_(0, idx, 0)
             self._pos.index_fill_(0, idx, 0)
             self._freed.clear()
-        return done

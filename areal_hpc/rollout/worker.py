@@ -3,6 +3,11 @@
 Loop: service control messages and finished weight receives -> admit prompt groups the gate allows
 -> one decode step -> push finished groups into the ring. New weights are loaded between decode
 steps, so a sequence in flight continues under the new version (its tokens record which).
+
+With ``trainer.stale_policy: reject``, a group whose oldest token falls more than η versions behind
+the weights just loaded is certain to be rejected (the trainer's version is never behind the
+rollout's). It is aborted there and delivered as it stands, so its slots decode fresh groups and the
+trainer rejects it, credits it back and logs it like any rejected group (``rollout.abort_stale``).
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ class RolloutWorker:
         self.yield_seconds = 0.0
         self._groups_base = self.gate.admitted  # groups a resumed run counts as already delivered
         self.versions_applied = 0
+        self._abort_stale = cfg.rollout.abort_stale and cfg.trainer.stale_policy == "reject"
+        self._recheck = False  # a group could not be judged at the last version change
+        self.aborted_groups = 0
+        self.aborted_tokens = 0  # tokens the aborted sequences had when stopped
 
     # -- control ------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -103,10 +112,34 @@ class RolloutWorker:
         v = self.receiver.ready(block=block)
         if v is None:
             return
-        if not self.receiver.superseded:
+        applied = not self.receiver.superseded
+        if applied:
             self.engine.update_weights(self.receiver.tensors(), v)
             self.versions_applied += 1
         self.receiver.post_next()
+        # After post_next: delivering an aborted group may poll (a full ring) and land here again.
+        if applied and self._abort_stale and not self.stop:
+            self._abort_doomed()
+
+    def _abort_doomed(self) -> None:
+        """Abort the groups that the trainer will reject whatever happens next, and deliver them."""
+        limit = self.engine.version - self.cfg.rollout.eta  # an oldest token before this is > eta behind
+        doomed = set()
+        self._recheck = False
+        for gid, oldest in self.engine.first_versions().items():
+            if oldest is None:  # a member has not sampled yet: look again after the next step
+                self._recheck = True
+                continue
+            done = [m.versions[0] for m in self._groups.get(gid, []) if m.versions]
+            if min([oldest, *done]) < limit:
+                doomed.add(gid)
+        if not doomed:
+            return
+        stopped = self.engine.abort(doomed)
+        self.aborted_groups += len(doomed)
+        self.aborted_tokens += sum(len(g.tokens) for g in stopped)
+        for g in stopped:
+            self._finish(g)
 
     # -- generation ---------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -181,6 +214,8 @@ class RolloutWorker:
             if self.engine.num_active():
                 for g in self.engine.step():
                     self._finish(g)
+                if self._recheck:
+                    self._abort_doomed()
                 self.log.flush_if_due()
                 if self._yield_now():
                     t = time.perf_counter()
@@ -204,6 +239,7 @@ class RolloutWorker:
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
         stats = {"pushed": self.pushed, "abandoned": abandoned, "idle_seconds": self.idle_seconds,
+                 "aborted_groups": self.aborted_groups, "aborted_tokens": self.aborted_tokens,
                  "yield_seconds": self.yield_seconds,
                  "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
                  "ring_full_waits": self.ring.full_waits if self.ring else 0,

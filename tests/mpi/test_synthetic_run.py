@@ -64,3 +64,31 @@ def test_colocated_yield_keeps_the_run_whole(job_root):
     assert 0.0 < summary["rollout_yield_fraction"] < 1.0, summary["rollout_yield_fraction"]
     engine = summary["rollout_engines"][0]
     assert engine["decode_steps"] > 0 and engine["tokens_generated"] >= 10 * 32
+
+
+def test_doomed_groups_are_aborted_in_the_rollout_and_rejected(job_root):
+    """Long-tailed lengths at eta=1 with ``stale_policy: reject``: a group that falls more than eta
+    versions behind is stopped in the rollout and delivered as it stands, and the trainer rejects it.
+    Every sample is still trained, rejected or left over exactly once (``check_records``)."""
+    from .test_async_loop import check_records
+
+    over = [*SYNTHETIC, "task.len_median=8", "task.len_sigma=1.5", "rollout.max_new_tokens=48", "model.max_seq_len=60",
+            "rollout.eta=1", "rollout.engine=fast", "rollout.max_concurrent_groups=8", "run.steps=12"]
+    job = run_train(job_root, "abort", *over, timeout=240)
+    assert job.rc == 0, job.output[-3000:]
+    rec = check_records(job.run_dir, eta=1, steps=12)
+    assert rec["summary"]["aborted_stale_groups"] >= 1, rec["summary"]
+    print({k: rec["summary"][k] for k in ("aborted_stale_groups", "aborted_stale_tokens", "rejected", "generated")})
+    samples = rec["samples"].set_index("sample_id")
+    sample_ids, offsets, fields = rec["log"].tokens("response", ["response_tokens"])
+    tokens = fields["response_tokens"]
+    eos = 2
+    stopped = []  # responses that ended short of their target without EOS: only an abort does that
+    for k, sid in enumerate(sample_ids):
+        resp = tokens[offsets[k]:offsets[k + 1]]
+        target = int(samples.loc[sid, "answer"].removeprefix("len="))
+        if len(resp) < target and resp[-1] != eos:
+            stopped.append(int(sid))
+    assert stopped and set(stopped) <= set(rec["rejected"])
+    # the aborted sequences are exactly those: each was delivered the moment it was stopped
+    assert rec["summary"]["aborted_stale_tokens"] == sum(int(samples.loc[s, "response_len"]) for s in stopped)
