@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", type=int, default=2,
                     help="steady figures start after this step: a long async run's first steps train the "
                          "shortest samples while the long ones are still in flight")
+    ap.add_argument("--abort-stale", nargs="+", default=["on"], choices=["on", "off"],
+                    help="rollout.abort_stale of the reject runs, each with every eta (off: doomed groups decode "
+                         "to the end, then the trainer rejects them)")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
@@ -120,18 +123,23 @@ def main(argv: list[str] | None = None) -> dict:
         cache = args.cache_dir or str(root / "cache")
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
         plan = [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0"])]
-        plan += [("async", eta, pol, f"async_eta{eta}" + ("" if pol == "reject" else f"_{pol}"),
-                  [f"rollout.eta={eta}", f"trainer.stale_policy={pol}"])
-                 for pol in args.stale_policy for eta in args.eta]
+        for pol in args.stale_policy:
+            for abort in (args.abort_stale if pol == "reject" else ["on"]):  # only reject aborts
+                tag = ("" if pol == "reject" else f"_{pol}") + ("" if abort == "on" else "_noabort")
+                flags = [f"trainer.stale_policy={pol}", f"rollout.abort_stale={abort == 'on'}"]
+                plan += [("async", eta, pol, f"async_eta{eta}{tag}", [f"rollout.eta={eta}", *flags])
+                         for eta in args.eta]
         for mode, eta, pol, name, extra in plan:
             rows.append({"mode": mode, "eta": eta, "stale_policy": pol,
+                         "abort_stale": mode == "async" and "rollout.abort_stale=False" not in extra,
                          **run(args.config, root, name, [*common, *extra], args.timeout, args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
     ok = [r for r in rows if not r.get("failed")]
     base = rows[0] if not rows[0].get("failed") else None
     print(f"steady: steps {args.skip + 1}..end; 'tok vs sync' compares steady response tokens/s, which short "
           "async runs overstate less than samples/s (the shortest groups finish first)")
-    print(f"{'mode':6} {'eta':>3} {'stale':>10} {'rejected':>8} {'samples/s':>10} {'tokens/s':>10} {'vs sync':>8} "
+    print(f"{'mode':6} {'eta':>3} {'stale':>10} {'abort':>5} {'aborted':>7} {'rejected':>8} {'samples/s':>10} "
+          f"{'tokens/s':>10} {'vs sync':>8} "
           f"{'steady/s':>9} {'vs sync':>8} "
           f"{'tok vs sync':>11} "
           f"{'idle':>6} {'train s':>7} {'wait s':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["steady_speedup_vs_sync"] = r["steady_samples_per_s"] / base["steady_samples_per_s"] if base else float("nan")
         r["steady_token_speedup_vs_sync"] = (r["steady_tokens_per_s"] / base["steady_tokens_per_s"]
                                              if base else float("nan"))
-        print(f"{r['mode']:6} {r['eta']:>3} {r['stale_policy']:>10} {r.get('rejected', 0):>8.0f} "
+        print(f"{r['mode']:6} {r['eta']:>3} {r['stale_policy']:>10} {str(r['abort_stale']):>5} "
+              f"{r.get('aborted_stale_groups', 0):>7} {r.get('rejected', 0):>8.0f} "
               f"{r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
               f"{r['steady_token_speedup_vs_sync']:>10.2f}x "
