@@ -28,7 +28,8 @@ def run(config: str, out_root: Path, name: str, overrides: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads((out_root / name / "summary.json").read_text())
+    summary = json.loads((out_root / name / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k not in ("run_dir", "checkpoint")}  # temporary folders
 
 
 def main() -> None:

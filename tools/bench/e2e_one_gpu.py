@@ -82,6 +82,8 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
         return {"mode": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
     summary = json.loads((root / name / "summary.json").read_text())
+    for key in ("run_dir", "checkpoint"):  # a temporary folder, gone when the bench ends
+        summary.pop(key, None)
     curve = reward_curve(root / name)
     steady, steady_tok = steady_rate(root / name, skip)
     train_s, wait_s = trainer_split(root / name, skip)

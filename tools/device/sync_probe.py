@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from areal_hpc.rollout.engine import GenRequest  # noqa: E402
@@ -44,7 +45,7 @@ def count_syncs(fn) -> tuple[collections.Counter, str]:
         try:
             fn()
         except RuntimeError:
-            first = traceback.format_exc(limit=-8)
+            first = traceback.format_exc(limit=-8).replace(str(REPO) + "/", "")  # repo-relative paths
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return hits, first
