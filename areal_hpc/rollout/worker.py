@@ -91,7 +91,7 @@ class RolloutWorker:
         self._groups_base = self.gate.admitted  # groups a resumed run counts as already delivered
         self.versions_applied = 0
         self._abort_stale = cfg.rollout.abort_stale and cfg.trainer.stale_policy == "reject"
-        self._recheck = False  # a group could not be judged at the last version change
+        self._unjudged: set[int] = set()  # groups not judged at the last version change (a member had no token)
         self.aborted_groups = 0
         self.aborted_tokens = 0  # tokens the aborted sequences had when stopped
 
@@ -121,18 +121,22 @@ class RolloutWorker:
         if applied and self._abort_stale and not self.stop:
             self._abort_doomed()
 
-    def _abort_doomed(self) -> None:
-        """Abort the groups that the trainer will reject whatever happens next, and deliver them."""
+    def _abort_doomed(self, only: set[int] | None = None) -> None:
+        """Abort the groups (of ``only``, if given) that the trainer will reject whatever happens next,
+        and deliver them. A group with a member that has not sampled yet is judged after a later step."""
         limit = self.engine.version - self.cfg.rollout.eta  # an oldest token before this is > eta behind
-        doomed = set()
-        self._recheck = False
+        doomed: set[int] = set()
+        unjudged: set[int] = set()
         for gid, oldest in self.engine.first_versions().items():
-            if oldest is None:  # a member has not sampled yet: look again after the next step
-                self._recheck = True
+            if only is not None and gid not in only:
+                continue
+            if oldest is None:
+                unjudged.add(gid)
                 continue
             done = [m.versions[0] for m in self._groups.get(gid, []) if m.versions]
             if min([oldest, *done]) < limit:
                 doomed.add(gid)
+        self._unjudged = unjudged  # groups admitted since the version change are never doomed by it
         if not doomed:
             return
         stopped = self.engine.abort(doomed)
@@ -214,8 +218,8 @@ class RolloutWorker:
             if self.engine.num_active():
                 for g in self.engine.step():
                     self._finish(g)
-                if self._recheck:
-                    self._abort_doomed()
+                if self._unjudged:
+                    self._abort_doomed(self._unjudged)
                 self.log.flush_if_due()
                 if self._yield_now():
                     t = time.perf_counter()
