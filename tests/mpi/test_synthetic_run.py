@@ -22,8 +22,9 @@ SYNTHETIC = ["task.kind=synthetic", "task.prompt_len=6", "task.len_median=4", "t
 
 def test_synthetic_task_lengths_follow_targets(job_root):
     # Packed micro-batches padded to 64-token buckets: the GPU configs' trainer path, here uncompiled.
+    # rollout.abort_stale off: an aborted group's responses end short of their targets by design (tested below)
     job = run_train(job_root, "synthetic", *SYNTHETIC, "trainer.packing=packed", "trainer.token_bucket=64",
-                    timeout=120)
+                    "rollout.abort_stale=false", timeout=120)
     assert job.rc == 0, job.output[-3000:]
     summary = json.loads((job.run_dir / "summary.json").read_text())
     assert summary["final_version"] == 10
@@ -73,12 +74,11 @@ def test_doomed_groups_are_aborted_in_the_rollout_and_rejected(job_root):
     from .test_async_loop import check_records
 
     over = [*SYNTHETIC, "task.len_median=8", "task.len_sigma=1.5", "rollout.max_new_tokens=48", "model.max_seq_len=60",
-            "rollout.eta=1", "rollout.engine=fast", "rollout.max_concurrent_groups=8", "run.steps=12"]
+            "rollout.eta=1", "rollout.engine=fast", "rollout.max_concurrent_groups=8", "run.steps=16"]
     job = run_train(job_root, "abort", *over, timeout=240)
     assert job.rc == 0, job.output[-3000:]
-    rec = check_records(job.run_dir, eta=1, steps=12)
+    rec = check_records(job.run_dir, eta=1, steps=16)
     assert rec["summary"]["aborted_stale_groups"] >= 1, rec["summary"]
-    print({k: rec["summary"][k] for k in ("aborted_stale_groups", "aborted_stale_tokens", "rejected", "generated")})
     samples = rec["samples"].set_index("sample_id")
     sample_ids, offsets, fields = rec["log"].tokens("response", ["response_tokens"])
     tokens = fields["response_tokens"]
