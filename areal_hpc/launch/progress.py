@@ -46,7 +46,8 @@ def summary_table(s: dict[str, Any]) -> str:
         ("samples trained", f"{int(s['samples_trained'])}"),
         ("samples/s", f"{s['samples_per_s']:.1f}"),
         ("tokens/s (generated, trained)", f"{s['tokens_per_s']:.0f}"),
-        ("rejected as stale", f"{int(s['rejected'])}"),
+        ("rejected as stale", f"{int(s['rejected'])} (groups stopped early in the rollout: "
+                              f"{s.get('aborted_stale_groups', 0)})"),
         ("rollout idle fraction", f"{s['rollout_idle_fraction']:.2f}"),
         ("run folder", s["run_dir"]),
         ("final policy", s["checkpoint"]),
