@@ -426,12 +426,17 @@ def test_abort_stops_a_group_where_it_stands_and_the_rest_run_on(kind):
     assert first and set(first) <= {0, 1, 2, 3} and set(first.values()) == {0}
     before = {d.request.sample_id for d in done}
     stopped = eng.abort({1})
-    assert {s.request.sample_id for s in stopped} == {4, 5, 6, 7} - before
-    assert all(s.aborted and not s.finished and 1 <= len(s.tokens) < 12 for s in stopped)
+    assert stopped and all(s.aborted and not s.finished and 1 <= len(s.tokens) < 12 for s in stopped)
     assert all(len(s.versions) == len(s.tokens) == len(s.logprobs) for s in stopped)
+    after = []
     while eng.num_active():
-        done += eng.step()
+        after += eng.step()
     assert 1 not in eng.first_versions()
+    # a member the step in flight finished (EOS) comes out of the next step, finished, not aborted
+    late = {d.request.sample_id for d in after if d.request.group_id == 1}
+    assert {s.request.sample_id for s in stopped} | late == {4, 5, 6, 7} - before
+    assert not late & {s.request.sample_id for s in stopped}
+    done += after
     rest = {d.request.sample_id: d for d in done if d.request.group_id != 1}
     assert sorted(rest) == [i for i in range(16) if i // 4 != 1]
     assert all(d.finished and not d.aborted for d in rest.values())

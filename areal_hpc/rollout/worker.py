@@ -139,8 +139,8 @@ class RolloutWorker:
         self._unjudged = unjudged  # groups admitted since the version change are never doomed by it
         if not doomed:
             return
-        stopped = self.engine.abort(doomed)
-        self.aborted_groups += len(doomed)
+        stopped = self.engine.abort(doomed)  # a member the step in flight finished comes out of the next step
+        self.aborted_groups += len({g.request.group_id for g in stopped})
         self.aborted_tokens += sum(len(g.tokens) for g in stopped)
         for g in stopped:
             self._finish(g)
