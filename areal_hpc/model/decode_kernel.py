@@ -68,6 +68,43 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * xr * sin[None, :]
 
     @triton.jit
+    def _query(qkv_ptr, cos_ptr, sin_ptr, row, h, p, scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        """The G query heads of KV head ``h`` (rows of a GP-row tile), roped at ``p`` and pre-scaled,
+        and the RoPE tables at ``p`` (the new key needs them too)."""
+        d = tl.arange(0, D)
+        g = tl.arange(0, GP)
+        cos = tl.load(cos_ptr + p * D + d)
+        sin = tl.load(sin_ptr + p * D + d)
+        q = _rope(qkv_ptr, row + h * G * D, g, d, g < G, cos, sin, D // 2, D)
+        return (q * scale).to(qkv_ptr.dtype.element_ty), cos, sin
+
+    @triton.jit
+    def _new_token(qkv_ptr, kc_ptr, vc_ptr, row, cache, h, p, sc_l, q, cos, sin, HQ: tl.constexpr,
+                   HKV: tl.constexpr, D: tl.constexpr):
+        """Store the new token's roped key and value at ``p`` of the cache; return the query rows'
+        scores against that key and the value in fp32 (it joins the attention from registers)."""
+        d = tl.arange(0, D)
+        one = tl.arange(0, 1)
+        kn = _rope(qkv_ptr, row + (HQ + h) * D, one, d, one < 1, cos, sin, D // 2, D)
+        kn = kn.to(kc_ptr.dtype.element_ty)
+        vn = tl.load(qkv_ptr + row + (HQ + HKV + h) * D + one[:, None] * D + d[None, :])
+        tl.store(kc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], kn)
+        tl.store(vc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], vn)
+        return tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1), vn.to(tl.float32)
+
+    @triton.jit
+    def _store_partial(acc_ptr, ml_ptr, b, h, c, n_split, acc, m, l_sum, HQ: tl.constexpr, G: tl.constexpr,
+                       GP: tl.constexpr, D: tl.constexpr):
+        """One chunk's (weighted values, max, sum) per query head, for the combine."""
+        d = tl.arange(0, D)
+        g = tl.arange(0, GP)
+        qmask = g < G
+        part = (b * HQ + h * G + g) * n_split + c
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
+        tl.store(ml_ptr + part * 2, m, mask=qmask)
+        tl.store(ml_ptr + part * 2 + 1, l_sum, mask=qmask)
+
+    @triton.jit
     def _split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr,
                s_qkv, sc_b, sc_l, sc_h, n_split, scale,
                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
@@ -79,13 +116,8 @@ if triton is not None:
         lo = c * CH
         if lo <= p:
             d = tl.arange(0, D)
-            g = tl.arange(0, GP)
-            qmask = g < G
-            cos = tl.load(cos_ptr + p * D + d)
-            sin = tl.load(sin_ptr + p * D + d)
             row = b * s_qkv
-            q = _rope(qkv_ptr, row + h * G * D, g, d, qmask, cos, sin, D // 2, D)
-            q = (q * scale).to(qkv_ptr.dtype.element_ty)
+            q, cos, sin = _query(qkv_ptr, cos_ptr, sin_ptr, row, h, p, scale, G, GP, D)
             cache = b * sc_b + h * sc_h
             n = lo + tl.arange(0, CH)
             kmask = n < p
@@ -95,27 +127,17 @@ if triton is not None:
             s = tl.where(kmask[None, :], s, float("-inf"))
             m = tl.max(s, 1)
             if p < lo + CH:  # this chunk holds position p: the new key/value join from registers
-                one = tl.arange(0, 1)
-                kn = _rope(qkv_ptr, row + (HQ + h) * D, one, d, one < 1, cos, sin, D // 2, D)
-                kn = kn.to(kc_ptr.dtype.element_ty)
-                vn = tl.load(qkv_ptr + row + (HQ + HKV + h) * D + one[:, None] * D + d[None, :])
-                tl.store(kc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], kn)
-                tl.store(vc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], vn)
-                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1)
+                s_new, vn = _new_token(qkv_ptr, kc_ptr, vc_ptr, row, cache, h, p, sc_l, q, cos, sin, HQ, HKV, D)
                 m = tl.maximum(m, s_new)
                 pr = tl.exp(s - m[:, None])
                 pn = tl.exp(s_new - m)
                 l_sum = tl.sum(pr, 1) + pn
-                acc = tl.dot(pr.to(v.dtype), v) + pn[:, None] * vn.to(tl.float32)
+                acc = tl.dot(pr.to(v.dtype), v) + pn[:, None] * vn
             else:
                 pr = tl.exp(s - m[:, None])
                 l_sum = tl.sum(pr, 1)
                 acc = tl.dot(pr.to(v.dtype), v)
-            heads = h * G + g
-            part = (b * HQ + heads) * n_split + c
-            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
-            tl.store(ml_ptr + part * 2, m, mask=qmask)
-            tl.store(ml_ptr + part * 2 + 1, l_sum, mask=qmask)
+            _store_partial(acc_ptr, ml_ptr, b, h, c, n_split, acc, m, l_sum, HQ, G, GP, D)
 
     @triton.jit
     def _split_loop(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr,
@@ -130,13 +152,8 @@ if triton is not None:
         lo = c * CH
         if lo <= p:
             d = tl.arange(0, D)
-            g = tl.arange(0, GP)
-            qmask = g < G
-            cos = tl.load(cos_ptr + p * D + d)
-            sin = tl.load(sin_ptr + p * D + d)
             row = b * s_qkv
-            q = _rope(qkv_ptr, row + h * G * D, g, d, qmask, cos, sin, D // 2, D)
-            q = (q * scale).to(qkv_ptr.dtype.element_ty)
+            q, cos, sin = _query(qkv_ptr, cos_ptr, sin_ptr, row, h, p, scale, G, GP, D)
             cache = b * sc_b + h * sc_h
             hi = tl.minimum(lo + CH, p)  # cached keys of this chunk: lo..hi-1
             m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -156,24 +173,14 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
                 m_i = m_new
             if p < lo + CH:  # this chunk holds position p: the new key/value join from registers
-                one = tl.arange(0, 1)
-                kn = _rope(qkv_ptr, row + (HQ + h) * D, one, d, one < 1, cos, sin, D // 2, D)
-                kn = kn.to(kc_ptr.dtype.element_ty)
-                vn = tl.load(qkv_ptr + row + (HQ + HKV + h) * D + one[:, None] * D + d[None, :])
-                tl.store(kc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], kn)
-                tl.store(vc_ptr + cache + p * sc_l + one[:, None] * 0 + d[None, :], vn)
-                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1)
+                s_new, vn = _new_token(qkv_ptr, kc_ptr, vc_ptr, row, cache, h, p, sc_l, q, cos, sin, HQ, HKV, D)
                 m_new = tl.maximum(m_i, s_new)
                 alpha = tl.exp(m_i - m_new)
                 pn = tl.exp(s_new - m_new)
                 l_i = l_i * alpha + pn
-                acc = acc * alpha[:, None] + pn[:, None] * vn.to(tl.float32)
+                acc = acc * alpha[:, None] + pn[:, None] * vn
                 m_i = m_new
-            heads = h * G + g
-            part = (b * HQ + heads) * n_split + c
-            tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
-            tl.store(ml_ptr + part * 2, m_i, mask=qmask)
-            tl.store(ml_ptr + part * 2 + 1, l_i, mask=qmask)
+            _store_partial(acc_ptr, ml_ptr, b, h, c, n_split, acc, m_i, l_i, HQ, G, GP, D)
 
     @triton.jit
     def _combine(pos_ptr, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G: tl.constexpr, GP: tl.constexpr,

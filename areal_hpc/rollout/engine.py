@@ -54,8 +54,10 @@ def first_versions(live: Iterable[Generation], queued: Iterable[GenRequest]) -> 
         gid = g.request.group_id
         if not g.versions:
             out[gid] = None
-        elif out.get(gid, 0) is not None:
-            out[gid] = min(out.get(gid, g.versions[0]), g.versions[0])
+        elif gid not in out:
+            out[gid] = g.versions[0]
+        elif out[gid] is not None:
+            out[gid] = min(out[gid], g.versions[0])
     for r in queued:
         out[r.group_id] = None
     return out
