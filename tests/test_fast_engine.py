@@ -447,26 +447,32 @@ def test_abort_stops_a_group_where_it_stands_and_the_rest_run_on(kind):
 
 
 def test_decode_layers_compute_the_same_function():
-    """``inplace`` (residual adds accumulated by the GEMMs into the residual stream) decodes what the
-    ``fused`` layer does; an unknown layer is refused with the choices."""
-    m = _model()
+    """``inplace`` (residual adds accumulated by the GEMMs into the residual stream) and ``folded`` (the
+    norms folded into the projections) decode what the ``fused`` layer does, also after a weight
+    update (the folded copies follow it); an unknown layer is refused with the choices."""
+    m, pristine, new = _model(), _model(), _model(seed=1)
     reqs = _requests(16)
     runs = {}
-    for layer in ("inplace", "fused"):
+    for layer in ("inplace", "folded", "fused"):
         eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
                          seed=5, decode_layer=layer)
         runs[layer] = eng.generate(reqs)
+        eng.update_weights(new.named_parameters(), version=1)
+        runs[layer] += eng.generate(reqs)
         assert eng.stats()["decode_layer"] == layer
-    for a, b in zip(runs["inplace"], runs["fused"], strict=True):
-        assert a.tokens == b.tokens
-        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+        eng.update_weights(pristine.named_parameters(), version=2)  # the engine writes into m's parameters
+    for other in ("inplace", "folded"):
+        for a, b in zip(runs[other], runs["fused"], strict=True):
+            assert a.tokens == b.tokens
+            assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert [a.tokens for a in runs["fused"][:16]] != [a.tokens for a in runs["fused"][16:]]  # the update took
     with pytest.raises(ValueError, match="inplace"):
         FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
                    decode_layer="inplcae")
 
 
 @cuda
-@pytest.mark.parametrize("layer", ["fused"])
+@pytest.mark.parametrize("layer", ["fused", "folded"])
 def test_gpu_decode_layers_agree(layer):
     """On the GPU (compiled, CUDA graphs): the other layers against ``inplace``, to bf16 rounding."""
     m = _model("cuda", torch.bfloat16, vocab=997)

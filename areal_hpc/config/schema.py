@@ -163,9 +163,11 @@ class RolloutConfig:
     decode_layer: str = _f(
         "inplace",
         "fast engine on CUDA: how the decode layer runs its GEMMs. inplace: cuBLAS, each residual add done by "
-        "the GEMM into the residual stream, norms and activation compiled; fused: norm+projections and the "
+        "the GEMM into the residual stream, norms and activation compiled; folded: as inplace with both norms "
+        "folded into the projections (a second copy of the q/k/v and gate/up weights; the row scales applied "
+        "by the attention and SiLU-mul kernels, 48 fewer launches per step); fused: norm+projections and the "
         "MLP block compiled whole (the residual adds then cost a copy each)",
-        ("inplace", "fused"),
+        ("inplace", "folded", "fused"),
     )
     dtype: str = _f(
         "auto",

@@ -37,6 +37,8 @@ from torch import Tensor
 from areal_hpc.comm.transfer import to_device
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
 from areal_hpc.model.decode_kernel import DecodeAttention, config_name, decode_kernel_works, parse_config
+from areal_hpc.model.folded import FoldedWeights, silu_mul, unfold_qkv
+from areal_hpc.model.folded import kernel_available as folded_kernel_available
 from areal_hpc.model.graphs import capture
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, rms_norm, split_qkv_rope
 from areal_hpc.model.tokenizer import Tokenizer
@@ -77,10 +79,13 @@ def decode_act(gu: Tensor) -> Tensor:
 #            stream by the GEMM itself (addmm_, beta=1); only the norms and the activation are compiled.
 #            Compiled whole, inductor emits an out-of-place addmm that first copies the residual:
 #            48 device copies per step (H200 profile, tools/bench/NOTES.md).
+# folded   - as inplace, with both norms folded into the projections (model/folded.py): the norm
+#            weights live in a copy of the q/k/v and gate/up weights, the row scales are applied by
+#            the decode attention and the SiLU-mul kernels; 48 fewer launches per step.
 # fused    - the norm + projections and the post-attention block each compiled whole (the v7 layer).
 # (torch.compile's max-autotune was tried too: 17-23 s of tuning per GEMM shape and bucket, minutes at
 # engine start, and it did not finish within a device call; tools/bench/NOTES.md, fifth session.)
-DECODE_LAYERS = ("inplace", "fused")
+DECODE_LAYERS = ("inplace", "folded", "fused")
 
 
 class FastEngine:
@@ -158,6 +163,8 @@ class FastEngine:
         flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
         self.decode_layer = decode_layer
+        self._fold = FoldedWeights(self.runner.layers) if decode_layer == "folded" else None
+        self._fold_kernel = folded_kernel_available(dev)
         self._compiled = compile_decode and dev.type == "cuda" and triton_available(dev)
         self._set_layer(self._compiled)
         self.tokens_generated = 0
@@ -214,6 +221,8 @@ class FastEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         for name, tensor in named_tensors:
             self._params[name].copy_(tensor)
+        if self._fold is not None:
+            self._fold.refresh()
         self.version = version
         live = [g for g in self._slots if g is not None]
         for g in live:
@@ -489,20 +498,27 @@ class FastEngine:
         run, shape = self.runner, self.runner.shape
         x = torch.nn.functional.embedding(self._tok[:n], run.embed)
         cos, sin = (None, None) if self._fused_attn else run.rope_tables(pos, x.dtype)
+        fold = self._fold
         for i, L in enumerate(run.layers):
-            qkv = self._pre(x, L.ln1, L.w_qkv, L.b_qkv, shape)
+            if fold is not None:  # the input norm is folded into the weights; the attention applies its row scale
+                qkv = torch.mm(x, fold.w_qkv[i].t())
+            else:
+                qkv = self._pre(x, L.ln1, L.w_qkv, L.b_qkv, shape)
             kc, vc = self.k_cache[i, :n], self.v_cache[i, :n]
             if self._fused_attn:
-                o = self._attn(qkv, run._cos, run._sin, kc, vc, pos)
+                folded = () if fold is None else (x, L.b_qkv, shape.eps)
+                o = self._attn(qkv, run._cos, run._sin, kc, vc, pos, *folded)
             else:
+                if fold is not None:
+                    qkv = unfold_qkv(qkv, x, L.b_qkv, shape.eps)
                 q, k, v = self._rope(qkv, cos, sin, shape)
                 kc.index_put_((self._rows[:n], pos), k)
                 vc.index_put_((self._rows[:n], pos), v)
                 o = cached_decode(q, kc, vc, lengths, self._offsets_for(n))
-            if self.decode_layer == "inplace":
-                x = self._post_inplace(x, o, L, shape)
-            else:
+            if self.decode_layer == "fused":
                 x = self._post(x, o, L.wo, L.ln2, L.w_gu, L.wd, shape)
+            else:
+                x = self._post_inplace(x, o, L, i, shape)
         logits = run.logits(self._norm(x, run.norm, shape))
         seed, ctr = self._seed[:n], self._ctr[:n]
         if self._fused_sampler:
@@ -526,11 +542,14 @@ class FastEngine:
                                                                                      "act"))
         self._compiled = compiled
 
-    def _post_inplace(self, x: Tensor, o: Tensor, L, shape: Qwen2Shape) -> Tensor:
+    def _post_inplace(self, x: Tensor, o: Tensor, L, i: int, shape: Qwen2Shape) -> Tensor:
         """Output projection and MLP with both residual adds done by the GEMMs, into ``x`` itself."""
         x.addmm_(o.reshape(x.shape[0], shape.n_heads * shape.head_dim), L.wo.t())
-        gu = torch.mm(self._norm(x, L.ln2, shape), L.w_gu.t())
-        return x.addmm_(self._act(gu), L.wd.t())
+        if self._fold is not None:  # the norm is folded into w_gu; the SiLU-mul applies its row scale
+            act = silu_mul(torch.mm(x, self._fold.w_gu[i].t()), x, shape.eps, self._fold_kernel)
+        else:
+            act = self._act(torch.mm(self._norm(x, L.ln2, shape), L.w_gu.t()))
+        return x.addmm_(act, L.wd.t())
 
     def _offsets_for(self, n: int) -> tuple[Tensor, Tensor] | None:
         if self._offsets is None:

@@ -26,7 +26,8 @@ for s in $stages; do
     tests)
       python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests --ignore=tests/mpi --ignore=tests/slurm \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --out "$OUT/decode.json" ;;
+    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --decode-layer ${DECODE_LAYERS:-folded inplace} \
+              --out "$OUT/decode.json" ;;
     train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;
     trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
