@@ -472,21 +472,21 @@ def test_decode_layers_compute_the_same_function():
 
 
 @cuda
-@pytest.mark.parametrize("layer", ["fused", "folded"])
-def test_gpu_decode_layers_agree(layer):
-    """On the GPU (compiled, CUDA graphs): the other layers against ``inplace``, to bf16 rounding."""
-    m = _model("cuda", torch.bfloat16, vocab=997)
+@pytest.mark.parametrize("layer", ["inplace", "folded", "fused"])
+def test_gpu_decode_layers_agree_with_a_plain_forward(layer):
+    """On the GPU (compiled, CUDA graphs, bf16): every decode layer's logprobs within 0.05 of an fp32
+    forward over the tokens it sampled. (Token-by-token agreement between two bf16 layers is not a
+    test of either: on this tiny model with large logits, a rounding difference flips a sample and
+    the rest of that sequence differs.) The split is fixed so that only the layer varies."""
+    m = _model("cuda", torch.bfloat16, vocab=997, layers=3)
+    ref_model = _model("cuda", torch.float32, vocab=997, layers=3)
     reqs = _requests(20, vocab=997)
-
-    def run(which):
-        return FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
-                          seed=5, decode_layer=which).generate(reqs)
-
-    a, b = run("inplace"), run(layer)
-    assert sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) >= 0.9 * len(reqs)
-    for x, y in zip(a, b, strict=True):
-        if x.tokens == y.tokens:
-            assert np.allclose(x.logprobs, y.logprobs, atol=2e-2)
+    eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                     seed=5, decode_layer=layer, decode_attention="64x4")
+    out = eng.generate(reqs)
+    assert eng.stats()["decode_layer"] == layer and sum(len(g.tokens) for g in out) > 100
+    worst = max(float(np.max(np.abs(np.array(g.logprobs) - _reference_logprobs(ref_model, g)))) for g in out)
+    assert worst < 0.05, worst
 
 
 @cuda

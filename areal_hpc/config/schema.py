@@ -161,7 +161,7 @@ class RolloutConfig:
         ("auto", "64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64", "512x8x128"),
     )
     decode_layer: str = _f(
-        "inplace",
+        "folded",
         "fast engine on CUDA: how the decode layer runs its GEMMs. inplace: cuBLAS, each residual add done by "
         "the GEMM into the residual stream, norms and activation compiled; folded: as inplace with both norms "
         "folded into the projections (a second copy of the q/k/v and gate/up weights; the row scales applied "

@@ -93,7 +93,7 @@ class FastEngine:
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
                  admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True,
-                 decode_attention: str = "auto", decode_layer: str = "inplace") -> None:
+                 decode_attention: str = "auto", decode_layer: str = "folded") -> None:
         if decode_layer not in DECODE_LAYERS:
             raise ValueError(f"decode_layer {decode_layer!r}: choose one of {DECODE_LAYERS}")
         self.model = model.eval()

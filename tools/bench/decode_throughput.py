@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
     ap.add_argument("--decode-attention", default="auto",
                     help="split of the fused decode attention: auto (timed at engine start) or CHUNKxWARPS, e.g. 64x4")
-    ap.add_argument("--decode-layer", nargs="+", default=["inplace"], choices=DECODE_LAYERS,
+    ap.add_argument("--decode-layer", nargs="+", default=["folded"], choices=DECODE_LAYERS,
                     help="decode layer variants to time side by side (rollout.decode_layer)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
     args = ap.parse_args(argv)
