@@ -34,3 +34,25 @@ def test_quick_bench_runs_every_path_on_cpu(script, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs = json.loads(out.read_text())
     assert runs, "no results written"
+
+
+def test_e2e_sync_from_takes_only_a_matching_earlier_sync(tmp_path):
+    """``--sync-from``: an earlier sync row is reused only for the same config, steps and overrides."""
+    import argparse
+
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from tools.bench.e2e_one_gpu import _earlier_sync
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"config": "gpu-synthetic.yaml", "steps": 32, "overrides": ["task.len_median=256"],
+                               "runs": [{"mode": "sync", "samples_per_s": 78.0}, {"mode": "async", "eta": 4}]}))
+    args = argparse.Namespace(sync_from=str(old), config="configs/gpu-synthetic.yaml", steps=32,
+                              overrides=["task.len_median=256"])
+    row = _earlier_sync(args)
+    assert row["samples_per_s"] == 78.0 and row["sync_from"] == "old.json"
+    args.steps = 16
+    with pytest.raises(SystemExit, match="16 steps"):
+        _earlier_sync(args)
+    old.write_text("{not json")
+    with pytest.raises(SystemExit, match="no readable sync row"):
+        _earlier_sync(args)

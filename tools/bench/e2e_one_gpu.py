@@ -100,6 +100,23 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
 
+def _earlier_sync(args: argparse.Namespace) -> dict:
+    """The sync row of an earlier result with this run's config, steps and overrides, marked as such."""
+    path = Path(args.sync_from)
+    try:
+        old = json.loads(path.read_text())
+        row = next(r for r in old["runs"] if r["mode"] == "sync" and not r.get("failed"))
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise SystemExit(f"--sync-from {path}: no readable sync row in it ({e!r}); run without --sync-from") from e
+    same = (old.get("config"), old.get("steps"), old.get("overrides")) == (Path(args.config).name, args.steps,
+                                                                            list(args.overrides))
+    if not same:
+        raise SystemExit(f"--sync-from {path}: it ran config {old.get('config')}, {old.get('steps')} steps, overrides "
+                         f"{old.get('overrides')}; this run is {Path(args.config).name}, {args.steps} steps, "
+                         f"{list(args.overrides)}: ratios across different runs would mean nothing")
+    return {**row, "sync_from": path.name}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "gpu-synthetic.yaml"))
@@ -115,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--abort-stale", nargs="+", default=["on"], choices=["on", "off"],
                     help="rollout.abort_stale of the reject runs, each with every eta (off: doomed groups decode "
                          "to the end, then the trainer rejects them)")
+    ap.add_argument("--sync-from", default=None, metavar="JSON",
+                    help="do not run sync: compare against the sync row of this earlier result (same config, steps "
+                         "and overrides, checked); the ratios are then across runs, and the JSON says so")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
@@ -124,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
-        plan = [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0"])]
+        earlier = _earlier_sync(args) if args.sync_from else None
+        plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0"])]
         for pol in args.stale_policy:
             for abort in (args.abort_stale if pol == "reject" else ["on"]):  # only reject aborts
                 tag = ("" if pol == "reject" else f"_{pol}") + ("" if abort == "on" else "_noabort")
@@ -136,8 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "abort_stale": mode == "async" and "rollout.abort_stale=False" not in extra,
                          **run(args.config, root, name, [*common, *extra], args.timeout, args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
+    if earlier:
+        rows.insert(0, earlier)
     ok = [r for r in rows if not r.get("failed")]
-    base = rows[0] if not rows[0].get("failed") else None
+    base = rows[0] if rows and rows[0]["mode"] == "sync" and not rows[0].get("failed") else None
     print(f"steady: steps {args.skip + 1}..end; 'tok vs sync' compares steady response tokens/s, which short "
           "async runs overstate less than samples/s (the shortest groups finish first)")
     print(f"{'mode':6} {'eta':>3} {'stale':>10} {'abort':>5} {'aborted':>7} {'rejected':>8} {'samples/s':>10} "
@@ -168,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {**device_info(dev), "config": Path(args.config).name, "steps": args.steps,
-              "overrides": args.overrides, "runs": rows}
+              "overrides": args.overrides, "sync_from": Path(args.sync_from).name if args.sync_from else None,
+              "runs": rows}
     write_result(args.out, result)
     return result
 

@@ -36,7 +36,8 @@ for s in $stages; do
     syncprobe) python3 tools/device/sync_probe.py --out "$OUT/sync_probe.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --skip "${E2E_SKIP:-2}" --eta ${E2E_ETA:-1 2 4 8} --stale-policy ${E2E_POLICY:-reject} \
-           --abort-stale ${E2E_ABORT:-on} --timeout "${E2E_TIMEOUT:-360}" --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
+           --abort-stale ${E2E_ABORT:-on} --timeout "${E2E_TIMEOUT:-360}" ${E2E_SYNC_FROM:+--sync-from "$E2E_SYNC_FROM"} \
+           --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
