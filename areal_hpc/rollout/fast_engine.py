@@ -490,9 +490,9 @@ class FastEngine:
             self._prefill([i for i, _ in live], [g.request.prompt_tokens + g.tokens[:-1] for _, g in live], None)
 
     def _decode_body(self, n: int) -> None:
-        """One token for the slots ``[0, n)``. The norms, projections and MLP are compiled (fused); the
-        cache write and attention stay outside the compiled parts: an in-place write into a compiled
-        function's input would make it copy the whole cache every step."""
+        """One token for the slots ``[0, n)``, in the layer form ``decode_layer`` names. The cache write
+        and attention stay outside any compiled part: an in-place write into a compiled function's
+        input would make it copy the whole cache every step."""
         pos = self._pos[:n]
         lengths = None if self._fused_attn else (pos + 1).to(torch.int32)
         run, shape = self.runner, self.runner.shape
