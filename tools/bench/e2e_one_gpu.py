@@ -75,12 +75,12 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-2000:]
-        return {"mode": name, "failed": True, "rc": "timeout", "stderr_tail": tail.decode(errors="replace")
+        return {"run": name, "failed": True, "rc": "timeout", "stderr_tail": tail.decode(errors="replace")
                 if isinstance(tail, bytes) else tail}
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
-        return {"mode": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+        return {"run": name, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
     summary = json.loads((root / name / "summary.json").read_text())
     for key in ("run_dir", "checkpoint"):  # a temporary folder, gone when the bench ends
         summary.pop(key, None)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
     for r in rows:
         if r.get("failed"):
-            print(f"{r['mode']} eta {r['eta']}: FAILED rc {r['rc']}")
+            print(f"{r['run']} (eta {r['eta']}): FAILED rc {r['rc']}")
     import torch
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
