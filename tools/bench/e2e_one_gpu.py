@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eta", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("--first-extra", type=float, default=120.0,
+                    help="more seconds for the first run, which also builds the random checkpoint in the cache and "
+                         "fills the compile caches (on a fresh GPU machine, a 140 s limit fit later runs, not it)")
     ap.add_argument("--stale-policy", nargs="+", default=["reject"], choices=["reject", "downweight"],
                     help="trainer.stale_policy of the async runs, each with every eta: with long-tailed lengths, "
                          "reject drops every group holding a response that spanned more than eta versions")
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, eta, pol, name, extra in plan:
             rows.append({"mode": mode, "eta": eta, "stale_policy": pol,
                          "abort_stale": mode == "async" and "rollout.abort_stale=False" not in extra,
-                         **run(args.config, root, name, [*common, *extra], args.timeout, args.skip)})
+                         **run(args.config, root, name, [*common, *extra],
+                               args.timeout + (args.first_extra if not rows else 0.0), args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
     if earlier:
         rows.insert(0, earlier)
