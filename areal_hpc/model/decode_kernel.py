@@ -395,10 +395,11 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n
 
 def kernel_available(device: torch.device, head_dim: int) -> bool:
     return _kernels() is not None and head_dim >= 16 and not head_dim & (head_dim - 1) and (
-        device.type == "cuda" or _interpreting())
+        device.type == "cuda" or interpreting())
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Triton runs on CPU tensors here (``TRITON_INTERPRET=1``, the tests' interpreter runs)."""
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -83,10 +83,10 @@ if triton is not None:
 
 
 def kernel_available(device: torch.device) -> bool:
-    """The Triton SiLU-mul runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
-    import os
+    """The Triton SiLU-mul runs on CUDA, or on CPU tensors under Triton's interpreter (tests)."""
+    from areal_hpc.model.decode_kernel import interpreting
 
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (device.type == "cuda" or interpreting())
 
 
 def silu_mul(gu: Tensor, x: Tensor, eps: float, use_kernel: bool) -> Tensor:
