@@ -3,6 +3,7 @@
 # Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
 #   stages: probe tests decode train weights e2e   (default: these, one GPU)
 #           trainloop                               (micro-batches of varying length: dynamic vs bucketed graphs)
+#           mpson mpsoff                            (start/stop a CUDA MPS daemon for the stages between)
 #           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 set -u -o pipefail
@@ -22,12 +23,15 @@ for s in $stages; do
       nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
       python3 -c "import torch, inspect; from torch.nn.attention.varlen import varlen_attn as v; print(torch.__version__, inspect.signature(v))"
       python3 -c "import mpi4py; from mpi4py import MPI; print(mpi4py.__version__, MPI.Get_library_version()[:60])"
-      which mpiexec || true ;;
+      which mpiexec || true
+      which nvidia-cuda-mps-control || echo "nvidia-cuda-mps-control: not installed"
+      nvidia-smi --query-gpu=compute_mode --format=csv ;;
     tests)
       python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests --ignore=tests/mpi --ignore=tests/slurm \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    decode) python3 tools/bench/decode_throughput.py --batch 64 256 --profile --decode-layer ${DECODE_LAYERS:-folded inplace} \
-              --out "$OUT/decode.json" ;;
+    decode) python3 tools/bench/decode_throughput.py --batch ${DECODE_BATCH:-64 256} --prompt "${DECODE_PROMPT:-128}" \
+              --new "${DECODE_NEW:-256}" --profile --decode-layer ${DECODE_LAYERS:-folded inplace} ${DECODE_EXTRA:-} \
+              --out "$OUT/${DECODE_OUT:-decode}.json" 2>&1 | tee "$OUT/${DECODE_OUT:-decode}.log" ;;
     train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;
     trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
@@ -37,7 +41,15 @@ for s in $stages; do
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --skip "${E2E_SKIP:-2}" --eta ${E2E_ETA:-1 2 4 8} --stale-policy ${E2E_POLICY:-reject} \
            --abort-stale ${E2E_ABORT:-on} --timeout "${E2E_TIMEOUT:-360}" ${E2E_SYNC_FROM:+--sync-from "$E2E_SYNC_FROM"} \
-           --out "$OUT/e2e.json" ${E2E_OVERRIDES:-} ;;
+           --out "$OUT/${E2E_OUT:-e2e}.json" ${E2E_OVERRIDES:-} 2>&1 | tee "$OUT/${E2E_OUT:-e2e}.log" ;;
+    mpson)  # CUDA MPS: the ranks sharing the GPU run their kernels side by side instead of in time slices
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/areal_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/areal_mps/log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d && echo "MPS control daemon started" || { echo "no MPS here"; exit 3; } ;;
+    mpsoff)
+      echo quit | nvidia-cuda-mps-control; sleep 1
+      cat "$CUDA_MPS_LOG_DIRECTORY"/control.log 2>/dev/null | tail -5
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
