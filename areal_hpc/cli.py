@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"areal-hpc: run folder {run_dir}", file=sys.stderr)
     try:
         return launch_local(cfg, resolved, run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RuntimeError) as e:  # no mpiexec; cluster.cuda_mps: on that cannot start
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
 

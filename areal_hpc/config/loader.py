@@ -316,6 +316,8 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _typed(key: str, value: Any, tp: Any, f: dataclasses.Field, where: str) -> Any:
+    if isinstance(value, bool) and tp is str and {"on", "off"} <= set(f.metadata.get("choices", ())):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     out = _coerce(value, tp)
     if out is _SENTINEL:
         default = (

@@ -62,6 +62,13 @@ class ClusterConfig:
     mpiexec: str = _f(
         "mpiexec", "program used to start ranks when launching with mpiexec"
     )
+    cuda_mps: str = _f(
+        "auto",
+        "CUDA MPS daemon for the job, so ranks sharing a GPU run their kernels side by side instead of in "
+        "time slices: auto = when ranks share a GPU and nvidia-cuda-mps-control is installed; on = always "
+        "(an error if it cannot start); off = never. Started by `areal-hpc train` and slurm/run.sbatch (one node)",
+        ("auto", "on", "off"),
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
 from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.launch.environment import check_world_matches_launcher
+from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
 from areal_hpc.launch.progress import Progress, summary_table
 from areal_hpc.model.build import save_policy
@@ -193,6 +194,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],
+            "cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)"),
         }
         files.summary.write_text(json.dumps(summary, indent=2))
         if not preempted:

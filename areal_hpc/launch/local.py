@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from areal_hpc.config import Config
+from areal_hpc.launch.mps import job_mps
 
 
 def find_mpiexec(name: str) -> str:
@@ -39,7 +40,11 @@ def mpiexec_command(cfg: Config, config_path: Path) -> list[str]:
 def launch_local(cfg: Config, config_path: Path, run_dir: Path) -> int:
     """Run the job under mpiexec, forward Ctrl-C, and explain a failure from the ranks' error files."""
     cmd = mpiexec_command(cfg, config_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with job_mps(cfg.cluster.cuda_mps, cfg.cluster.n_trainer + cfg.cluster.n_rollout) as mps_env:
+        return _run_job(cfg, cmd, dict(os.environ, PYTHONUNBUFFERED="1", **mps_env), run_dir)
+
+
+def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=cfg.run.timeout_s + 300)

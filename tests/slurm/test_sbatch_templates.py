@@ -77,6 +77,8 @@ def test_run_sbatch_learns(slurm_env, root):
     assert roles == {"trainer": 1, "rollout": 2}, roles
     text = out.read_text()
     assert "run.sbatch: job" in text and "3 ranks (1 trainer)" in text
+    # The batch script ran srun under the MPS wrapper; this CPU node has no GPU, so it started no daemon.
+    assert summary["cuda_mps"].startswith("off (no GPU visible"), summary["cuda_mps"]
 
 
 def test_sweep_sbatch_array(slurm_env, root):

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'steady/s':>9} {'vs sync':>8} "
           f"{'tok vs sync':>11} "
           f"{'idle':>6} {'train s':>7} {'wait s':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
-          f"{'reward first':>12} {'reward last':>11}")
+          f"{'reward first':>12} {'reward last':>11} {'mps':>7}")
     for r in ok:
         r["speedup_vs_sync"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
         r["steady_speedup_vs_sync"] = r["steady_samples_per_s"] / base["steady_samples_per_s"] if base else float("nan")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['steady_wait_s_per_step']:>6.2f} "
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
-              f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f}")
+              f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
     for r in rows:
         if r.get("failed"):
             print(f"{r['run']} (eta {r['eta']}): FAILED rc {r['rc']}")

@@ -3,7 +3,6 @@
 # Usage (from the repo root on the GPU machine): bash tools/device/run_gpu.sh STAGE...
 #   stages: probe tests decode train weights e2e   (default: these, one GPU)
 #           trainloop                               (micro-batches of varying length: dynamic vs bucketed graphs)
-#           mpson mpsoff                            (start/stop a CUDA MPS daemon for the stages between)
 #           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 set -u -o pipefail
@@ -42,14 +41,6 @@ for s in $stages; do
            --skip "${E2E_SKIP:-2}" --eta ${E2E_ETA:-1 2 4 8} --stale-policy ${E2E_POLICY:-reject} \
            --abort-stale ${E2E_ABORT:-on} --timeout "${E2E_TIMEOUT:-360}" ${E2E_SYNC_FROM:+--sync-from "$E2E_SYNC_FROM"} \
            --out "$OUT/${E2E_OUT:-e2e}.json" ${E2E_OVERRIDES:-} 2>&1 | tee "$OUT/${E2E_OUT:-e2e}.log" ;;
-    mpson)  # CUDA MPS: the ranks sharing the GPU run their kernels side by side instead of in time slices
-      export CUDA_MPS_PIPE_DIRECTORY=/tmp/areal_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/areal_mps/log
-      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-      nvidia-cuda-mps-control -d && echo "MPS control daemon started" || { echo "no MPS here"; exit 3; } ;;
-    mpsoff)
-      echo quit | nvidia-cuda-mps-control; sleep 1
-      cat "$CUDA_MPS_LOG_DIRECTORY"/control.log 2>/dev/null | tail -5
-      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;

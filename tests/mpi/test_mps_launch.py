@@ -1,0 +1,29 @@
+"""``areal-hpc train`` starts the job's CUDA MPS daemon before the ranks and stops it after them.
+
+A CPU machine has no MPS, so the launcher finds stand-ins for nvidia-smi (one GPU) and the control
+program on PATH (tests/mps_fakes.py): the real MPI job runs between the daemon's start and its quit,
+and the ranks see the daemon's pipe folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests import mps_fakes
+from tests.mpi.conftest import REPO, train_args
+
+
+def test_train_runs_its_ranks_under_a_job_daemon(job_root, tmp_path):
+    env = {**os.environ, **mps_fakes.install(tmp_path / "bin", n_gpus=1), "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(train_args(job_root, "mps", "run.steps=3", "eval.enabled=false"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((job_root / "mps" / "summary.json").read_text())
+    assert summary["cuda_mps"] == "started (3 ranks on 1 GPUs)"
+    calls = (tmp_path / "bin" / "calls").read_text().split()
+    assert calls[0::2] == ["start", "quit"] and calls[1] == calls[3], calls
+    assert not os.path.exists(calls[1]), "the daemon's pipe folder was left behind"
+    assert "CUDA MPS daemon for this job" in proc.stderr
