@@ -12,6 +12,8 @@ from pathlib import Path
 from areal_hpc.config import Config
 from areal_hpc.launch.mps import job_mps
 
+TERM_GRACE_S = 60.0  # after a SIGTERM, how long the ranks get to checkpoint and stop before they are killed
+
 
 def find_mpiexec(name: str) -> str:
     """``cluster.mpiexec`` as given, preferring the one installed next to this Python (pip's mpich)."""
@@ -44,10 +46,32 @@ def launch_local(cfg: Config, config_path: Path, run_dir: Path) -> int:
         return _run_job(cfg, cmd, dict(os.environ, PYTHONUNBUFFERED="1", **mps_env), run_dir)
 
 
-def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
+class _Terminated(Exception):
+    """SIGTERM reached the launcher (a timeout, a kill by a script or scheduler)."""
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise _Terminated
+
+
+def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path,
+             term_grace_s: float = TERM_GRACE_S) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # The job runs in its own session, so a SIGTERM to this launcher alone would orphan the ranks (still on
+    # the GPU) and skip the MPS daemon's stop: pass it on instead. The ranks take it as a preemption
+    # (checkpoint, stop); whatever is left after the grace period is killed.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         rc = proc.wait(timeout=cfg.run.timeout_s + 300)
+    except _Terminated:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=term_grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print("areal-hpc: terminated (SIGTERM); the ranks were stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait()
@@ -56,6 +80,8 @@ def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path) ->
         proc.wait()
         print(f"areal-hpc: job exceeded run.timeout_s={cfg.run.timeout_s:.0f}s and was killed", file=sys.stderr)
         return 124
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if rc != 0:
         errors = sorted((run_dir / "errors").glob("rank*.txt"))
         if errors:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+
+import pytest
 
 from tests import mps_fakes
 from tests.mpi.conftest import REPO, train_args
@@ -27,3 +30,50 @@ def test_train_runs_its_ranks_under_a_job_daemon(job_root, tmp_path):
     assert calls[0::2] == ["start", "quit"] and calls[1] == calls[3], calls
     assert not os.path.exists(calls[1]), "the daemon's pipe folder was left behind"
     assert "CUDA MPS daemon for this job" in proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_the_launcher_stops_the_ranks_and_the_daemon(job_root, tmp_path):
+    """A timeout or a script's kill reaches only the launcher: it must not orphan the ranks (on a GPU,
+    still computing) nor leave the MPS daemon behind. The ranks take it as a preemption: checkpoint, stop."""
+    env = {**os.environ, **mps_fakes.install(tmp_path / "bin", n_gpus=1), "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    name = "mps_term"
+    proc = subprocess.Popen(train_args(job_root, name, "run.steps=100000", "eval.enabled=false"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run_dir = job_root / name
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        else:
+            pytest.fail("job did not reach step 3")
+        pids = [json.loads(p.read_text())["pid"] for p in (run_dir / "ranks").glob("*.json")]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    assert "terminated (SIGTERM)" in out
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "ranks outlived their launcher"
+    calls = (tmp_path / "bin" / "calls").read_text().split()
+    assert calls[0::2] == ["start", "quit"], calls
+    assert not os.path.exists(calls[1]), "the daemon's pipe folder was left behind"
+    assert (run_dir / "checkpoints" / "latest.json").exists(), "the ranks did not checkpoint on the way out"

@@ -71,12 +71,20 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
     cmd = [sys.executable, "-m", "areal_hpc.cli", "train", config, f"run.output_dir={root}", f"run.name={name}",
            "run.progress=false", *overrides]
     t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-2000:]
-        return {"run": name, "failed": True, "rc": "timeout", "stderr_tail": tail.decode(errors="replace")
-                if isinstance(tail, bytes) else tail}
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the launcher stop its ranks and its MPS daemon: killed outright, it would leave
+        # the ranks running on the GPU under the next run's measurement
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        return {"run": name, "failed": True, "rc": "timeout", "stderr_tail": (stderr or "")[-2000:]}
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
