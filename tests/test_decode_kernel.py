@@ -34,9 +34,14 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter
             print(check_against_reference(cpu, torch.float32, 14, 2, 64,
                                           lengths=(0, 1, 63, 64, 65, 255, 256, 257, 300, 511, 512, 700),
                                           chunk=chunk, num_warps=4, block=block))
+        # head-major grids (a slot's KV heads in neighbouring programs), one tile and looped, with the fold
+        for block in (None, 32):
+            print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 63, 64, 65, 200, 300),
+                                          chunk=128, num_warps=4, block=block, head_major=True, fold=True))
+        print(check_against_reference(cpu, torch.float32, 4, 4, 16, lengths=(3, 0, 130), head_major=True))
     """))
     errs = [float(x) for x in out.split()]
-    assert len(errs) == 9 and max(errs) < 1e-4, errs
+    assert len(errs) == 12 and max(errs) < 1e-4, errs
 
 
 def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
@@ -98,31 +103,29 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
     (4, 4, 64, (99, 3, 0)),
 ])
 @pytest.mark.parametrize("split", ["64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64",
-                                   "512x8x128"])
+                                   "512x8x128", "128x4h", "256x4x64h", "512x4x64h", "1024x4x64h"])
 def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, split):
     """bf16, every split the engine may choose: within 2e-2 of RoPE + index write + SDPA; the new
     key/value land in the cache."""
-    from areal_hpc.model.decode_kernel import check_against_reference, parse_config
+    from areal_hpc.model.decode_kernel import check_against_reference, parse_config, split_args
 
-    cfg = parse_config(split)
     for fold in (False, True):
-        assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths, chunk=cfg[0],
-                                       num_warps=cfg[1], block=cfg[2] if len(cfg) > 2 else None, fold=fold) < 2e-2
+        assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths,
+                                       **split_args(parse_config(split)), fold=fold) < 2e-2
 
 
 @cuda
-@pytest.mark.parametrize("split", ["64x4", "256x4x64", "1024x4x64"])
+@pytest.mark.parametrize("split", ["64x4", "256x4x64", "1024x4x64", "128x4h", "512x4x64h"])
 def test_gpu_cross_program_merge_is_exact_every_time(split):
     """The last chunk to finish merges the others' partials (an atomic count, no second kernel): a race
     would show as an occasional wrong row. 256 slots at random contexts (64-2000 keys), 50 launches
     alternating between two inputs, each checked against the reference (a partial read before its
     store would hold the other input's value); the counts are back to zero at the end."""
-    from areal_hpc.model.decode_kernel import check_against_reference, parse_config
+    from areal_hpc.model.decode_kernel import check_against_reference, parse_config, split_args
 
-    cfg = parse_config(split)
     lengths = tuple(torch.randint(64, 2000, (256,), generator=torch.Generator().manual_seed(7)).tolist())
-    assert check_against_reference(torch.device("cuda"), torch.bfloat16, 14, 2, 64, lengths, chunk=cfg[0],
-                                   num_warps=cfg[1], block=cfg[2] if len(cfg) > 2 else None, reps=50) < 2e-2
+    assert check_against_reference(torch.device("cuda"), torch.bfloat16, 14, 2, 64, lengths,
+                                   **split_args(parse_config(split)), reps=50) < 2e-2
 
 
 def test_split_choices_in_the_config_are_the_kernels_configs():
@@ -172,3 +175,14 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
     for x, y in zip(a, b, strict=True):
         k = next((j for j, (p, q) in enumerate(zip(x.tokens, y.tokens)) if p != q), len(x.tokens))
         assert np.allclose(x.logprobs[:k], y.logprobs[:k], atol=3e-2)
+
+
+def test_split_names_round_trip_and_say_the_grid_order():
+    from areal_hpc.model.decode_kernel import CONFIGS, config_name, parse_config, split_args
+
+    assert all(parse_config(config_name(c)) == c for c in CONFIGS)
+    assert config_name((512, 4, 64)) == "512x4x64" and config_name((64, 4)) == "64x4"
+    assert split_args(parse_config("512x4x64h")) == {"chunk": 512, "num_warps": 4, "block": 64, "head_major": True}
+    assert split_args(parse_config("128x4h")) == {"chunk": 128, "num_warps": 4, "block": None, "head_major": True}
+    with pytest.raises(ValueError, match="not one of"):
+        parse_config("512x4x32h")

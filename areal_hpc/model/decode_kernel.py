@@ -36,20 +36,35 @@ CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 pro
 # between GPUs (an H100 at 3 TB/s, an H200 at 4.3) and with the batch and context, and a wrong one costs
 # up to half the kernel. Two numbers: one tile per program; three: a pipelined loop over tiles.
 CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4, 64), (1024, 4, 64),
-           (512, 8, 128))
+           (512, 8, 128), (128, 4, 128, 1), (256, 4, 64, 1), (512, 4, 64, 1), (1024, 4, 64, 1))
+# A fourth number 1 ("h" in the name) orders the grid head-major: the programs of a slot's KV heads run next
+# to each other. The cache rows interleave the KV heads (one position = Hkv x D values), so slot-major
+# programs read the 128-byte halves of each 256-byte row ~B programs apart, head-major ones at about the
+# same time. On an H200 at batch 512 / context 640 the slot-major kernel read KV at 73% of copy bandwidth
+# (tools/bench/NOTES.md, seventh session); the tuner times both orders.
 STAGES = 3  # loads in flight in the looped kernel: the tile being used and the next two
 
 
+def split_args(cfg: tuple[int, ...]) -> dict:
+    """A ``CONFIGS`` entry as keyword arguments: chunk, num_warps, block (None: one tile), head_major."""
+    chunk, warps, *rest = cfg
+    block = rest[0] if rest and rest[0] != chunk else None
+    return {"chunk": chunk, "num_warps": warps, "block": block, "head_major": bool(rest[1]) if len(rest) > 1 else False}
+
+
 def config_name(cfg: tuple[int, ...]) -> str:
-    """``(256, 4, 64)`` -> ``"256x4x64"``: the spelling of ``rollout.decode_attention``."""
-    return "x".join(str(x) for x in cfg)
+    """``(256, 4, 64)`` -> ``"256x4x64"``, ``(512, 4, 64, 1)`` -> ``"512x4x64h"``: the spelling of
+    ``rollout.decode_attention``."""
+    a = split_args(cfg)
+    parts = [a["chunk"], a["num_warps"], *([a["block"]] if a["block"] is not None else [])]
+    return "x".join(str(x) for x in parts) + ("h" if a["head_major"] else "")
 
 
 def parse_config(name: str) -> tuple[int, ...]:
-    cfg = tuple(int(x) for x in name.split("x"))
-    if cfg not in CONFIGS:
-        raise ValueError(f"decode attention split {name!r} is not one of {[config_name(c) for c in CONFIGS]}")
-    return cfg
+    for cfg in CONFIGS:
+        if config_name(cfg) == name:
+            return cfg
+    raise ValueError(f"decode attention split {name!r} is not one of {[config_name(c) for c in CONFIGS]}")
 
 
 try:  # Triton ships with CUDA builds of torch; without it the library attention paths serve
@@ -184,9 +199,14 @@ if triton is not None:
     def _split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr, cnt_ptr, out_ptr, x_ptr, b_ptr,
                s_qkv, sc_b, sc_l, sc_h, n_split, scale, so_b, s_x, eps,
                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-               CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr, HP: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+               CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr, HP: tl.constexpr,
+               HEAD_MAJOR: tl.constexpr):
+        if HEAD_MAJOR:  # a slot's KV heads in neighbouring programs (see CONFIGS)
+            h = tl.program_id(0)
+            b = tl.program_id(1)
+        else:
+            b = tl.program_id(0)
+            h = tl.program_id(1)
         c = tl.program_id(2)
         p = tl.load(pos_ptr + b).to(tl.int32)  # the new token's position: keys 0..p-1 are cached
         lo = c * CH
@@ -223,10 +243,14 @@ if triton is not None:
                     s_qkv, sc_b, sc_l, sc_h, n_split, scale, so_b, s_x, eps,
                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr, HP: tl.constexpr,
-                    BLK: tl.constexpr, STAGES: tl.constexpr):
+                    BLK: tl.constexpr, STAGES: tl.constexpr, HEAD_MAJOR: tl.constexpr):
         """As ``_split``, over CH keys in BLK-key tiles with an online softmax; same partial outputs."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        if HEAD_MAJOR:  # a slot's KV heads in neighbouring programs (see CONFIGS)
+            h = tl.program_id(0)
+            b = tl.program_id(1)
+        else:
+            b = tl.program_id(0)
+            h = tl.program_id(1)
         c = tl.program_id(2)
         p = tl.load(pos_ptr + b).to(tl.int32)
         lo = c * CH
@@ -274,23 +298,28 @@ class DecodeAttention:
     """Fused decode attention for one engine: holds the split-K scratch, sized for (batch, cache, chunk)."""
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, max_batch: int, cache_len: int,
-                 device: torch.device, chunk: int = CHUNK, num_warps: int = 4, block: int | None = None) -> None:
+                 device: torch.device, chunk: int = CHUNK, num_warps: int = 4, block: int | None = None,
+                 head_major: bool = False) -> None:
         self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
         self.g = n_heads // n_kv
         self.max_batch, self.cache_len, self.device = max_batch, cache_len, device
         self.timings: dict[str, float] = {}  # us per call of each config tune() tried
-        self.configure(chunk, num_warps, block)
+        self.configure(chunk, num_warps, block, head_major)
 
     @property
     def config(self) -> tuple[int, ...]:
+        """This split as its ``CONFIGS`` entry."""
+        if self.head_major:
+            return (self.chunk, self.num_warps, self.block or self.chunk, 1)
         return (self.chunk, self.num_warps) if self.block is None else (self.chunk, self.num_warps, self.block)
 
-    def configure(self, chunk: int, num_warps: int, block: int | None = None) -> None:
+    def configure(self, chunk: int, num_warps: int, block: int | None = None, head_major: bool = False) -> None:
         """Use ``chunk`` keys per program and ``num_warps`` warps, in one tile or (``block``) a loop over
-        ``block``-key tiles; the scratch is resized to match."""
+        ``block``-key tiles, the grid slot-major or head-major; the scratch is resized to match."""
         if block is not None and (chunk % block or block < 16):
             raise ValueError(f"decode attention: chunk {chunk} must be a multiple of the tile {block} (>= 16)")
         self.chunk, self.num_warps, self.block = chunk, num_warps, (None if block == chunk else block)
+        self.head_major = bool(head_major)
         self.n_split = -(-self.cache_len // chunk)
         n = self.max_batch * self.hq * self.n_split
         self.acc = torch.empty(n * self.d, dtype=torch.float32, device=self.device)
@@ -325,11 +354,12 @@ class DecodeAttention:
                 x.stride(0) if fold else 0, eps)
         shape = dict(HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=self.chunk, FOLD=fold,
                      HAS_B=fold and bias is not None, HID=hid, HP=triton.next_power_of_2(hid),
-                     num_warps=self.num_warps)
+                     HEAD_MAJOR=self.head_major, num_warps=self.num_warps)
+        grid = (self.hkv, B, self.n_split) if self.head_major else (B, self.hkv, self.n_split)
         if self.block is None:
-            split[(B, self.hkv, self.n_split)](*args, **shape)
+            split[grid](*args, **shape)
         else:
-            split_loop[(B, self.hkv, self.n_split)](*args, **shape, BLK=self.block, STAGES=STAGES)
+            split_loop[grid](*args, **shape, BLK=self.block, STAGES=STAGES)
         return out
 
     def tune(self, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype,
@@ -349,17 +379,16 @@ class DecodeAttention:
         best, best_us = self.config, float("inf")
         for cfg in CONFIGS:
             try:
-                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, chunk=cfg[0],
-                                           num_warps=cfg[1], block=cfg[2] if len(cfg) > 2 else None) >= 2e-2:
+                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, **split_args(cfg)) >= 2e-2:
                     continue
-                self.configure(*cfg)
+                self.configure(**split_args(cfg))
                 us = self._graph_time(lambda: self(qkv, cos, sin, k_cache, v_cache, pos), reps)
             except Exception:  # noqa: BLE001 - a config this GPU cannot build is simply not a candidate
                 continue
             self.timings[config_name(cfg)] = us
             if us < best_us:
                 best, best_us = cfg, us
-        self.configure(*best)
+        self.configure(**split_args(best))
         return best
 
     @staticmethod
@@ -418,7 +447,7 @@ def decode_kernel_works(device: torch.device, dtype: torch.dtype, n_heads: int, 
 def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                             lengths: tuple[int, ...] = (0, 1, 31, 33, 63, 64, 65, 127, 128, 129, 199, 255),
                             chunk: int = CHUNK, num_warps: int = 4, block: int | None = None,
-                            fold: bool = False, reps: int = 1) -> float:
+                            fold: bool = False, reps: int = 1, head_major: bool = False) -> float:
     """Max abs difference of the fused kernel against RoPE + index write + SDPA; raises if the cache
     was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row.
 
@@ -453,7 +482,8 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
         kc2, vc2 = kc.clone(), vc.clone()
         kc2[rows, pos], vc2[rows, pos] = k, v
         cases.append((qkv, fold_args, kc2, vc2, cached_decode(q, kc2, vc2, pos + 1).float()))
-    attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps, block=block)
+    attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps, block=block,
+                           head_major=head_major)
     worst = 0.0
     tol = 0 if dtype == torch.float32 else 2e-2
     for rep in range(reps):

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from areal_hpc.comm.transfer import to_device
 from areal_hpc.model.attention import cached_decode, causal_varlen, decode_offsets, flash_decode_works
-from areal_hpc.model.decode_kernel import DecodeAttention, config_name, decode_kernel_works, parse_config
+from areal_hpc.model.decode_kernel import DecodeAttention, config_name, decode_kernel_works, parse_config, split_args
 from areal_hpc.model.folded import FoldedWeights, silu_mul, unfold_qkv
 from areal_hpc.model.folded import kernel_available as folded_kernel_available
 from areal_hpc.model.graphs import capture
@@ -159,7 +159,7 @@ class FastEngine:
                 log.info("decode attention: %s chosen (us per call: %s)", config_name(self._attn.config),
                          {k: round(v, 1) for k, v in self._attn.timings.items()})
             elif decode_attention != "auto":
-                self._attn.configure(*parse_config(decode_attention))
+                self._attn.configure(**split_args(parse_config(decode_attention)))
         flash = not self._fused_attn and flash_decode_works(dev, self.dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         self._offsets = decode_offsets(B, s.n_heads, s.n_kv_heads, L, dev) if flash else None
         self.decode_layer = decode_layer
