@@ -118,3 +118,27 @@ def test_yaml_on_and_off_are_the_settings_not_booleans():
     """YAML 1.1 reads a bare on/off as true/false, in a file as in an override."""
     assert load_config(QUICKSTART, ["cluster.cuda_mps=off"]).cluster.cuda_mps == "off"
     assert load_config(QUICKSTART, ["cluster.cuda_mps=on"]).cluster.cuda_mps == "on"
+
+
+def test_shell_lines_start_the_daemon_for_a_batch_script_and_its_exit_stops_it(tmp_path):
+    """submitit's sbatch script cannot wrap its srun: ``setup`` lines start the daemon and a trap stops it."""
+    env = {**os.environ, **mps_fakes.install(tmp_path / "bin", n_gpus=1)}
+    env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    (line,) = mps.shell_lines("auto", 2, sys.executable)
+    show = "import os; print(os.environ['AREAL_CUDA_MPS'], os.environ['CUDA_MPS_PIPE_DIRECTORY'], sep='|')"
+    child = f'{sys.executable} -c "{show}"'
+    proc = subprocess.run(["bash", "-c", f"set -e; {line}; {child}"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    state, pipe = proc.stdout.strip().split("|")
+    assert state == "started (2 ranks on 1 GPUs)"
+    assert (tmp_path / "bin" / "calls").read_text().split() == ["start", pipe, "quit", pipe]
+    assert not Path(pipe).parent.exists(), "the daemon's folder outlived the script"
+
+    off = mps_fakes.install(tmp_path / "nogpu", n_gpus=0)
+    (line,) = mps.shell_lines("on", 2, sys.executable)
+    proc = subprocess.run(["bash", "-c", f"{line}; echo ran"], cwd=REPO, env={**env, **off}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "ran" not in proc.stdout and "no GPU visible" in proc.stderr
+    assert mps.shell_lines("off", 2, sys.executable) == ["export AREAL_CUDA_MPS='off (cluster.cuda_mps: off)'"]

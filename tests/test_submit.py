@@ -76,6 +76,8 @@ def test_sbatch_script_of_a_three_rank_run(tmp_path, fake_slurm):
         assert expected in text, f"{expected} missing from\n{text}"
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert "--mpi=pmi2" in shlex.split(srun) and "submitit.core._submit" in srun
+    assert "-m areal_hpc.launch.mps --shell auto 3" in text  # the job's CUDA MPS daemon, before srun
+    assert text.index("areal_hpc.launch.mps --shell") < text.index(srun)
 
 
 def test_sbatch_script_of_a_sweep_array_on_two_nodes(tmp_path, fake_slurm):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,9 +92,10 @@ def plan_mps(setting: str, ranks_per_node: int, n_gpus: int, modes: list[str], h
 class MpsDaemon:
     """Start and stop one private control daemon; ``env`` is what the ranks need to reach it."""
 
-    def __init__(self, control: str) -> None:
+    def __init__(self, control: str, root: Path | None = None) -> None:
         self.control = control
-        self.root = Path(tempfile.mkdtemp(prefix="areal_mps_"))  # short: the pipe is a unix socket path
+        # short: the pipe is a unix socket path
+        self.root = root if root is not None else Path(tempfile.mkdtemp(prefix="areal_mps_"))
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.root / "pipe"),
                     "CUDA_MPS_LOG_DIRECTORY": str(self.root / "log")}
 
@@ -130,16 +132,15 @@ class MpsDaemon:
             log.warning("CUDA MPS daemon in %s still running after quit; its logs are in %s", self.root, logs)
 
 
-@contextmanager
-def job_mps(setting: str, ranks_per_node: int) -> Iterator[dict[str, str]]:
-    """Around a job's ranks: yields the environment variables they get (the daemon's pipe folder,
-    and ``AREAL_CUDA_MPS`` saying what was done)."""
+def start_for_job(setting: str, ranks_per_node: int) -> tuple[MpsDaemon | None, dict[str, str]]:
+    """Start the job's daemon if ``setting`` asks for one here; returns it (None if not started) and the
+    environment variables the ranks get (the daemon's pipe folder, and ``AREAL_CUDA_MPS`` saying what
+    was done). Raises RuntimeError, naming the cause, only for ``on``."""
     n_gpus, modes = visible_gpus()
     control = shutil.which(CONTROL)
     plan = plan_mps(setting, ranks_per_node, n_gpus, modes, control is not None, existing_daemon())
     if not plan.start:
-        yield {STATE_ENV: plan.reason}
-        return
+        return None, {STATE_ENV: plan.reason}
     daemon = MpsDaemon(control)
     try:
         daemon.start()
@@ -147,13 +148,49 @@ def job_mps(setting: str, ranks_per_node: int) -> Iterator[dict[str, str]]:
         if setting == "on":
             raise RuntimeError(f"cluster.cuda_mps: on, but the daemon did not start: {e}") from e
         print(f"areal-hpc: CUDA MPS not started, the ranks share the GPU in time slices: {e}", file=sys.stderr)
-        yield {STATE_ENV: f"off (start failed: {e})"}
-        return
+        return None, {STATE_ENV: f"off (start failed: {e})"}
     print(f"areal-hpc: CUDA MPS daemon for this job in {daemon.root} ({plan.reason})", file=sys.stderr)
+    return daemon, {**daemon.env, STATE_ENV: plan.reason}
+
+
+@contextmanager
+def job_mps(setting: str, ranks_per_node: int) -> Iterator[dict[str, str]]:
+    """Around a job's ranks: yields the environment variables they get; stops the daemon after."""
+    daemon, env = start_for_job(setting, ranks_per_node)
     try:
-        yield {**daemon.env, STATE_ENV: plan.reason}
+        yield env
     finally:
-        daemon.stop()
+        if daemon is not None:
+            daemon.stop()
+
+
+def shell_lines(setting: str, ranks_per_node: int, python: str) -> list[str]:
+    """Lines for a batch script that cannot wrap its srun (submitit's ``setup``): start the daemon,
+    export what the ranks need, and stop it when the script exits."""
+    if setting == "off":
+        return [f"export {STATE_ENV}={shlex.quote('off (cluster.cuda_mps: off)')}"]
+    py = shlex.quote(python)
+    return [f'eval "$({py} -m areal_hpc.launch.mps --shell {setting} {int(ranks_per_node)})"']
+
+
+def _shell(setting: str, ranks_per_node: int) -> int:
+    """``--shell``: start as ``setting`` says and print the exports (and the exit trap) for ``eval``."""
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
+    if nodes > 1 and setting != "off":
+        print(f"areal-hpc: CUDA MPS not started: the job has {nodes} nodes and this starts a daemon on one; "
+              "ask your site for gres/mps", file=sys.stderr)
+        setting = "off"
+    try:
+        daemon, env = start_for_job(setting, ranks_per_node)
+    except RuntimeError as e:
+        print(f"echo {shlex.quote(f'areal-hpc: {e}')} >&2; exit 2")
+        return 0
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    if daemon is not None:
+        stop = f"{shlex.quote(sys.executable)} -m areal_hpc.launch.mps --stop {shlex.quote(str(daemon.root))}"
+        lines.append(f"trap {shlex.quote(stop)} EXIT")
+    print("\n".join(lines))
+    return 0
 
 
 def setting_of_command(cmd: list[str]) -> str:
@@ -175,9 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     from areal_hpc.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--shell"] and len(argv) == 3 and argv[1] in ("auto", "on", "off") and argv[2].isdigit():
+        return _shell(argv[1], int(argv[2]))
+    if argv[:1] == ["--stop"] and len(argv) == 2:
+        control = shutil.which(CONTROL)
+        if control is not None:
+            MpsDaemon(control, Path(argv[1])).stop()
+        return 0
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
-        print("usage: python -m areal_hpc.launch.mps RANKS_PER_NODE -- srun ... areal-hpc train CONFIG [key=value ...]",
-              file=sys.stderr)
+        print("usage: python -m areal_hpc.launch.mps RANKS_PER_NODE -- srun ... areal-hpc train CONFIG [k=v ...]\n"
+              "       python -m areal_hpc.launch.mps --shell auto|on|off RANKS_PER_NODE   (prints lines to eval)\n"
+              "       python -m areal_hpc.launch.mps --stop DAEMON_FOLDER", file=sys.stderr)
         return 2
     per_node, cmd = int(argv[0]), argv[2:]
     try:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_hpc.config import Config, ConfigError, load_config, save_config
+from areal_hpc.launch.mps import shell_lines
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def slurm_parameters(cfg: Config, opts: SlurmOptions) -> dict[str, Any]:
         "time": time_limit_min(cfg, opts),
         "signal_delay_s": opts.signal_delay_s,
         "srun_args": [f"--mpi={opts.srun_mpi}"],
-        "setup": ["export PYTHONUNBUFFERED=1"],
+        # a CUDA MPS daemon for the node's ranks when they share a GPU (cluster.cuda_mps), as run.sbatch does
+        "setup": ["export PYTHONUNBUFFERED=1", *shell_lines(cfg.cluster.cuda_mps, ranks // opts.nodes, sys.executable)],
     }
     if opts.partition:
         params["partition"] = opts.partition

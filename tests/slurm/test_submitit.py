@@ -44,6 +44,8 @@ def test_submit_one_run(slurm_env, tmp_path, tmp_path_factory):
     run_dir = tmp_path / "one"
     _wait_summaries(slurm_env, [run_dir], run_dir)
     assert len(list((run_dir / "ranks").glob("rank*.json"))) == 3  # one MPI world of the job's 3 tasks
+    # submitit's setup lines asked for a CUDA MPS daemon; this CPU node has no GPU, so none was started
+    assert json.loads((run_dir / "summary.json").read_text())["cuda_mps"].startswith("off (no GPU visible")
     table = _cli(slurm_env, "status", str(run_dir)).stdout
     assert "DONE" in table or "COMPLETED" in table, table
 
