@@ -60,10 +60,9 @@ def test_e2e_sync_from_takes_only_a_matching_earlier_sync(tmp_path):
 
 def test_e2e_run_past_its_timeout_leaves_no_rank_running(tmp_path):
     """A timed-out run must not keep computing under the next run's measurement."""
-    import os
-    import time
     from pathlib import Path
 
+    from tests.processes import wait_gone
     from tools.bench.e2e_one_gpu import run
 
     quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
@@ -73,14 +72,4 @@ def test_e2e_run_past_its_timeout_leaves_no_rank_running(tmp_path):
     pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "late" / "ranks").glob("*.json")]
     assert len(pids) == 3, "the job's ranks should have started within the timeout"
 
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids), "ranks of the timed-out run are still running"
+    assert wait_gone(pids), "ranks of the timed-out run are still running"

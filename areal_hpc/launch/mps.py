@@ -3,7 +3,11 @@
 Without MPS, processes on one GPU run in time slices: while the rollout decodes, the trainer's
 kernels wait, and the other way round. Under MPS their kernels run side by side. Measured on one
 H200 (tools/bench/NOTES.md, seventh session): the trainer's step with a rollout beside it went
-1.54 -> 1.10 s (1.00 s alone), and the async loop's samples/s +12%.
+1.54 -> 1.10 s (1.00 s alone); the rollout then bounds the async loop, whose steady tokens/s rose 5%.
+
+Three ways in: ``areal-hpc train`` wraps its mpiexec (``job_mps``), ``slurm/*.sbatch`` wrap their srun
+(``python -m areal_hpc.launch.mps N -- srun ...``), and submitit's script, which cannot be wrapped,
+evals ``--shell`` lines in its setup (an exit trap stops the daemon).
 
 The daemon is the job's own: a private pipe folder (``CUDA_MPS_PIPE_DIRECTORY``), started before
 the ranks create a CUDA context and stopped when they are done, so it neither joins nor stops a
@@ -173,13 +177,19 @@ def shell_lines(setting: str, ranks_per_node: int, python: str) -> list[str]:
     return [f'eval "$({py} -m areal_hpc.launch.mps --shell {setting} {int(ranks_per_node)})"']
 
 
-def _shell(setting: str, ranks_per_node: int) -> int:
-    """``--shell``: start as ``setting`` says and print the exports (and the exit trap) for ``eval``."""
+def _one_node(setting: str) -> str:
+    """The batch script runs on a job's first node only: a job of several gets no daemon from it."""
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
     if nodes > 1 and setting != "off":
         print(f"areal-hpc: CUDA MPS not started: the job has {nodes} nodes and this starts a daemon on one; "
               "ask your site for gres/mps", file=sys.stderr)
-        setting = "off"
+        return "off"
+    return setting
+
+
+def _shell(setting: str, ranks_per_node: int) -> int:
+    """``--shell``: start as ``setting`` says and print the exports (and the exit trap) for ``eval``."""
+    setting = _one_node(setting)
     try:
         daemon, env = start_for_job(setting, ranks_per_node)
     except RuntimeError as e:
@@ -230,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError, OSError) as e:
         print(f"areal_hpc.launch.mps: {e}", file=sys.stderr)
         return 2
-    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
-    if nodes > 1 and setting != "off":
-        print(f"areal-hpc: CUDA MPS not started: the job has {nodes} nodes and this starts a daemon on one; "
-              "ask your site for gres/mps", file=sys.stderr)
-        setting = "off"
+    setting = _one_node(setting)
     try:
         with job_mps(setting, per_node) as env:
             return subprocess.run(cmd, env={**os.environ, **env}).returncode

@@ -196,17 +196,25 @@ if triton is not None:
                 _merge(b, h, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GP, HQ, D, 8)
 
     @triton.jit
+    def _slot_head(HEAD_MAJOR: tl.constexpr):
+        """(slot, KV head) of this program; head-major grids put a slot's KV heads in neighbouring programs."""
+        first = tl.program_id(0)
+        second = tl.program_id(1)
+        if HEAD_MAJOR:
+            b = second
+            h = first
+        else:
+            b = first
+            h = second
+        return b, h
+
+    @triton.jit
     def _split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr, cnt_ptr, out_ptr, x_ptr, b_ptr,
                s_qkv, sc_b, sc_l, sc_h, n_split, scale, so_b, s_x, eps,
                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr, HP: tl.constexpr,
                HEAD_MAJOR: tl.constexpr):
-        if HEAD_MAJOR:  # a slot's KV heads in neighbouring programs (see CONFIGS)
-            h = tl.program_id(0)
-            b = tl.program_id(1)
-        else:
-            b = tl.program_id(0)
-            h = tl.program_id(1)
+        b, h = _slot_head(HEAD_MAJOR)
         c = tl.program_id(2)
         p = tl.load(pos_ptr + b).to(tl.int32)  # the new token's position: keys 0..p-1 are cached
         lo = c * CH
@@ -245,12 +253,7 @@ if triton is not None:
                     CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr, HP: tl.constexpr,
                     BLK: tl.constexpr, STAGES: tl.constexpr, HEAD_MAJOR: tl.constexpr):
         """As ``_split``, over CH keys in BLK-key tiles with an online softmax; same partial outputs."""
-        if HEAD_MAJOR:  # a slot's KV heads in neighbouring programs (see CONFIGS)
-            h = tl.program_id(0)
-            b = tl.program_id(1)
-        else:
-            b = tl.program_id(0)
-            h = tl.program_id(1)
+        b, h = _slot_head(HEAD_MAJOR)
         c = tl.program_id(2)
         p = tl.load(pos_ptr + b).to(tl.int32)
         lo = c * CH

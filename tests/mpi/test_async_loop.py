@@ -20,6 +20,7 @@ import pytest
 
 from areal_hpc.storage.records import RunFiles, read_jsonl
 from areal_hpc.storage.runlog import RunLog
+from tests.processes import wait_for_steps
 
 from .conftest import QUICKSTART, REPO, run_train, train_args
 
@@ -151,15 +152,7 @@ def test_killed_rollout_rank_ends_job_quickly(job_root):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_dir = job_root / name
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        else:
-            pytest.fail("job did not reach step 3")
+        wait_for_steps(proc, run_dir, 3)
         victim = json.loads((run_dir / "ranks" / "rank1.json").read_text())
         assert victim["role"] == "rollout"
         t_kill = time.monotonic()

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-
-import pytest
 
 from tests import mps_fakes
 from tests.mpi.conftest import REPO, train_args
+from tests.processes import alive, wait_for_steps, wait_gone
 
 
 def test_train_runs_its_ranks_under_a_job_daemon(job_root, tmp_path):
@@ -32,14 +30,6 @@ def test_train_runs_its_ranks_under_a_job_daemon(job_root, tmp_path):
     assert "CUDA MPS daemon for this job" in proc.stderr
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sigterm_to_the_launcher_stops_the_ranks_and_the_daemon(job_root, tmp_path):
     """A timeout or a script's kill reaches only the launcher: it must not orphan the ranks (on a GPU,
     still computing) nor leave the MPS daemon behind. The ranks take it as a preemption: checkpoint, stop."""
@@ -51,17 +41,9 @@ def test_sigterm_to_the_launcher_stops_the_ranks_and_the_daemon(job_root, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     run_dir = job_root / name
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        else:
-            pytest.fail("job did not reach step 3")
+        wait_for_steps(proc, run_dir, 3)
         pids = [json.loads(p.read_text())["pid"] for p in (run_dir / "ranks").glob("*.json")]
-        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(pids) == 3 and all(alive(p) for p in pids)
         proc.terminate()
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -69,10 +51,7 @@ def test_sigterm_to_the_launcher_stops_the_ranks_and_the_daemon(job_root, tmp_pa
             proc.kill()
     assert proc.returncode == 143, out[-3000:]
     assert "terminated (SIGTERM)" in out
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), "ranks outlived their launcher"
+    assert wait_gone(pids), "ranks outlived their launcher"
     calls = (tmp_path / "bin" / "calls").read_text().split()
     assert calls[0::2] == ["start", "quit"], calls
     assert not os.path.exists(calls[1]), "the daemon's pipe folder was left behind"
