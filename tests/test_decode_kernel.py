@@ -39,9 +39,19 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter
             print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 63, 64, 65, 200, 300),
                                           chunk=128, num_warps=4, block=block, head_major=True, fold=True))
         print(check_against_reference(cpu, torch.float32, 4, 4, 16, lengths=(3, 0, 130), head_major=True))
+        # a program per pair of KV heads (block-diagonal queries over whole cache rows): tile and chunk edges,
+        # the fold, more chunks than one merge pass, and two pairs without GQA
+        print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 31, 32, 33, 63, 64, 65, 127, 128,
+                                      129, 200, 300), chunk=128, num_warps=4, block=32, pairs=True))
+        print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 64, 65, 200, 257), chunk=64,
+                                      num_warps=4, block=32, pairs=True, fold=True))
+        print(check_against_reference(cpu, torch.float32, 12, 2, 128, lengths=(600, 5), chunk=64, num_warps=4,
+                                      block=32, pairs=True))
+        print(check_against_reference(cpu, torch.float32, 4, 4, 16, lengths=(3, 0, 130), chunk=64, num_warps=4,
+                                      block=16, pairs=True))
     """))
     errs = [float(x) for x in out.split()]
-    assert len(errs) == 12 and max(errs) < 1e-4, errs
+    assert len(errs) == 16 and max(errs) < 1e-4, errs
 
 
 def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
@@ -103,7 +113,8 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
     (4, 4, 64, (99, 3, 0)),
 ])
 @pytest.mark.parametrize("split", ["64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64",
-                                   "512x8x128", "128x4h", "256x4x64h", "512x4x64h", "1024x4x64h"])
+                                   "512x8x128", "128x4h", "256x4x64h", "512x4x64h", "1024x4x64h", "256x4x32p",
+                                   "512x4x32p", "512x8x64p", "1024x4x32p"])
 def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, split):
     """bf16, every split the engine may choose: within 2e-2 of RoPE + index write + SDPA; the new
     key/value land in the cache."""
@@ -115,7 +126,7 @@ def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, s
 
 
 @cuda
-@pytest.mark.parametrize("split", ["64x4", "256x4x64", "1024x4x64", "128x4h", "512x4x64h"])
+@pytest.mark.parametrize("split", ["64x4", "256x4x64", "1024x4x64", "128x4h", "512x4x64h", "256x4x32p", "1024x4x32p"])
 def test_gpu_cross_program_merge_is_exact_every_time(split):
     """The last chunk to finish merges the others' partials (an atomic count, no second kernel): a race
     would show as an occasional wrong row. 256 slots at random contexts (64-2000 keys), 50 launches
@@ -182,7 +193,10 @@ def test_split_names_round_trip_and_say_the_grid_order():
 
     assert all(parse_config(config_name(c)) == c for c in CONFIGS)
     assert config_name((512, 4, 64)) == "512x4x64" and config_name((64, 4)) == "64x4"
-    assert split_args(parse_config("512x4x64h")) == {"chunk": 512, "num_warps": 4, "block": 64, "head_major": True}
-    assert split_args(parse_config("128x4h")) == {"chunk": 128, "num_warps": 4, "block": None, "head_major": True}
+    assert split_args(parse_config("512x4x64h")) == {"chunk": 512, "num_warps": 4, "block": 64, "head_major": True,
+                                                     "pairs": False}
+    assert split_args(parse_config("128x4h")) == {"chunk": 128, "num_warps": 4, "block": None, "head_major": True,
+                                                  "pairs": False}
+    assert split_args(parse_config("512x4x32p"))["pairs"]
     with pytest.raises(ValueError, match="not one of"):
         parse_config("512x4x32h")

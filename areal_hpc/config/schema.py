@@ -162,11 +162,12 @@ class RolloutConfig:
     decode_attention: str = _f(
         "auto",
         "fast engine on CUDA: keys per program x warps [x keys per pipelined loop tile] of the split-K decode "
-        "attention kernel, h = a slot's KV heads in neighbouring programs; auto times "
+        "attention kernel, h = a slot's KV heads in neighbouring programs, p = one program per pair of KV heads; "
+        "auto times "
         "each at engine start and keeps the fastest (a fixed one makes generation reproducible across runs, "
         "since the split changes the floating-point summation order)",
         ("auto", "64x4", "32x2", "128x4", "128x8", "256x8", "256x4x64", "512x4x64", "1024x4x64", "512x8x128",
-         "128x4h", "256x4x64h", "512x4x64h", "1024x4x64h"),
+         "128x4h", "256x4x64h", "512x4x64h", "1024x4x64h", "256x4x32p", "512x4x32p", "512x8x64p", "1024x4x32p"),
     )
     decode_layer: str = _f(
         "folded",

@@ -36,28 +36,31 @@ CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 pro
 # between GPUs (an H100 at 3 TB/s, an H200 at 4.3) and with the batch and context, and a wrong one costs
 # up to half the kernel. Two numbers: one tile per program; three: a pipelined loop over tiles.
 CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4, 64), (1024, 4, 64),
-           (512, 8, 128), (128, 4, 128, 1), (256, 4, 64, 1), (512, 4, 64, 1), (1024, 4, 64, 1))
+           (512, 8, 128), (128, 4, 128, 1), (256, 4, 64, 1), (512, 4, 64, 1), (1024, 4, 64, 1),
+           (256, 4, 32, 2), (512, 4, 32, 2), (512, 8, 64, 2), (1024, 4, 32, 2))
 # A fourth number 1 ("h" in the name) orders the grid head-major: the programs of a slot's KV heads run next
 # to each other. The cache rows interleave the KV heads (one position = Hkv x D values), so slot-major
 # programs read the 128-byte halves of each 256-byte row ~B programs apart, head-major ones at about the
 # same time. On an H200 at batch 512 / context 640 the slot-major kernel read KV at 73% of copy bandwidth
-# (tools/bench/NOTES.md, seventh session); the tuner times both orders.
+# (tools/bench/NOTES.md, seventh session); the tuner times both orders. A fourth number 2 ("p") gives one
+# program a slot's pair of KV heads (``_split_pair``): whole rows per tile, one dot for both heads.
 STAGES = 3  # loads in flight in the looped kernel: the tile being used and the next two
 
 
 def split_args(cfg: tuple[int, ...]) -> dict:
-    """A ``CONFIGS`` entry as keyword arguments: chunk, num_warps, block (None: one tile), head_major."""
+    """A ``CONFIGS`` entry as keyword arguments: chunk, num_warps, block (None: one tile), head_major, pairs."""
     chunk, warps, *rest = cfg
     block = rest[0] if rest and rest[0] != chunk else None
-    return {"chunk": chunk, "num_warps": warps, "block": block, "head_major": bool(rest[1]) if len(rest) > 1 else False}
+    order = rest[1] if len(rest) > 1 else 0
+    return {"chunk": chunk, "num_warps": warps, "block": block, "head_major": order == 1, "pairs": order == 2}
 
 
 def config_name(cfg: tuple[int, ...]) -> str:
-    """``(256, 4, 64)`` -> ``"256x4x64"``, ``(512, 4, 64, 1)`` -> ``"512x4x64h"``: the spelling of
-    ``rollout.decode_attention``."""
+    """``(256, 4, 64)`` -> ``"256x4x64"``, ``(512, 4, 64, 1)`` -> ``"512x4x64h"``, ``(512, 4, 32, 2)`` ->
+    ``"512x4x32p"``: the spelling of ``rollout.decode_attention``."""
     a = split_args(cfg)
     parts = [a["chunk"], a["num_warps"], *([a["block"]] if a["block"] is not None else [])]
-    return "x".join(str(x) for x in parts) + ("h" if a["head_major"] else "")
+    return "x".join(str(x) for x in parts) + ("h" if a["head_major"] else "p" if a["pairs"] else "")
 
 
 def parse_config(name: str) -> tuple[int, ...]:
@@ -292,9 +295,139 @@ if triton is not None:
             _finish(acc_ptr, ml_ptr, cnt_ptr, out_ptr, so_b, b, h, c, p, n_split, acc, m_i, l_i, HQ, HKV, G, GP,
                     D, CH)
 
+    @triton.jit
+    def _pair_values(qkv_ptr, b_ptr, row, h0, cc, r, OFF: tl.constexpr, HAS_B: tl.constexpr, D: tl.constexpr):
+        """Heads OFF + h0 and OFF + h0 + 1 of the projection side by side, [2D] in fp32 (r and bias applied)."""
+        off = (OFF + h0) * D + cc  # the two heads are adjacent columns of the projection
+        x = tl.load(qkv_ptr + row + off).to(tl.float32) * r
+        if HAS_B:
+            x += tl.load(b_ptr + off).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _pair_keys(qkv_ptr, b_ptr, row, h0, cc, r, cos_ptr, sin_ptr, p, HQ: tl.constexpr, HAS_B: tl.constexpr,
+                   D: tl.constexpr):
+        """The new token's keys of heads h0 and h0 + 1, roped at ``p``, [2D] in fp32."""
+        HALF: tl.constexpr = D // 2
+        dd = cc % D
+        x = _pair_values(qkv_ptr, b_ptr, row, h0, cc, r, HQ, HAS_B, D)
+        partner = cc - dd + (dd + HALF) % D
+        off = (HQ + h0) * D + partner
+        xr = tl.load(qkv_ptr + row + off).to(tl.float32) * r
+        if HAS_B:
+            xr += tl.load(b_ptr + off).to(tl.float32)
+        cos = tl.load(cos_ptr + p * D + dd)
+        sin = tl.load(sin_ptr + p * D + dd)
+        return x * cos + tl.where(dd < HALF, -1.0, 1.0) * xr * sin
+
+    @triton.jit
+    def _finish_pair(acc_ptr, ml_ptr, cnt_ptr, out_ptr, so_b, b, h0, c, p, n_split, acc, m, l_sum, sel, j, valid, cc,
+                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     CH: tl.constexpr):
+        """``_finish`` for a pair of KV heads: each row keeps its own head's half of the columns."""
+        act = valid[:, None] & ((cc // D)[None, :] == sel[:, None])
+        head = (h0 + sel) * G + j  # query head of each row
+        dd = cc % D
+        used = p // CH + 1
+        if used == 1:
+            out = acc / l_sum[:, None]
+            tl.store(out_ptr + b * so_b + head[:, None] * D + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=act)
+        else:
+            part = (b * HQ + head) * n_split + c
+            tl.store(acc_ptr + part[:, None] * D + dd[None, :], acc, mask=act)
+            tl.store(ml_ptr + part * 2, m, mask=valid)
+            tl.store(ml_ptr + part * 2 + 1, l_sum, mask=valid)
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + b * HKV + h0, 1, sem="acq_rel")
+            if done == used - 1:
+                tl.store(cnt_ptr + b * HKV + h0, 0)
+                GH: tl.constexpr = GP // 2
+                _merge(b, h0, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GH, HQ, D, 8)
+                _merge(b, h0 + 1, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GH, HQ, D, 8)
+
+    @triton.jit
+    def _pair_queries(qkv_ptr, b_ptr, row, h0, sel, j, c, valid, r, cos_ptr, sin_ptr, p, G: tl.constexpr,
+                      HAS_B: tl.constexpr, D: tl.constexpr):
+        """The block-diagonal query tile [rows, 2D], roped at ``p``: row i holds query head
+        ``(h0 + sel[i]) * G + j[i]`` in the columns of its KV head's half (``c // D == sel``), zeros elsewhere."""
+        HALF: tl.constexpr = D // 2
+        dd = c % D
+        act = valid[:, None] & ((c // D)[None, :] == sel[:, None])
+        base = ((h0 + sel[:, None]) * G + j[:, None]) * D
+        x = tl.load(qkv_ptr + row + base + dd[None, :], mask=act, other=0.0).to(tl.float32) * r
+        xr = tl.load(qkv_ptr + row + base + ((dd + HALF) % D)[None, :], mask=act, other=0.0).to(tl.float32) * r
+        if HAS_B:
+            x += tl.load(b_ptr + base + dd[None, :], mask=act, other=0.0).to(tl.float32)
+            xr += tl.load(b_ptr + base + ((dd + HALF) % D)[None, :], mask=act, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + p * D + dd)
+        sin = tl.load(sin_ptr + p * D + dd)
+        sign = tl.where(dd < HALF, -1.0, 1.0)
+        return x * cos[None, :] + sign[None, :] * xr * sin[None, :]
+
+    @triton.jit
+    def _split_pair(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, acc_ptr, ml_ptr, cnt_ptr, out_ptr, x_ptr,
+                    b_ptr, s_qkv, sc_b, sc_l, sc_h, n_split, scale, so_b, s_x, eps,
+                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                    CH: tl.constexpr, FOLD: tl.constexpr, HAS_B: tl.constexpr, HID: tl.constexpr,
+                    HP: tl.constexpr, BLK: tl.constexpr, STAGES: tl.constexpr):
+        """As ``_split_loop``, one program for a slot's KV heads h0 and h0 + 1. A cache position holds
+        both keys side by side (Hkv x D values), so each tile is whole 2D-wide rows, and one dot with a
+        block-diagonal query tile (rows of head h0 in columns 0..D-1, of h0 + 1 in D..2D-1) scores
+        both heads. Partials, counts and the merge are per KV head, as in the other kernels."""
+        b = tl.program_id(0)
+        h0 = tl.program_id(1) * 2
+        c = tl.program_id(2)
+        p = tl.load(pos_ptr + b).to(tl.int32)
+        lo = c * CH
+        if lo <= p:
+            RH: tl.constexpr = GP // 2  # rows per head in the tile
+            i = tl.arange(0, GP)
+            sel = i // RH
+            j = i % RH
+            valid = j < G
+            cc = tl.arange(0, 2 * D)
+            row = b * s_qkv
+            r = _row_scale(x_ptr, b, s_x, eps, FOLD, HID, HP)
+            q = _pair_queries(qkv_ptr, b_ptr, row, h0, sel, j, cc, valid, r, cos_ptr, sin_ptr, p, G, HAS_B, D)
+            q = (q * scale).to(qkv_ptr.dtype.element_ty)
+            cache = b * sc_b + h0 * sc_h  # heads h0, h0 + 1: 2D contiguous values per position
+            hi = tl.minimum(lo + CH, p)
+            m_i = tl.full([GP], float("-inf"), tl.float32)
+            l_i = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, 2 * D], tl.float32)
+            for start in tl.range(lo, hi, BLK, num_stages=STAGES):
+                n = start + tl.arange(0, BLK)
+                kmask = n < hi
+                k = tl.load(kc_ptr + cache + n[:, None] * sc_l + cc[None, :], mask=kmask[:, None], other=0.0)
+                v = tl.load(vc_ptr + cache + n[:, None] * sc_l + cc[None, :], mask=kmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k))
+                s = tl.where(kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                pr = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+                m_i = m_new
+            if p < lo + CH:  # the new token: both heads' key and value, stored and joined from registers
+                kn = _pair_keys(qkv_ptr, b_ptr, row, h0, cc, r, cos_ptr, sin_ptr, p, HQ, HAS_B, D)
+                vn = _pair_values(qkv_ptr, b_ptr, row, h0, cc, r, HQ + HKV, HAS_B, D)
+                tl.store(kc_ptr + cache + p * sc_l + cc, kn.to(kc_ptr.dtype.element_ty))
+                tl.store(vc_ptr + cache + p * sc_l + cc, vn.to(vc_ptr.dtype.element_ty))
+                kq = kn.to(kc_ptr.dtype.element_ty).to(tl.float32)
+                s_new = tl.sum(q.to(tl.float32) * kq[None, :], 1)
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp(m_i - m_new)
+                pn = tl.exp(s_new - m_new)
+                l_i = l_i * alpha + pn
+                vq = vn.to(vc_ptr.dtype.element_ty).to(tl.float32)
+                acc = acc * alpha[:, None] + pn[:, None] * vq[None, :]
+                m_i = m_new
+            _finish_pair(acc_ptr, ml_ptr, cnt_ptr, out_ptr, so_b, b, h0, c, p, n_split, acc, m_i, l_i, sel, j, valid,
+                         cc, HQ, HKV, G, GP, D, CH)
+
 
 def _kernels():
-    return None if triton is None else (_split, _split_loop)
+    return None if triton is None else (_split, _split_loop, _split_pair)
 
 
 class DecodeAttention:
@@ -302,27 +435,32 @@ class DecodeAttention:
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, max_batch: int, cache_len: int,
                  device: torch.device, chunk: int = CHUNK, num_warps: int = 4, block: int | None = None,
-                 head_major: bool = False) -> None:
+                 head_major: bool = False, pairs: bool = False) -> None:
         self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
         self.g = n_heads // n_kv
         self.max_batch, self.cache_len, self.device = max_batch, cache_len, device
         self.timings: dict[str, float] = {}  # us per call of each config tune() tried
-        self.configure(chunk, num_warps, block, head_major)
+        self.configure(chunk, num_warps, block, head_major, pairs)
 
     @property
     def config(self) -> tuple[int, ...]:
         """This split as its ``CONFIGS`` entry."""
-        if self.head_major:
-            return (self.chunk, self.num_warps, self.block or self.chunk, 1)
+        if self.head_major or self.pairs:
+            return (self.chunk, self.num_warps, self.block or self.chunk, 1 if self.head_major else 2)
         return (self.chunk, self.num_warps) if self.block is None else (self.chunk, self.num_warps, self.block)
 
-    def configure(self, chunk: int, num_warps: int, block: int | None = None, head_major: bool = False) -> None:
+    def configure(self, chunk: int, num_warps: int, block: int | None = None, head_major: bool = False,
+                  pairs: bool = False) -> None:
         """Use ``chunk`` keys per program and ``num_warps`` warps, in one tile or (``block``) a loop over
-        ``block``-key tiles, the grid slot-major or head-major; the scratch is resized to match."""
+        ``block``-key tiles, the grid slot-major or head-major, or (``pairs``) a program per pair of KV
+        heads; the scratch is resized to match."""
         if block is not None and (chunk % block or block < 16):
             raise ValueError(f"decode attention: chunk {chunk} must be a multiple of the tile {block} (>= 16)")
+        if pairs and (self.hkv % 2 or block is None or block == chunk):
+            raise ValueError(f"decode attention: pairs of KV heads need an even number of them ({self.hkv}) and a "
+                             f"looped split (a tile smaller than the chunk)")
         self.chunk, self.num_warps, self.block = chunk, num_warps, (None if block == chunk else block)
-        self.head_major = bool(head_major)
+        self.head_major, self.pairs = bool(head_major), bool(pairs)
         self.n_split = -(-self.cache_len // chunk)
         n = self.max_batch * self.hq * self.n_split
         self.acc = torch.empty(n * self.d, dtype=torch.float32, device=self.device)
@@ -342,11 +480,14 @@ class DecodeAttention:
         into the projection and its row scale is not yet applied: the kernel takes 1 / rms(x) itself
         and adds ``bias`` after it (``model/folded.py``), so the norm costs no launch of its own.
         """
-        split, split_loop = _kernels()
+        split, split_loop, split_pair = _kernels()
         B = qkv.shape[0]
         assert qkv.stride(1) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
         out = torch.empty(B, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
         gp = max(16, 1 << (self.g - 1).bit_length())
+        if self.pairs:  # two heads' rows in one tile, each head's at a power-of-two offset
+            assert k_cache.stride(2) == self.d, "pairs of KV heads need the heads adjacent in each cache row"
+            gp = 2 * max(8, 1 << (self.g - 1).bit_length())
         fold = x is not None
         if fold:
             assert x.shape[0] == B and x.stride(1) == 1
@@ -358,6 +499,10 @@ class DecodeAttention:
         shape = dict(HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, D=self.d, CH=self.chunk, FOLD=fold,
                      HAS_B=fold and bias is not None, HID=hid, HP=triton.next_power_of_2(hid),
                      HEAD_MAJOR=self.head_major, num_warps=self.num_warps)
+        if self.pairs:
+            del shape["HEAD_MAJOR"]
+            split_pair[(B, self.hkv // 2, self.n_split)](*args, **shape, BLK=self.block, STAGES=STAGES)
+            return out
         grid = (self.hkv, B, self.n_split) if self.head_major else (B, self.hkv, self.n_split)
         if self.block is None:
             split[grid](*args, **shape)
@@ -450,7 +595,7 @@ def decode_kernel_works(device: torch.device, dtype: torch.dtype, n_heads: int, 
 def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                             lengths: tuple[int, ...] = (0, 1, 31, 33, 63, 64, 65, 127, 128, 129, 199, 255),
                             chunk: int = CHUNK, num_warps: int = 4, block: int | None = None,
-                            fold: bool = False, reps: int = 1, head_major: bool = False) -> float:
+                            fold: bool = False, reps: int = 1, head_major: bool = False, pairs: bool = False) -> float:
     """Max abs difference of the fused kernel against RoPE + index write + SDPA; raises if the cache
     was written wrongly. Positions cover chunk edges, an empty prefix and the last cache row.
 
@@ -486,7 +631,7 @@ def check_against_reference(device: torch.device, dtype: torch.dtype, n_heads: i
         kc2[rows, pos], vc2[rows, pos] = k, v
         cases.append((qkv, fold_args, kc2, vc2, cached_decode(q, kc2, vc2, pos + 1).float()))
     attn = DecodeAttention(n_heads, n_kv, head_dim, B, L, device, chunk=chunk, num_warps=num_warps, block=block,
-                           head_major=head_major)
+                           head_major=head_major, pairs=pairs)
     worst = 0.0
     tol = 0 if dtype == torch.float32 else 2e-2
     for rep in range(reps):
