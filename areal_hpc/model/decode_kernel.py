@@ -308,7 +308,7 @@ if triton is not None:
     def _pair_keys(qkv_ptr, b_ptr, row, h0, cc, r, cos_ptr, sin_ptr, p, HQ: tl.constexpr, HAS_B: tl.constexpr,
                    D: tl.constexpr):
         """The new token's keys of heads h0 and h0 + 1, roped at ``p``, [2D] in fp32."""
-        HALF: tl.constexpr = D // 2
+        HALF = D // 2  # constexpr: D is
         dd = cc % D
         x = _pair_values(qkv_ptr, b_ptr, row, h0, cc, r, HQ, HAS_B, D)
         partner = cc - dd + (dd + HALF) % D
@@ -341,16 +341,15 @@ if triton is not None:
             done = tl.atomic_add(cnt_ptr + b * HKV + h0, 1, sem="acq_rel")
             if done == used - 1:
                 tl.store(cnt_ptr + b * HKV + h0, 0)
-                GH: tl.constexpr = GP // 2
-                _merge(b, h0, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GH, HQ, D, 8)
-                _merge(b, h0 + 1, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GH, HQ, D, 8)
+                _merge(b, h0, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GP // 2, HQ, D, 8)
+                _merge(b, h0 + 1, used, acc_ptr, ml_ptr, out_ptr, so_b, n_split, G, GP // 2, HQ, D, 8)
 
     @triton.jit
     def _pair_queries(qkv_ptr, b_ptr, row, h0, sel, j, c, valid, r, cos_ptr, sin_ptr, p, G: tl.constexpr,
                       HAS_B: tl.constexpr, D: tl.constexpr):
         """The block-diagonal query tile [rows, 2D], roped at ``p``: row i holds query head
         ``(h0 + sel[i]) * G + j[i]`` in the columns of its KV head's half (``c // D == sel``), zeros elsewhere."""
-        HALF: tl.constexpr = D // 2
+        HALF = D // 2  # constexpr: D is
         dd = c % D
         act = valid[:, None] & ((c // D)[None, :] == sel[:, None])
         base = ((h0 + sel[:, None]) * G + j[:, None]) * D
@@ -380,7 +379,7 @@ if triton is not None:
         p = tl.load(pos_ptr + b).to(tl.int32)
         lo = c * CH
         if lo <= p:
-            RH: tl.constexpr = GP // 2  # rows per head in the tile
+            RH = GP // 2  # rows per head in the tile (constexpr: GP is)
             i = tl.arange(0, GP)
             sel = i // RH
             j = i % RH
