@@ -153,6 +153,13 @@ def test_killed_rollout_rank_ends_job_quickly(job_root):
     run_dir = job_root / name
     try:
         wait_for_steps(proc, run_dir, 3)
+        # "data already written" needs some: a rollout shard closes every log.flush_s (2 s), and a fast
+        # start can reach step 3 sooner (CI once killed the rank while it wrote its first shard)
+        shards = RunFiles(run_dir).rollout_log
+        deadline = time.monotonic() + 60
+        while not any(shards.glob("rollout-*.h5")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert any(shards.glob("rollout-*.h5")), "no rollout shard was closed before the kill"
         victim = json.loads((run_dir / "ranks" / "rank1.json").read_text())
         assert victim["role"] == "rollout"
         t_kill = time.monotonic()
