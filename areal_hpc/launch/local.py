@@ -64,6 +64,7 @@ def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path,
     try:
         rc = proc.wait(timeout=cfg.run.timeout_s + 300)
     except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (schedulers repeat it) must not cut this short
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=term_grace_s)
