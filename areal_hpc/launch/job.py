@@ -24,6 +24,7 @@ from areal_hpc.config import Config, load_config
 from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.launch.environment import check_world_matches_launcher
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
+from areal_hpc.launch.phases import Phases, outside_steps, process_age_s, since_launch_s
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
 from areal_hpc.launch.progress import Progress, summary_table
 from areal_hpc.model.build import save_policy
@@ -75,6 +76,12 @@ def main(config_path: str) -> None:
 
 
 def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
+    phases = Phases()
+    age, launched = process_age_s(), since_launch_s()
+    if age is not None:
+        phases.add("startup", age)  # interpreter, imports, MPI init, config
+        if launched is not None:
+            phases.add("launch", launched - age)  # the launcher before this process (MPS daemon, mpiexec)
     torch.set_num_threads(_threads_per_rank(ctx.world.size))
     torch.manual_seed(cfg.run.seed + ctx.rank)
     topo = ctx.topo
@@ -91,11 +98,13 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
             log.warning("resuming from %s (version %d, attempt %d)", resume.path, resume.version, resume.attempt + 1)
             policy = str(resume.path)
         else:
-            policy = prepare_initial_policy(cfg, task)
+            with phases.time("initial_policy"):
+                policy = prepare_initial_policy(cfg, task)
     policy, resume = ctx.world.bcast((policy, resume), root=0)
     preempt = PreemptionFlag.install()
     gpu = bind_gpu(ctx, cfg.model.device)
-    groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s, gpu_shared=gpu.shared)
+    with phases.time("distributed"):
+        groups = init_distributed(ctx, cfg.weights.backend, timeout_s=cfg.run.timeout_s, gpu_shared=gpu.shared)
     log.info("rank %d: %s %d of %d on %s", ctx.rank, topo.role, topo.role_rank,
              topo.n_trainer if topo.is_trainer else topo.n_rollout, ctx.hostname())
     (files.root / "ranks").mkdir(exist_ok=True)
@@ -103,36 +112,43 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
         {"rank": ctx.rank, "role": topo.role, "role_rank": topo.role_rank, "pid": os.getpid(),
          "host": ctx.hostname()}))
     if topo.is_trainer:
-        _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
+        _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt, phases)
     else:
-        _run_rollout(cfg, ctx, groups, files, policy, run_id, resume)
+        _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases)
     shutdown_distributed()
 
 
-def _run_rollout(cfg, ctx, groups, files, policy, run_id, resume) -> None:
+def _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases: Phases) -> None:
     from areal_hpc.rollout.worker import RolloutWorker
 
-    worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
-    ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
-    stats = worker.run()
-    ctx.world.gather(stats, root=0)
+    with phases.time("build"):  # model load, engine (on CUDA: split tuning), weight receiver, ring
+        worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
+    with phases.time("wait_peers"):
+        ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
+    with phases.time("run"):
+        stats = worker.run()
+    ctx.world.gather({**stats, "phases": phases.as_dict()}, root=0)
     ctx.world.Barrier()
 
 
-def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt) -> None:
+def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt, phases: Phases) -> None:
     from areal_hpc.train.worker import TrainerWorker
 
-    worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
+    with phases.time("build"):
+        worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
     lead = ctx.rank == 0
     n_eval = min(cfg.eval.n, len(task.eval_problems)) if cfg.eval.enabled else 0
     if resume is not None:
         acc_before = resume.accuracy_before
     elif lead and n_eval:
-        acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens)
+        with phases.time("eval_before"):
+            acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens)
     else:
         acc_before = float("nan")
-    ctx.world.Barrier()
-    worker.engine.prepare()  # compiles here, while the rollouts generate the first batch
+    with phases.time("wait_peers"):
+        ctx.world.Barrier()
+    with phases.time("compile"):
+        worker.engine.prepare()  # compiles here, while the rollouts generate the first batch
     metrics = JsonlWriter(files.metrics) if lead else None
     progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
     t_start = time.perf_counter()
@@ -160,10 +176,12 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
         if preempted:
             break
     train_seconds = time.perf_counter() - t_start
+    phases.add("steps", train_seconds)
     progress.close()
-    stop = worker.stop_rollouts()
-    stops = ctx.role_comm.gather(stop, root=0)
-    rollout_stats = ctx.world.gather({}, root=0)
+    with phases.time("stop_rollouts"):  # the rollouts' last weight receives and final shard writes
+        stop = worker.stop_rollouts()
+        stops = ctx.role_comm.gather(stop, root=0)
+        rollout_stats = ctx.world.gather({}, root=0)
     if preempted:
         ckpt = _checkpoint(worker, ctx, files, attempt, acc_before)
     if lead:
@@ -171,10 +189,12 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             acc_after = float("nan")
             log.warning("preempted at version %d: checkpoint %s", worker.version, ckpt)
         else:
-            acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens) \
-                if n_eval else float("nan")
-            ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
-            torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+            with phases.time("eval_after"):
+                acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval],
+                                     cfg.rollout.max_new_tokens) if n_eval else float("nan")
+            with phases.time("save_final"):
+                ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
+                torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
         rs = [s for s in rollout_stats if s]
         summary = {
             "run_dir": str(files.root), "async": cfg.async_, "eta": cfg.rollout.eta, "steps": cfg.run.steps,
@@ -195,7 +215,10 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt)
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],
             "cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)"),
+            # Wall seconds outside the steps (trainer 0's phases; each rollout's beside them)
+            "phases": {"trainer": phases.as_dict(), "rollouts": [s.get("phases", {}) for s in rs]},
         }
+        summary["setup_seconds"], summary["teardown_seconds"] = outside_steps(phases.as_dict())
         files.summary.write_text(json.dumps(summary, indent=2))
         if not preempted:
             print(summary_table(summary), flush=True)

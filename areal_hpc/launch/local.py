@@ -7,10 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from areal_hpc.config import Config
 from areal_hpc.launch.mps import job_mps
+from areal_hpc.launch.phases import LAUNCH_TIME_ENV, process_age_s
 
 TERM_GRACE_S = 60.0  # after a SIGTERM, how long the ranks get to checkpoint and stop before they are killed
 
@@ -42,8 +44,10 @@ def mpiexec_command(cfg: Config, config_path: Path) -> list[str]:
 def launch_local(cfg: Config, config_path: Path, run_dir: Path) -> int:
     """Run the job under mpiexec, forward Ctrl-C, and explain a failure from the ranks' error files."""
     cmd = mpiexec_command(cfg, config_path)
+    started = time.time() - (process_age_s() or 0.0)  # this command's start: the ranks count their setup from it
     with job_mps(cfg.cluster.cuda_mps, cfg.cluster.n_trainer + cfg.cluster.n_rollout) as mps_env:
-        return _run_job(cfg, cmd, dict(os.environ, PYTHONUNBUFFERED="1", **mps_env), run_dir)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **mps_env, **{LAUNCH_TIME_ENV: f"{started:.3f}"})
+        return _run_job(cfg, cmd, env, run_dir)
 
 
 class _Terminated(Exception):

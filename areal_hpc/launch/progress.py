@@ -36,6 +36,21 @@ class Progress:
             self.stream.flush()
 
 
+def _outside(s: dict[str, Any]) -> str:
+    """Steps, setup and teardown seconds, with the largest phase of each (where the rest of the wall time went)."""
+    ph = s.get("phases", {}).get("trainer", {})
+    if not ph:
+        return f"{s['train_seconds']:.1f}"
+
+    def largest(names: tuple[str, ...]) -> str:
+        name = max(names, key=lambda k: ph.get(k, 0.0))
+        return f" ({name} {ph[name]:.1f})" if ph.get(name, 0.0) > 0 else ""
+
+    return (f"{s['train_seconds']:.1f} / {s.get('setup_seconds', 0.0):.1f}"
+            f"{largest(('launch', 'startup', 'initial_policy', 'build', 'eval_before', 'wait_peers', 'compile'))}"
+            f" / {s.get('teardown_seconds', 0.0):.1f}{largest(('stop_rollouts', 'eval_after', 'save_final'))}")
+
+
 def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ("mode", f"{'async' if s['async'] else 'sync'}, eta={s['eta']}, "
@@ -49,6 +64,7 @@ def summary_table(s: dict[str, Any]) -> str:
         ("rejected as stale", f"{int(s['rejected'])} (groups stopped early in the rollout: "
                               f"{s.get('aborted_stale_groups', 0)})"),
         ("rollout idle fraction", f"{s['rollout_idle_fraction']:.2f}"),
+        ("seconds in steps / before / after", _outside(s)),
         ("run folder", s["run_dir"]),
         ("final policy", s["checkpoint"]),
         ("study it", f"areal-hpc analyze {s['run_dir']}"),

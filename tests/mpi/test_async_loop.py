@@ -122,12 +122,25 @@ def test_async_two_trainers_two_rollouts(job_root):
 
 
 def test_sync_mode_trains_on_fresh_data_only(job_root):
+    t = time.monotonic()
     job = run_train(job_root, "sync_1x2", "run.steps=40", "async=false", "rollout.eta=0")
+    wall = time.monotonic() - t
     assert job.rc == 0, job.output[-3000:]
     rec = check_records(job.run_dir, eta=0, steps=40)
     staleness = rec["log"].step_samples()["staleness"]
     assert len(staleness) and set(staleness) == {0}
     assert rec["rejected"] == []
+
+    # Where the wall time went: every rank's phases, the trainer's summing to at most the job's wall time.
+    s = rec["summary"]
+    trainer, rollouts = s["phases"]["trainer"], s["phases"]["rollouts"]
+    assert {"launch", "startup", "build", "wait_peers", "compile", "steps", "stop_rollouts", "eval_after",
+            "save_final"} <= set(trainer)
+    assert trainer["steps"] == s["train_seconds"] and all(v >= 0 for v in trainer.values())
+    assert len(rollouts) == 2 and all({"startup", "build", "run"} <= set(r) for r in rollouts)
+    assert s["setup_seconds"] + s["train_seconds"] + s["teardown_seconds"] <= wall
+    assert trainer["startup"] + trainer["launch"] > 0.5  # an interpreter with torch does not start in less
+    assert "seconds in steps / before / after" in job.output
 
 
 def test_tight_eta_rejects_or_bounds(job_root):

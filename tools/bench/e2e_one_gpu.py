@@ -108,6 +108,17 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
 
+def phase_line(row: dict) -> str:
+    """``wall 300 = steps 162 + compile 50 + build 40 + ...``: the largest phases first."""
+    ph = dict(row.get("phases", {}).get("trainer", {}))
+    if not ph:
+        return f"wall {row.get('wall_seconds', float('nan')):.0f} (no phases recorded)"
+    parts = sorted(ph.items(), key=lambda kv: -kv[1])
+    shown = " + ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.5)
+    rest = row.get("wall_seconds", 0.0) - sum(ph.values())
+    return f"wall {row.get('wall_seconds', float('nan')):.1f} = {shown} + other {rest:.1f}"
+
+
 def _earlier_sync(args: argparse.Namespace) -> dict:
     """The sync row of an earlier result with this run's config, steps and overrides, marked as such."""
     path = Path(args.sync_from)
@@ -196,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
+    print("where each run's wall time went (trainer 0's phases, seconds; the rest is the launcher's start and exit):")
+    for r in ok:
+        print(f"  {r['mode']} eta {r['eta']}: {phase_line(r)}")
     for r in rows:
         if r.get("failed"):
             print(f"{r['run']} (eta {r['eta']}): FAILED rc {r['rc']}")

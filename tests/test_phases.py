@@ -1,0 +1,42 @@
+"""Phase timing: where a job's wall time goes outside its training steps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from areal_hpc.launch.phases import LAUNCH_TIME_ENV, Phases, outside_steps, process_age_s, since_launch_s
+
+
+def test_phases_sum_repeats_and_keep_first_order():
+    ph = Phases()
+    with ph.time("build"):
+        time.sleep(0.02)
+    ph.add("steps", 1.5)
+    ph.add("build", 0.5)
+    ph.add("save_final", -1.0)  # a clock step backwards is not negative time
+    d = ph.as_dict()
+    assert list(d) == ["build", "steps", "save_final"]
+    assert 0.52 <= d["build"] < 1.0 and d["steps"] == 1.5 and d["save_final"] == 0.0
+
+
+def test_outside_steps_splits_setup_from_teardown():
+    setup, teardown = outside_steps({"launch": 1.0, "startup": 2.0, "build": 3.0, "compile": 4.0, "steps": 100.0,
+                                     "stop_rollouts": 0.5, "save_final": 6.0, "unknown": 9.0})
+    assert (setup, teardown) == (10.0, 6.5)
+
+
+def test_process_age_counts_from_the_process_start():
+    code = "import time; time.sleep(0.6); from areal_hpc.launch.phases import process_age_s; print(process_age_s())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    age = float(out.stdout)
+    assert 0.6 <= age < 20.0, age  # the sleep, plus the interpreter's start and imports
+    assert process_age_s() > age  # this test process started before that child
+
+
+def test_since_launch_reads_the_launchers_stamp():
+    assert since_launch_s({}) is None
+    assert since_launch_s({LAUNCH_TIME_ENV: "not a time"}) is None
+    assert 4.9 <= since_launch_s({LAUNCH_TIME_ENV: str(time.time() - 5.0)}) < 6.0
