@@ -3,7 +3,8 @@
 #
 #   bash slurm/local-cluster.sh start  [STATE_DIR]   # install (root) + start munged, slurmctld, slurmd
 #   bash slurm/local-cluster.sh status [STATE_DIR]
-#   bash slurm/local-cluster.sh stop   [STATE_DIR]   # stop the daemons this script started, remove STATE_DIR
+#   bash slurm/local-cluster.sh stop   [STATE_DIR]   # cancel its jobs, stop the daemons this script started,
+#                                                   # remove STATE_DIR
 #   bash slurm/local-cluster.sh install              # only install slurm-wlm + munge (root, apt-get)
 #
 # Everything (slurm.conf, spool, state, logs, pid files) lives in STATE_DIR, default
@@ -197,7 +198,24 @@ stop_daemons() {
     stop_pid "$STATE/slurmctld.pid" slurmctld
 }
 
+cancel_jobs() {  # scancel every job of this cluster and wait for them to end, so no job step outlives slurmd
+    alive "$STATE/slurmctld.pid" || return 0
+    local ids
+    ids=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ') || return 0
+    [ -n "${ids// /}" ] || return 0
+    say "cancelling jobs still in the queue: $ids"
+    # shellcheck disable=SC2086
+    SLURM_CONF=$CONF scancel --full $ids 2>/dev/null || true
+    local deadline=$((SECONDS + 45))
+    while [ $SECONDS -lt $deadline ]; do
+        [ -z "$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null)" ] && return 0
+        sleep 1
+    done
+    say "jobs still listed after 45 s: $(SLURM_CONF=$CONF squeue -h -o '%A %T' 2>/dev/null | tr '\n' ' ')"
+}
+
 stop() {
+    cancel_jobs
     stop_daemons
     # munged is the host's one authentication daemon, possibly used by other Slurm daemons: it is left
     # running unless SLURM_LOCAL_STOP_MUNGE=1 (and then only if this script started it).
