@@ -73,3 +73,17 @@ def test_e2e_run_past_its_timeout_leaves_no_rank_running(tmp_path):
     assert len(pids) == 3, "the job's ranks should have started within the timeout"
 
     assert wait_gone(pids), "ranks of the timed-out run are still running"
+
+
+def test_e2e_vary_takes_one_dotted_key_and_its_values():
+    import argparse
+
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from tools.bench.e2e_one_gpu import _parse_vary
+
+    ap = argparse.ArgumentParser()
+    assert _parse_vary(ap, None) == (None, [])
+    assert _parse_vary(ap, "rollout.batch_bucket_step=64,0") == ("rollout.batch_bucket_step", ["64", "0"])
+    for bad in ("rollout.batch_bucket_step", "batch_bucket_step=64,0", "rollout.eta="):
+        with pytest.raises(SystemExit):
+            _parse_vary(ap, bad)

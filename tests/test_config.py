@@ -237,6 +237,8 @@ def test_top_level_not_mapping(tmp_path: Path) -> None:
     ("overrides", "pattern"),
     [
         (["rollout.eta=-1"], r"'rollout\.eta' must be >= 0, got -1"),
+        (["rollout.batch_bucket_step=40"], r"'rollout\.batch_bucket_step' must be 0 or a positive multiple of 16"),
+        (["rollout.batch_bucket_step=-16"], r"'rollout\.batch_bucket_step' must be 0 or a positive multiple of 16"),
         (["cluster.n_rollout=0"], r"'cluster\.n_rollout' must be >= 1, got 0"),
         (["cluster.n_trainer=0"], r"'cluster\.n_trainer' must be >= 1, got 0"),
         (

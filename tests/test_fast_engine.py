@@ -287,6 +287,32 @@ def _eager_graphs(eng, monkeypatch):
     eng._use_graph = True
 
 
+def test_fine_buckets_above_128_slots_give_the_same_sequences(monkeypatch):
+    """Above 128 live slots the decode runs in 64-slot steps of batch (192 here, between the halves 128
+    and 256), and a thinning batch is moved down into them; the sequences are those of a 5-slot engine."""
+    from areal_hpc.rollout.fast_engine import decode_buckets
+
+    assert decode_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert decode_buckets(512, 0) == [16, 32, 64, 128, 256, 512]
+    assert decode_buckets(256) == [16, 32, 64, 128, 192, 256] and decode_buckets(8) == [8]
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    # Lengths 1-40: the batch thins from 256 live slots through the 192 bucket to the small ones.
+    reqs = [GenRequest(i, i, i // 4, torch.randint(3, 97, (3 + i % 5,), generator=g).tolist(),
+                       max_tokens=1 + (i * 7919) % 40) for i in range(320)]
+    big = FastEngine(m, _Tok(), max_batch=256, max_new_tokens=40, max_seq_len=64, temperature=1.0, top_p=1.0,
+                     seed=5, cuda_graphs=True)
+    _eager_graphs(big, monkeypatch)
+    small = FastEngine(m, _Tok(), max_batch=5, max_new_tokens=40, max_seq_len=64, temperature=1.0, top_p=1.0,
+                       seed=5, cuda_graphs=False)
+    a, b = big.generate(reqs), small.generate(reqs)
+    assert big._buckets == [16, 32, 64, 128, 192, 256]
+    assert big.bucket_steps.get(192, 0) > 0 and big.compactions > 0, big.bucket_steps
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens
+        assert np.allclose(x.logprobs, y.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("samples", [None, "own", "shared"])
 def test_graphed_prefill_buffers_give_the_eager_result(monkeypatch, samples):
     """Bucketed static buffers (padding into the scratch slot, zero-length unused sequences, sampled rows
@@ -486,6 +512,24 @@ def test_gpu_decode_layers_agree_with_a_plain_forward(layer):
     out = eng.generate(reqs)
     assert eng.stats()["decode_layer"] == layer and sum(len(g.tokens) for g in out) > 100
     worst = max(float(np.max(np.abs(np.array(g.logprobs) - _reference_logprobs(ref_model, g)))) for g in out)
+    assert worst < 0.05, worst
+
+
+@cuda
+def test_gpu_fine_buckets_replay_their_graphs_and_agree_with_a_plain_forward():
+    """256 slots on the GPU: a graph per bucket (192 among them), compaction into the fine ones, and
+    the logprobs of what was sampled within bf16 tolerance of an fp32 forward."""
+    m = _model("cuda", torch.bfloat16, vocab=997, layers=3)
+    ref_model = _model("cuda", torch.float32, vocab=997, layers=3)
+    g = torch.Generator().manual_seed(3)
+    reqs = [GenRequest(i, i, i // 4, torch.randint(3, 997, (3 + i % 5,), generator=g).tolist(),
+                       max_tokens=1 + (i * 7919) % 40) for i in range(320)]
+    eng = FastEngine(m, _Tok(), max_batch=256, max_new_tokens=40, max_seq_len=64, temperature=1.0, top_p=1.0,
+                     seed=5, decode_attention="64x4")
+    out = eng.generate(reqs)
+    assert set(eng._graphs) == {16, 32, 64, 128, 192, 256}
+    assert eng.bucket_steps.get(192, 0) > 0 and eng.compactions > 0, eng.bucket_steps
+    worst = max(float(np.max(np.abs(np.array(x.logprobs) - _reference_logprobs(ref_model, x)))) for x in out[::7])
     assert worst < 0.05, worst
 
 

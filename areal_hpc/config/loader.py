@@ -624,6 +624,13 @@ def validate(cfg: Config) -> None:
         "set rollout.gated_yield_ms=0 (off) or a few milliseconds",
     )
     _need(
+        r.batch_bucket_step >= 0 and r.batch_bucket_step % 16 == 0,
+        "rollout.batch_bucket_step",
+        r.batch_bucket_step,
+        "must be 0 or a positive multiple of 16",
+        "set rollout.batch_bucket_step=64 (or 0 for halves of the batch only)",
+    )
+    _need(
         r.max_concurrent_groups >= 1,
         "rollout.max_concurrent_groups",
         r.max_concurrent_groups,

@@ -158,6 +158,12 @@ class RolloutConfig:
         ("auto", "hf", "fast"),
     )
     cuda_graphs: bool = _f(True, "fast engine: capture the decode step in a CUDA graph")
+    batch_bucket_step: int = _f(
+        64,
+        "fast engine: decode batch sizes (one CUDA graph each) are max_batch and its halves, and above 128 "
+        "slots every this many too: a decode GEMM of more than ~128 rows is compute-bound, so padding rows "
+        "cost as much as live ones; 0: halves only (a multiple of 16)",
+    )
     compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
     decode_attention: str = _f(
         "auto",

@@ -8,9 +8,10 @@ One ``step()``:
 1. prefill newly admitted prompts, packed without padding (varlen attention), straight into their
    slots' KV cache, and sample each one's first token; a per-step prompt-token budget keeps a burst
    of admissions from stalling decode for long;
-2. one decode step for the slots ``[0, n)``, ``n`` the smallest batch bucket (max_batch, its halves,
-   down to 16) that holds every live slot: a fixed-shape forward that writes the new K/V at each
-   slot's position, attends over the slot's prefix, samples on the GPU and advances its own inputs.
+2. one decode step for the slots ``[0, n)``, ``n`` the smallest batch bucket (``decode_buckets``:
+   max_batch, its halves down to 16, and above 128 every 64 slots) that holds every live slot: a
+   fixed-shape forward that writes the new K/V at each slot's position, attends over the slot's
+   prefix, samples on the GPU and advances its own inputs.
    On CUDA each bucket is captured once in a CUDA graph and replayed, so a step costs one launch
    instead of hundreds. New requests take the lowest free slots, and when the live sequences thin
    out (a long tail, or an asynchronous rollout held back by the staleness gate) the engine moves
@@ -86,6 +87,26 @@ def decode_act(gu: Tensor) -> Tensor:
 # (torch.compile's max-autotune was tried too: 17-23 s of tuning per GEMM shape and bucket, minutes at
 # engine start, and it did not finish within a device call; tools/bench/NOTES.md, fifth session.)
 DECODE_LAYERS = ("inplace", "folded", "fused")
+FINE_ABOVE = 128  # decode rows above which a GEMM stops being bound by reading the weights (H100/H200)
+
+
+def decode_buckets(max_batch: int, step: int = 64) -> list[int]:
+    """Batch sizes that get a decode graph, ascending: ``max_batch`` and its halves down to 16, and every
+    ``step`` slots above ``FINE_ABOVE``.
+
+    Why both: up to ~128 rows a decode GEMM's time is reading the weights, so a padded row is almost free
+    and halves suffice. Above it the GEMMs are compute-bound (gate/up at ~550 TFLOP/s with 512 rows on an
+    H200, tools/bench/NOTES.md), so a padded row costs what a live one does: with halves only, an
+    asynchronous rollout held near 281 live slots by the staleness gate ran in the 512 bucket.
+    """
+    sizes = {max_batch}
+    b = max_batch
+    while b > 16 and b % 2 == 0:
+        b //= 2
+        sizes.add(b)
+    if step > 0:
+        sizes.update(range(step * (FINE_ABOVE // step + 1), max_batch, step))
+    return sorted(sizes)
 
 
 class FastEngine:
@@ -93,7 +114,7 @@ class FastEngine:
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,
                  admit_min_free: int | None = None, compile_decode: bool = True, share_prompts: bool = True,
-                 decode_attention: str = "auto", decode_layer: str = "folded") -> None:
+                 decode_attention: str = "auto", decode_layer: str = "folded", bucket_step: int = 64) -> None:
         if decode_layer not in DECODE_LAYERS:
             raise ValueError(f"decode_layer {decode_layer!r}: choose one of {DECODE_LAYERS}")
         self.model = model.eval()
@@ -141,10 +162,7 @@ class FastEngine:
         self._early: list[Generation] = []  # finished while ``abort`` drained the step in flight
         self._stale: bool = False
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._buckets = [B]
-        while self._buckets[-1] > 16 and self._buckets[-1] % 2 == 0:
-            self._buckets.append(self._buckets[-1] // 2)
-        self._buckets.reverse()  # ascending
+        self._buckets = decode_buckets(B, bucket_step)  # ascending
         self._hi = 0  # one past the highest live slot; None when it must be recounted
         self.compactions = 0
         self.slots_moved = 0
@@ -619,11 +637,12 @@ class FastEngine:
 
     def _compact_target(self) -> int | None:
         """The bucket the live slots would fit after moving the high ones down, when that is at most
-        half the current one and no queued request is about to fill the gaps; else None."""
+        3/4 of the current one (a move costs a copy of those slots' KV rows, so not for a few rows) and
+        no queued request is about to fill the gaps; else None."""
         if self._pending or not self._live:
             return None
         want = next(b for b in self._buckets if b >= self._live)
-        return want if 2 * want <= self._bucket() else None
+        return want if 4 * want <= 3 * self._bucket() else None
 
     def _compact(self, target: int) -> None:
         """Move every live slot at or above ``target`` into a free slot below it: its KV rows (up to its

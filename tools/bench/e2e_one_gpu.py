@@ -108,6 +108,16 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
 
+def _parse_vary(ap: argparse.ArgumentParser, spec: str | None) -> tuple[str | None, list[str]]:
+    if spec is None:
+        return None, []
+    key, _, values = spec.partition("=")
+    vals = [v for v in values.split(",") if v]
+    if not key or "." not in key or not vals:
+        ap.error(f"--vary {spec!r}: expected KEY=V1,V2 with a dotted config key, e.g. rollout.batch_bucket_step=64,0")
+    return key, vals
+
+
 def phase_line(row: dict) -> str:
     """``wall 300 = steps 162 + compile 50 + build 40 + ...``: the largest phases first."""
     ph = dict(row.get("phases", {}).get("trainer", {}))
@@ -157,26 +167,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sync-from", default=None, metavar="JSON",
                     help="do not run sync: compare against the sync row of this earlier result (same config, steps "
                          "and overrides, checked); the ratios are then across runs, and the JSON says so")
+    ap.add_argument("--vary", default=None, metavar="KEY=V1,V2",
+                    help="run every async mode once per value of this config key (the sync baseline runs with the "
+                         "first value), e.g. rollout.batch_bucket_step=64,0: an A/B of one setting in the same call")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
+    vary_key, vary_values = _parse_vary(ap, args.vary)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
         earlier = _earlier_sync(args) if args.sync_from else None
-        plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0"])]
+        first = [f"{vary_key}={vary_values[0]}"] if vary_key else []
+        plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0", *first],
+                                    vary_values[0] if vary_key else None)]
         for pol in args.stale_policy:
             for abort in (args.abort_stale if pol == "reject" else ["on"]):  # only reject aborts
                 tag = ("" if pol == "reject" else f"_{pol}") + ("" if abort == "on" else "_noabort")
                 flags = [f"trainer.stale_policy={pol}", f"rollout.abort_stale={abort == 'on'}"]
-                plan += [("async", eta, pol, f"async_eta{eta}{tag}", [f"rollout.eta={eta}", *flags])
-                         for eta in args.eta]
-        for mode, eta, pol, name, extra in plan:
+                for value in vary_values or [None]:
+                    var = [f"{vary_key}={value}"] if vary_key else []
+                    vtag = f"_{vary_key.rsplit('.', 1)[-1]}{value}" if vary_key else ""
+                    plan += [("async", eta, pol, f"async_eta{eta}{tag}{vtag}", [f"rollout.eta={eta}", *flags, *var],
+                              value) for eta in args.eta]
+        for mode, eta, pol, name, extra, value in plan:
             rows.append({"mode": mode, "eta": eta, "stale_policy": pol,
                          "abort_stale": mode == "async" and "rollout.abort_stale=False" not in extra,
+                         **({"vary": f"{vary_key}={value}"} if vary_key else {}),
                          **run(args.config, root, name, [*common, *extra],
                                args.timeout + (args.first_extra if not rows else 0.0), args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
@@ -207,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
+    if vary_key:
+        print(f"--vary {vary_key}: " + "; ".join(f"{r['mode']} eta {r['eta']} {r['vary']}" for r in ok))
     print("where each run's wall time went (trainer 0's phases, seconds; the rest is the launcher's start and exit):")
     for r in ok:
         print(f"  {r['mode']} eta {r['eta']}: {phase_line(r)}")
@@ -217,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {**device_info(dev), "config": Path(args.config).name, "steps": args.steps,
-              "overrides": args.overrides, "sync_from": Path(args.sync_from).name if args.sync_from else None,
+              "overrides": args.overrides, "vary": args.vary,
+              "sync_from": Path(args.sync_from).name if args.sync_from else None,
               "runs": rows}
     write_result(args.out, result)
     return result
