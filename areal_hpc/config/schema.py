@@ -44,6 +44,12 @@ class RunConfig:
         "auto: continue from RUN/checkpoints/latest when it exists (a requeued job); never: always start fresh",
         ("auto", "never"),
     )
+    final_checkpoint: str = _f(
+        "full",
+        "what the run saves at its end in RUN/checkpoints/final: full (policy in HF format and the trainer's "
+        "optimizer state), policy (the HF policy only; the optimizer state of a 0.5B model is ~6 GB), none",
+        ("full", "policy", "none"),
+    )
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only on preemption signals)")
     requeue: bool = _f(True, "after a preemption checkpoint under Slurm, requeue the job (scontrol requeue)")
 

@@ -193,8 +193,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt,
                 acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval],
                                      cfg.rollout.max_new_tokens) if n_eval else float("nan")
             with phases.time("save_final"):
-                ckpt = save_policy(worker.model, worker.tok, files.checkpoints / "final")
-                torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+                ckpt = _save_final(cfg, worker, files)
         rs = [s for s in rollout_stats if s]
         summary = {
             "run_dir": str(files.root), "async": cfg.async_, "eta": cfg.rollout.eta, "steps": cfg.run.steps,
@@ -211,7 +210,8 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt,
             "abandoned_prompts": sorted(p for s in rs for p in s["abandoned_prompts"]),
             "rollout_idle_fraction": sum(s["idle_seconds"] for s in rs) / max(1e-9, train_seconds * len(rs)),
             "rollout_yield_fraction": sum(s.get("yield_seconds", 0.0) for s in rs) / max(1e-9, train_seconds * len(rs)),
-            "ring_full_waits": sum(s["ring_full_waits"] for s in rs), "checkpoint": str(ckpt),
+            "ring_full_waits": sum(s["ring_full_waits"] for s in rs),
+            "checkpoint": str(ckpt) if ckpt is not None else None,
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],
             "cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)"),
@@ -225,6 +225,16 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt,
     ctx.world.Barrier()
     if preempted and lead and cfg.run.requeue:
         requeue_this_job()
+
+
+def _save_final(cfg: Config, worker, files: RunFiles) -> Path | None:
+    """``run.final_checkpoint``: the policy (HF format), with or without the trainer's optimizer state."""
+    if cfg.run.final_checkpoint == "none":
+        return None
+    path = save_policy(worker.model, worker.tok, files.checkpoints / "final")
+    if cfg.run.final_checkpoint == "full":
+        torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+    return path
 
 
 def _checkpoint(worker, ctx, files: RunFiles, attempt: int, acc_before: float):

@@ -66,7 +66,7 @@ def summary_table(s: dict[str, Any]) -> str:
         ("rollout idle fraction", f"{s['rollout_idle_fraction']:.2f}"),
         ("seconds in steps / before / after", _outside(s)),
         ("run folder", s["run_dir"]),
-        ("final policy", s["checkpoint"]),
+        ("final policy", s["checkpoint"] or "not saved (run.final_checkpoint: none)"),
         ("study it", f"areal-hpc analyze {s['run_dir']}"),
     ]
     w = max(len(k) for k, _ in rows)

@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
-        common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", *args.overrides]
+        # The runs live in a temporary folder: a final checkpoint (~7 GB for the 0.5B shape) would be written
+        # only to be deleted.
+        common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", "run.final_checkpoint=none", *args.overrides]
         earlier = _earlier_sync(args) if args.sync_from else None
         first = [f"{vary_key}={vary_values[0]}"] if vary_key else []
         plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0", *first],
