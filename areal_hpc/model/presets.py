@@ -30,11 +30,18 @@ def preset_config(name: str, max_positions: int = 32768):
 
 
 def build_random(name: str, *, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 max_positions: int = 32768, std: float = 0.02) -> torch.nn.Module:
-    """A preset-shaped Qwen2ForCausalLM with N(0, std) weights (built on ``device`` directly)."""
+                 max_positions: int = 32768, std: float = 0.02, shrink: dict | None = None) -> torch.nn.Module:
+    """A preset-shaped Qwen2ForCausalLM with N(0, std) weights (built on ``device`` directly).
+
+    ``shrink`` replaces config fields (e.g. fewer layers, a smaller vocab) for CPU smoke runs that must go
+    through the preset's head shapes without paying for its size."""
     from transformers import Qwen2ForCausalLM
 
     cfg = preset_config(name, max_positions)
+    for key, value in (shrink or {}).items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"build_random: {key!r} is not a Qwen2Config field")
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(dtype)

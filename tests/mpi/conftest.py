@@ -26,10 +26,15 @@ def job_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jobs")
 
 
+def cache_of(root: Path) -> Path:
+    """The session's warm-up cache (``tests/warmup.py``): ``root`` is a folder of the session's base temp."""
+    return root.parent / "warmup-cache"
+
+
 def train_args(root: Path, name: str, *overrides: str) -> list[str]:
     # The warm-up cache is shared by every job of the session: it is trained once.
     return [sys.executable, "-m", "areal_hpc.cli", "train", str(QUICKSTART), f"run.output_dir={root}",
-            f"run.name={name}", f"run.cache_dir={root / 'cache'}", "run.timeout_s=300", *overrides]
+            f"run.name={name}", f"run.cache_dir={cache_of(root)}", "run.timeout_s=300", *overrides]
 
 
 def run_train(root: Path, name: str, *overrides: str, timeout: float = 420) -> Job:

@@ -22,7 +22,7 @@ from areal_hpc.storage.records import RunFiles, read_jsonl
 from areal_hpc.storage.runlog import RunLog
 from tests.processes import wait_for_steps
 
-from .conftest import QUICKSTART, REPO, run_train, train_args
+from .conftest import QUICKSTART, REPO, cache_of, run_train, train_args
 
 pytestmark = pytest.mark.mpi
 
@@ -239,10 +239,10 @@ def test_interrupted_trajectories_span_versions(job_root):
 
 def test_hf_checkpoint_and_jsonl_dataset(job_root, tmp_path):
     """The cluster path: a local HF checkpoint directory (model.kind=hf) and a JSONL dataset."""
-    checkpoints = sorted((job_root / "cache").glob("tiny-*/config.json"))
+    checkpoints = sorted(cache_of(job_root).glob("tiny-*/config.json"))
     if not checkpoints:  # run alone: make one through the normal warm-up path
         assert run_train(job_root, "make_ckpt", "run.steps=1", "eval.enabled=false").rc == 0
-        checkpoints = sorted((job_root / "cache").glob("tiny-*/config.json"))
+        checkpoints = sorted(cache_of(job_root).glob("tiny-*/config.json"))
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                              for a in range(10, 40) for b in range(10, 40)))

@@ -6,12 +6,12 @@ import json
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from areal_hpc.storage.runlog import RunLog
+from tests.warmup import shared_warmup_cache
 
 from .conftest import job_records, sbatch, wait_job
 
@@ -21,10 +21,10 @@ STEPS = 80
 
 def test_requeued_job_resumes_without_losing_or_repeating_prompts(slurm_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("requeue")
-    cache = Path(tmp_path_factory.getbasetemp()) / "slurm-jobs0" / "cache"  # shared with the template tests
+    cache = shared_warmup_cache(tmp_path_factory)  # the session's one warm-up cache
     out = root / "job-%j.out"
     job = sbatch(slurm_env, f"--output={out}", "slurm/run.sbatch", f"run.output_dir={root}", "run.name=rq",
-                 f"run.cache_dir={cache if cache.exists() else root / 'cache'}", f"run.steps={STEPS}",
+                 f"run.cache_dir={cache}", f"run.steps={STEPS}",
                  "run.timeout_s=400", "run.progress=false", "eval.n=50")
     run_dir, out = root / "rq", root / f"job-{job}.out"
     deadline = time.monotonic() + 300

@@ -31,8 +31,8 @@ def root(tmp_path_factory) -> Path:
 
 
 def cache_of(root: Path) -> Path:
-    # One warm-up cache for every job of the module: the tiny model is warmed up once.
-    return root / "cache"
+    # The session's one warm-up cache (tests/warmup.py): the tiny model is warmed up once.
+    return root.parent / "warmup-cache"
 
 
 def job_output(path: Path) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.warmup import shared_warmup_cache
+
 from .conftest import REPO
 
 pytestmark = pytest.mark.slurm
@@ -33,8 +35,7 @@ def _wait_summaries(env: dict, run_dirs: list[Path], status_dir: Path, timeout: 
 
 
 def _cache(tmp_path_factory) -> Path:
-    shared = Path(tmp_path_factory.getbasetemp()) / "slurm-jobs0" / "cache"  # warm-up of the template tests
-    return shared if shared.exists() else Path(tmp_path_factory.getbasetemp()) / "submit-cache"
+    return shared_warmup_cache(tmp_path_factory)  # the session's one warm-up cache
 
 
 def test_submit_one_run(slurm_env, tmp_path, tmp_path_factory):
