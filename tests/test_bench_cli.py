@@ -87,3 +87,23 @@ def test_e2e_vary_takes_one_dotted_key_and_its_values():
     for bad in ("rollout.batch_bucket_step", "batch_bucket_step=64,0", "rollout.eta="):
         with pytest.raises(SystemExit):
             _parse_vary(ap, bad)
+
+
+def test_decode_bench_times_partial_batches_in_both_bucket_sets():
+    """The decode bench's side-by-side of a gated batch (some slots live) in the fine and the halves-only
+    bucket: rows only where the two differ, both timed on the same engine."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from areal_hpc.rollout.fast_engine import FastEngine
+    from tools.bench.decode_throughput import _NoEos, partial_batches
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    eng = FastEngine(Qwen2ForCausalLM(cfg).eval(), _NoEos(), max_batch=256, max_new_tokens=8, max_seq_len=48,
+                     temperature=1.0, top_p=1.0, cuda_graphs=False)
+    rows = partial_batches(eng, ctx=20)
+    assert [(r["live"], r["bucket"], r["halves_bucket"]) for r in rows] == [(160, 192, 256)]  # 96 live: 128 either way
+    assert rows[0]["ms"] > 0 and rows[0]["halves_ms"] > 0 and rows[0]["speedup"] > 0
+    assert not eng._pos.any(), "the timed slots must be parked again"

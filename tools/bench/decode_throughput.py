@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from areal_hpc.model.presets import build_random  # noqa: E402
 from areal_hpc.model.qwen2 import Qwen2Shape  # noqa: E402
 from areal_hpc.rollout.engine import GenRequest  # noqa: E402
-from areal_hpc.rollout.fast_engine import DECODE_LAYERS, FastEngine  # noqa: E402
+from areal_hpc.rollout.fast_engine import DECODE_LAYERS, FastEngine, decode_buckets  # noqa: E402
 from tools.bench.common import copy_bandwidth, device_info, sync, write_result  # noqa: E402
 
 
@@ -122,6 +122,37 @@ def profile(engine: FastEngine, B: int, prompt: int, vocab: int, ctx: int) -> di
     sync()
     return {"device_decode_ms": decode_ms, "device_decode_context": ctx,
             "prefill_ms": 1e3 * (time.perf_counter() - t) / 5, "prefill_prompts": k}
+
+
+def partial_batches(engine: FastEngine, ctx: int, fractions: tuple[float, ...] = (0.375, 0.625)) -> list[dict]:
+    """Device ms of a decode step with part of the slots live at context ``ctx`` (the rest idle, as an
+    asynchronous rollout held by the staleness gate runs), in the bucket the engine picks and in the
+    bucket max_batch's halves alone would give: what ``rollout.batch_bucket_step`` saves, side by side."""
+    rows = []
+    for frac in fractions:
+        live = max(1, int(engine.max_batch * frac))
+        fine = next(b for b in engine._buckets if b >= live)
+        halves = next(b for b in decode_buckets(engine.max_batch, 0) if b >= live)
+        if fine == halves:
+            continue
+        ms = {}
+        for n in (fine, halves):
+            graph = engine._graphs.get(n)
+            step = graph.replay if graph is not None else (lambda n=n: engine._decode_body(n))
+            engine._pos[:live].fill_(ctx)  # live slots read ctx keys; the idle rest (position 0) read none
+            try:
+                step()
+                sync()
+                t = time.perf_counter()
+                for _ in range(30):
+                    step()
+                sync()
+            finally:
+                engine._pos.zero_()
+            ms[n] = 1e3 * (time.perf_counter() - t) / 30
+        rows.append({"live": live, "context": ctx, "bucket": fine, "ms": ms[fine], "halves_bucket": halves,
+                     "halves_ms": ms[halves], "speedup": ms[halves] / ms[fine]})
+    return rows
 
 
 def kernel_profile(engine: FastEngine, B: int, top: int = 18) -> list[dict]:
@@ -223,6 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"batch {B}: decode attention {row['decode_attention']}, us per call of each split tried: "
                   f"{ {k: round(v, 1) for k, v in row.get('decode_attention_us', {}).items()} }", flush=True)
         row.update(profile(eng, B, args.prompt, shape.vocab, int(avg_ctx)))
+        row["partial"] = partial_batches(eng, int(avg_ctx))
+        for p in row["partial"]:
+            print(f"batch {B}, {p['live']} live at context {p['context']}: {p['ms']:.2f} ms in the {p['bucket']} "
+                  f"bucket, {p['halves_ms']:.2f} ms in the {p['halves_bucket']} one (halves only): "
+                  f"{p['speedup']:.2f}x", flush=True)
         if args.profile and dev.type == "cuda":
             with hold_context(eng, B, int(avg_ctx)):
                 row["kernels"] = kernel_profile(eng, B)
