@@ -92,7 +92,6 @@ def test_e2e_vary_takes_one_dotted_key_and_its_values():
 def test_decode_bench_times_partial_batches_in_both_bucket_sets():
     """The decode bench's side-by-side of a gated batch (some slots live) in the fine and the halves-only
     bucket: rows only where the two differ, both timed on the same engine."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(bench_dir().parents[1]))

@@ -142,3 +142,13 @@ def test_shell_lines_start_the_daemon_for_a_batch_script_and_its_exit_stops_it(t
                           text=True, timeout=120)
     assert proc.returncode == 2 and "ran" not in proc.stdout and "no GPU visible" in proc.stderr
     assert mps.shell_lines("off", 2, sys.executable) == ["export AREAL_CUDA_MPS='off (cluster.cuda_mps: off)'"]
+
+
+def test_trainer_sm_share_is_set_once_and_never_overrides_the_environment():
+    from areal_hpc.launch.mps import SM_SHARE_ENV, limit_sm_share
+
+    env: dict[str, str] = {}
+    assert limit_sm_share(100, env) is None and env == {}  # 100: no limit, nothing set
+    assert limit_sm_share(70, env) == "70" and env == {SM_SHARE_ENV: "70"}
+    site = {SM_SHARE_ENV: "50"}
+    assert limit_sm_share(70, site) == "50"  # a site's or the user's own setting stays

@@ -631,6 +631,13 @@ def validate(cfg: Config) -> None:
         "set rollout.batch_bucket_step=64 (or 0 for halves of the batch only)",
     )
     _need(
+        1 <= cl.mps_trainer_sm_percent <= 100,
+        "cluster.mps_trainer_sm_percent",
+        cl.mps_trainer_sm_percent,
+        "must be in 1..100",
+        "set cluster.mps_trainer_sm_percent=100 (no limit) or e.g. 70",
+    )
+    _need(
         r.max_concurrent_groups >= 1,
         "rollout.max_concurrent_groups",
         r.max_concurrent_groups,

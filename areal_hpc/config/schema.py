@@ -75,6 +75,13 @@ class ClusterConfig:
         "(an error if it cannot start); off = never. Started by `areal-hpc train` and slurm/run.sbatch (one node)",
         ("auto", "on", "off"),
     )
+    mps_trainer_sm_percent: int = _f(
+        100,
+        "under CUDA MPS, the percentage of the GPU's SMs a trainer rank's kernels may occupy "
+        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, set before its CUDA context): below 100 the rollout's small, "
+        "latency-bound decode kernels always find free SMs beside the trainer's GEMMs, for a loop bound by "
+        "generation; 100 = no limit. Ignored without MPS",
+    )
 
 
 @dataclass

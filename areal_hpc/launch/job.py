@@ -23,6 +23,7 @@ from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
 from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.launch.environment import check_world_matches_launcher
+from areal_hpc.launch.mps import SM_SHARE_ENV, limit_sm_share
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.phases import Phases, outside_steps, process_age_s, since_launch_s
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
@@ -85,6 +86,8 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     torch.set_num_threads(_threads_per_rank(ctx.world.size))
     torch.manual_seed(cfg.run.seed + ctx.rank)
     topo = ctx.topo
+    if topo.is_trainer:  # before any CUDA call of this process (the initial policy, the GPU binding)
+        limit_sm_share(cfg.cluster.mps_trainer_sm_percent)
     run_id = run_id_of(files.root)
     task = build_task(cfg)
     policy, resume = None, None
@@ -110,7 +113,7 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     (files.root / "ranks").mkdir(exist_ok=True)
     (files.root / "ranks" / f"rank{ctx.rank}.json").write_text(json.dumps(
         {"rank": ctx.rank, "role": topo.role, "role_rank": topo.role_rank, "pid": os.getpid(),
-         "host": ctx.hostname()}))
+         "host": ctx.hostname(), "mps_sm_percent": os.environ.get(SM_SHARE_ENV)}))
     if topo.is_trainer:
         _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt, phases)
     else:
@@ -215,6 +218,7 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt,
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],
             "cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)"),
+            "mps_trainer_sm_percent": os.environ.get(SM_SHARE_ENV),
             # Wall seconds outside the steps (trainer 0's phases; each rollout's beside them)
             "phases": {"trainer": phases.as_dict(), "rollouts": [s.get("phases", {}) for s in rs]},
         }

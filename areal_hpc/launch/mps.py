@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 STATE_ENV = "AREAL_CUDA_MPS"  # what the launcher did, for the ranks' summary: started, existing or off (why)
+SM_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # read by CUDA when a client creates its context
+
+
+def limit_sm_share(percent: int, environ: dict[str, str] | None = None) -> str | None:
+    """Cap this process's share of the GPU's SMs under MPS (``cluster.mps_trainer_sm_percent``).
+
+    Must run before the process's first CUDA call: the limit is read when its context is created. A value
+    already in the environment (a site's or the user's) is left as it is. Returns the share in force."""
+    env = os.environ if environ is None else environ
+    if percent < 100 and SM_SHARE_ENV not in env:
+        env[SM_SHARE_ENV] = str(percent)
+    return env.get(SM_SHARE_ENV)
 
 
 @dataclass(frozen=True)
