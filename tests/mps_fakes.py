@@ -1,8 +1,11 @@
 """Stand-ins for nvidia-smi and nvidia-cuda-mps-control, so the launcher's MPS handling runs on a CPU.
 
-The fake control program does what the real one's interface promises: ``-d`` creates the control
-pipe in ``CUDA_MPS_PIPE_DIRECTORY`` and returns; ``quit`` on stdin removes it. Each call is appended
-to ``$FAKE_MPS_RECORD`` (with the pipe folder it saw), so a test can check the daemon was stopped."""
+The fake control program behaves as the real one did on an H200: ``-d`` creates the pipe files in
+``CUDA_MPS_PIPE_DIRECTORY`` and returns; ``quit`` on stdin ends the daemon but leaves those files behind;
+``get_server_list`` answers while the daemon runs and afterwards exits 1 with "Cannot find MPS control
+daemon process". Each start and quit is appended to ``$FAKE_MPS_RECORD`` (with the pipe folder it saw),
+so a test can check the daemon was stopped. ``$FAKE_MPS_QUIT_DELAY`` seconds: the daemon still answers
+that long after its quit."""
 
 from __future__ import annotations
 
@@ -20,17 +23,24 @@ def note(what):
     if record:
         with open(record, "a") as f:
             f.write(what + " " + str(pipe) + "\\n")
+import time
+alive = pipe / ".fake_daemon_alive"  # holds the time the daemon ends (inf while it runs)
 if sys.argv[1:] == ["-d"]:
     if os.environ.get("FAKE_MPS_FAIL"):
         print("An instance of this daemon is already running", file=sys.stderr)
         sys.exit(1)
-    (pipe / "control").write_text("")
+    for name in ("control", "control_lock", "control_privileged"):
+        (pipe / name).write_text("")
+    alive.write_text("inf")
     note("start")
 else:
     cmd = sys.stdin.read().strip()
-    note(cmd)
+    if not alive.exists() or float(alive.read_text()) <= time.time():
+        print("Cannot find MPS control daemon process")
+        sys.exit(1)
     if cmd == "quit":
-        (pipe / "control").unlink()
+        note(cmd)
+        alive.write_text(str(time.time() + float(os.environ.get("FAKE_MPS_QUIT_DELAY", "0"))))
 """
 
 SMI = """#!/bin/sh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def fakes(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    monkeypatch.setattr(mps, "existing_daemon", lambda: False)  # a real daemon on this machine is not ours
+    monkeypatch.setattr(mps, "existing_daemon", lambda control=None: False)  # a real one on this machine is not ours
     return tmp_path / "bin" / "calls"
 
 
@@ -67,6 +68,34 @@ def test_job_daemon_runs_while_the_ranks_do_and_is_gone_after(fakes):
         assert env[mps.STATE_ENV].startswith("started")
     assert not pipe.parent.exists(), "the daemon's private folder was left behind"
     assert fakes.read_text().split() == ["start", str(pipe), "quit", str(pipe)]
+
+
+def test_stop_waits_for_the_daemon_not_for_its_pipe_files(fakes, monkeypatch):
+    """A daemon that quit leaves its pipe files behind (as the real one did on an H200): stop() asks it
+    whether it is gone, instead of waiting out its timeout for files that stay."""
+    monkeypatch.setenv("FAKE_MPS_QUIT_DELAY", "0.5")  # still answering half a second after its quit
+    daemon, env = mps.start_for_job("auto", 2)
+    pipe = Path(env["CUDA_MPS_PIPE_DIRECTORY"])
+    assert mps.daemon_answers(daemon.control, daemon.env)
+    t = time.monotonic()
+    daemon.stop(timeout_s=20)
+    took = time.monotonic() - t
+    assert 0.5 <= took < 5, took
+    assert not mps.daemon_answers(daemon.control, daemon.env) and not pipe.parent.exists()
+
+
+def test_pipe_files_of_a_daemon_that_quit_are_not_an_existing_daemon(tmp_path, monkeypatch):
+    for k, v in mps_fakes.install(tmp_path / "bin").items():
+        monkeypatch.setenv(k, v)
+    control = str(tmp_path / "bin" / mps.CONTROL)
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipe))
+    assert not mps.existing_daemon(control)  # no pipe at all
+    subprocess.run([control, "-d"], check=True, env=os.environ)
+    assert mps.existing_daemon(control)
+    subprocess.run([control], input="quit\n", text=True, check=True, env=os.environ)
+    assert (pipe / "control").exists() and not mps.existing_daemon(control)
 
 
 def test_no_daemon_when_each_rank_has_a_gpu(fakes, tmp_path, monkeypatch):
