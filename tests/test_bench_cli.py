@@ -106,3 +106,14 @@ def test_decode_bench_times_partial_batches_in_both_bucket_sets():
     assert [(r["live"], r["bucket"], r["halves_bucket"]) for r in rows] == [(160, 192, 256)]  # 96 live: 128 either way
     assert rows[0]["ms"] > 0 and rows[0]["halves_ms"] > 0 and rows[0]["speedup"] > 0
     assert not eng._pos.any(), "the timed slots must be parked again"
+
+
+def test_e2e_vary_line_names_an_earlier_sync_row_by_its_file():
+    """--vary with --sync-from: the reused sync row has no 'vary' (it once ended the bench in a KeyError)."""
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from tools.bench.e2e_one_gpu import vary_line
+
+    line = vary_line("rollout.batch_bucket_step", [{"mode": "sync", "eta": 0, "sync_from": "old.json"},
+                                                   {"mode": "async", "eta": 1, "vary": "rollout.batch_bucket_step=0"}])
+    assert line == ("--vary rollout.batch_bucket_step: sync eta 0 (from old.json); "
+                    "async eta 1 rollout.batch_bucket_step=0")

@@ -118,6 +118,14 @@ def _parse_vary(ap: argparse.ArgumentParser, spec: str | None) -> tuple[str | No
     return key, vals
 
 
+def vary_line(key: str, rows: list[dict]) -> str:
+    """Which value of the --vary key each row ran with (an earlier sync row from --sync-from has none)."""
+    def value(r: dict) -> str:
+        return r.get("vary") or f"(from {r.get('sync_from')})"
+
+    return f"--vary {key}: " + "; ".join(f"{r['mode']} eta {r['eta']} {value(r)}" for r in rows)
+
+
 def phase_line(row: dict) -> str:
     """``wall 300 = steps 162 + compile 50 + build 40 + ...``: the largest phases first."""
     ph = dict(row.get("phases", {}).get("trainer", {}))
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
     if vary_key:
-        print(f"--vary {vary_key}: " + "; ".join(f"{r['mode']} eta {r['eta']} {r['vary']}" for r in ok))
+        print(vary_line(vary_key, ok))
     print("where each run's wall time went (trainer 0's phases, seconds; the rest is the launcher's start and exit):")
     for r in ok:
         print(f"  {r['mode']} eta {r['eta']}: {phase_line(r)}")
