@@ -175,7 +175,8 @@ class RolloutConfig:
         64,
         "fast engine: decode batch sizes (one CUDA graph each) are max_batch and its halves, and above 128 "
         "slots every this many too: a decode GEMM of more than ~128 rows is compute-bound, so padding rows "
-        "cost as much as live ones; 0: halves only (a multiple of 16)",
+        "are not free (320 live of 512: 2.00 ms per step against 2.17 on an H200); 0: halves only (a multiple "
+        "of 16)",
     )
     compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
     decode_attention: str = _f(
