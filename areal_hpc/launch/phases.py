@@ -61,8 +61,11 @@ def since_launch_s(environ: dict[str, str] | None = None) -> float | None:
         return None
 
 
+# A trainer's phases before its first step and after its last, in the order they run.
+SETUP = ("launch", "startup", "initial_policy", "distributed", "build", "eval_before", "wait_peers", "compile")
+TEARDOWN = ("stop_rollouts", "eval_after", "save_final")
+
+
 def outside_steps(phases: dict[str, float]) -> tuple[float, float]:
     """(setup, teardown) seconds of a trainer's phases: everything before the first step, after the last."""
-    before = ("launch", "startup", "initial_policy", "distributed", "build", "eval_before", "wait_peers", "compile")
-    after = ("stop_rollouts", "eval_after", "save_final")
-    return sum(phases.get(k, 0.0) for k in before), sum(phases.get(k, 0.0) for k in after)
+    return sum(phases.get(k, 0.0) for k in SETUP), sum(phases.get(k, 0.0) for k in TEARDOWN)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
+from areal_hpc.launch.phases import SETUP, TEARDOWN
+
 
 class Progress:
     """One line per step: an in-place bar on a terminal, plain lines in a log file."""
@@ -47,8 +49,7 @@ def _outside(s: dict[str, Any]) -> str:
         return f" ({name} {ph[name]:.1f})" if ph.get(name, 0.0) > 0 else ""
 
     return (f"{s['train_seconds']:.1f} / {s.get('setup_seconds', 0.0):.1f}"
-            f"{largest(('launch', 'startup', 'initial_policy', 'build', 'eval_before', 'wait_peers', 'compile'))}"
-            f" / {s.get('teardown_seconds', 0.0):.1f}{largest(('stop_rollouts', 'eval_after', 'save_final'))}")
+            f"{largest(SETUP)} / {s.get('teardown_seconds', 0.0):.1f}{largest(TEARDOWN)}")
 
 
 def summary_table(s: dict[str, Any]) -> str:
