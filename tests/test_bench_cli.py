@@ -89,6 +89,24 @@ def test_e2e_vary_takes_one_dotted_key_and_its_values():
             _parse_vary(ap, bad)
 
 
+def test_e2e_vary_twice_runs_every_combination_first_values_first():
+    import argparse
+
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from tools.bench.e2e_one_gpu import vary_combos
+
+    ap = argparse.ArgumentParser()
+    assert vary_combos(ap, None) == [[]]
+    combos = vary_combos(ap, ["cluster.mps_trainer_priority=normal,below_normal",
+                              "rollout.stream_priority=normal,high"])
+    assert combos == [[("cluster.mps_trainer_priority", "normal"), ("rollout.stream_priority", "normal")],
+                      [("cluster.mps_trainer_priority", "normal"), ("rollout.stream_priority", "high")],
+                      [("cluster.mps_trainer_priority", "below_normal"), ("rollout.stream_priority", "normal")],
+                      [("cluster.mps_trainer_priority", "below_normal"), ("rollout.stream_priority", "high")]]
+    with pytest.raises(SystemExit):
+        vary_combos(ap, ["rollout.eta=1,2", "rollout.eta=4"])
+
+
 def test_decode_bench_times_partial_batches_in_both_bucket_sets():
     """The decode bench's side-by-side of a gated batch (some slots live) in the fine and the halves-only
     bucket: rows only where the two differ, both timed on the same engine."""

@@ -425,6 +425,33 @@ def test_gpu_graph_and_eager_decode_agree():
         assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
 
 
+@cuda
+def test_gpu_engine_on_a_high_priority_stream_gives_the_default_streams_results():
+    """``rollout.stream_priority: high`` runs the engine (its build, graph capture and replays, a weight
+    update) on another stream: every copy and event must follow the current stream, or results would race."""
+    from areal_hpc.comm.devices import work_stream
+
+    m = _model("cuda", torch.bfloat16, vocab=997)
+    reqs = _requests(20, vocab=997)
+    new = {k: v * 1.01 for k, v in m.named_parameters()}
+    base_engine = _engine(m, 8)
+    base = base_engine.generate(reqs)
+    base_engine.update_weights(new.items(), version=1)
+    base_after = base_engine.generate(reqs)
+    m2 = _model("cuda", torch.bfloat16, vocab=997)
+    with work_stream("high", torch.cuda.current_device()):
+        assert torch.cuda.current_stream().priority < 0
+        eng = _engine(m2, 8)
+        high = eng.generate(reqs)
+        eng.update_weights(new.items(), version=1)
+        high_after = eng.generate(reqs)
+    torch.cuda.synchronize()
+    for x, y in [*zip(base, high, strict=True), *zip(base_after, high_after, strict=True)]:
+        assert x.tokens == y.tokens
+        assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
+    assert {v for g in high_after for v in g.versions} == {1}
+
+
 @pytest.mark.parametrize("kind", ["fast", "hf"])
 def test_abort_stops_a_group_where_it_stands_and_the_rest_run_on(kind):
     """``abort`` hands back a group's queued and live sequences as they stand; the other groups finish

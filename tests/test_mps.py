@@ -181,3 +181,14 @@ def test_trainer_sm_share_is_set_once_and_never_overrides_the_environment():
     assert limit_sm_share(70, env) == "70" and env == {SM_SHARE_ENV: "70"}
     site = {SM_SHARE_ENV: "50"}
     assert limit_sm_share(70, site) == "50"  # a site's or the user's own setting stays
+
+
+def test_trainer_priority_is_set_only_below_normal_and_never_overrides_the_environment():
+    from areal_hpc.launch.mps import PRIORITY_ENV, set_client_priority
+
+    env: dict[str, str] = {}
+    assert set_client_priority("normal", env) is None and env == {}  # MPS's default: nothing set
+    assert set_client_priority("below_normal", env) == "1" and env == {PRIORITY_ENV: "1"}
+    assert set_client_priority("below_normal", {PRIORITY_ENV: "0"}) == "0"  # a site's or the user's own setting
+    with pytest.raises(ValueError, match="below_normal"):
+        set_client_priority("low", {})

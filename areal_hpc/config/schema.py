@@ -82,6 +82,13 @@ class ClusterConfig:
         "latency-bound decode kernels always find free SMs beside the trainer's GEMMs, for a loop bound by "
         "generation; 100 = no limit. Ignored without MPS",
     )
+    mps_trainer_priority: str = _f(
+        "normal",
+        "under CUDA MPS, the scheduling priority of a trainer rank's kernels (CUDA_MPS_CLIENT_PRIORITY, set "
+        "before its CUDA context): below_normal lets the rollout's decode kernels take SMs first as the "
+        "trainer's GEMM blocks finish, for a loop bound by generation. Ignored without MPS",
+        ("normal", "below_normal"),
+    )
 
 
 @dataclass
@@ -177,6 +184,13 @@ class RolloutConfig:
         "slots every this many too: a decode GEMM of more than ~128 rows is compute-bound, so padding rows "
         "are not free (320 live of 512: 2.00 ms per step against 2.17 on an H200); 0: halves only (a multiple "
         "of 16)",
+    )
+    stream_priority: str = _f(
+        "normal",
+        "on CUDA: the priority of the stream the rollout rank runs its work on; high = the device's highest, "
+        "so a decode step's kernels are scheduled ahead of a trainer's sharing the GPU (its priority counts "
+        "against theirs under MPS)",
+        ("normal", "high"),
     )
     compile: bool = _f(True, "fast engine on CUDA: torch.compile the decode layer (fewer, fused kernels)")
     decode_attention: str = _f(

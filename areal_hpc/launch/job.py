@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from areal_hpc.comm.devices import bind_gpu
+from areal_hpc.comm.devices import GpuBinding, bind_gpu, work_stream
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
 from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.launch.environment import check_world_matches_launcher
-from areal_hpc.launch.mps import SM_SHARE_ENV, limit_sm_share
+from areal_hpc.launch.mps import PRIORITY_ENV, SM_SHARE_ENV, limit_sm_share, set_client_priority
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.phases import Phases, outside_steps, process_age_s, since_launch_s
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
@@ -88,6 +88,7 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     topo = ctx.topo
     if topo.is_trainer:  # before any CUDA call of this process (the initial policy, the GPU binding)
         limit_sm_share(cfg.cluster.mps_trainer_sm_percent)
+        set_client_priority(cfg.cluster.mps_trainer_priority)
     run_id = run_id_of(files.root)
     task = build_task(cfg)
     policy, resume = None, None
@@ -113,23 +114,27 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     (files.root / "ranks").mkdir(exist_ok=True)
     (files.root / "ranks" / f"rank{ctx.rank}.json").write_text(json.dumps(
         {"rank": ctx.rank, "role": topo.role, "role_rank": topo.role_rank, "pid": os.getpid(),
-         "host": ctx.hostname(), "mps_sm_percent": os.environ.get(SM_SHARE_ENV)}))
+         "host": ctx.hostname(), "mps_sm_percent": os.environ.get(SM_SHARE_ENV),
+         "mps_priority": os.environ.get(PRIORITY_ENV)}))
     if topo.is_trainer:
         _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt, phases)
     else:
-        _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases)
+        _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases, gpu)
     shutdown_distributed()
 
 
-def _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases: Phases) -> None:
+def _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases: Phases, gpu: GpuBinding) -> None:
     from areal_hpc.rollout.worker import RolloutWorker
 
-    with phases.time("build"):  # model load, engine (on CUDA: split tuning), weight receiver, ring
-        worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
-    with phases.time("wait_peers"):
-        ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
-    with phases.time("run"):
-        stats = worker.run()
+    with work_stream(cfg.rollout.stream_priority, gpu.device):  # every CUDA call of the role, build included
+        with phases.time("build"):  # model load, engine (on CUDA: split tuning), weight receiver, ring
+            worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
+        with phases.time("wait_peers"):
+            ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
+        with phases.time("run"):
+            stats = worker.run()
+        if gpu.device is not None:
+            stats["stream_priority"] = torch.cuda.current_stream().priority
     ctx.world.gather({**stats, "phases": phases.as_dict()}, root=0)
     ctx.world.Barrier()
 
@@ -217,8 +222,10 @@ def _run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, preempt,
             "checkpoint": str(ckpt) if ckpt is not None else None,
             "final_version": worker.version,
             "rollout_engines": [s.get("engine", {}) for s in rs],
+            "rollout_stream_priority": [s.get("stream_priority") for s in rs],  # None: not on CUDA
             "cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)"),
             "mps_trainer_sm_percent": os.environ.get(SM_SHARE_ENV),
+            "mps_trainer_priority": os.environ.get(PRIORITY_ENV),
             # Wall seconds outside the steps (trainer 0's phases; each rollout's beside them)
             "phases": {"trainer": phases.as_dict(), "rollouts": [s.get("phases", {}) for s in rs]},
         }

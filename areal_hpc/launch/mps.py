@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 CONTROL = "nvidia-cuda-mps-control"
 STATE_ENV = "AREAL_CUDA_MPS"  # what the launcher did, for the ranks' summary: started, existing or off (why)
 SM_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # read by CUDA when a client creates its context
+PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # likewise: 0 normal, 1 below normal
+PRIORITY_LEVELS = {"normal": "0", "below_normal": "1"}
 
 
 def limit_sm_share(percent: int, environ: dict[str, str] | None = None) -> str | None:
@@ -46,6 +48,19 @@ def limit_sm_share(percent: int, environ: dict[str, str] | None = None) -> str |
     if percent < 100 and SM_SHARE_ENV not in env:
         env[SM_SHARE_ENV] = str(percent)
     return env.get(SM_SHARE_ENV)
+
+
+def set_client_priority(level: str, environ: dict[str, str] | None = None) -> str | None:
+    """This process's MPS scheduling priority (``cluster.mps_trainer_priority``), before its first CUDA call.
+
+    Only ``below_normal`` sets anything (normal is MPS's default); a value already in the environment is
+    left as it is. Returns the level in force (its CUDA value), or None when unset."""
+    env = os.environ if environ is None else environ
+    if level not in PRIORITY_LEVELS:
+        raise ValueError(f"MPS client priority {level!r}: choose one of {sorted(PRIORITY_LEVELS)}")
+    if level != "normal" and PRIORITY_ENV not in env:
+        env[PRIORITY_ENV] = PRIORITY_LEVELS[level]
+    return env.get(PRIORITY_ENV)
 
 
 @dataclass(frozen=True)

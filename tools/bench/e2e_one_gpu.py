@@ -12,6 +12,7 @@ log), so a speedup is not bought with learning. Per-step rewards go into the JSO
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -118,6 +119,20 @@ def _parse_vary(ap: argparse.ArgumentParser, spec: str | None) -> tuple[str | No
     return key, vals
 
 
+def vary_combos(ap: argparse.ArgumentParser, specs: list[str] | None) -> list[list[tuple[str, str]]]:
+    """Every combination of the values of the --vary keys, the first values first ([[]] without --vary)."""
+    varies = [_parse_vary(ap, spec) for spec in specs or []]
+    keys = [k for k, _ in varies]
+    if len(set(keys)) < len(keys):
+        ap.error(f"--vary: a key given twice ({keys}); list its values once, KEY=V1,V2")
+    return [list(zip(keys, vals)) for vals in itertools.product(*(v for _, v in varies))]
+
+
+def _sets(combo: list[tuple[str, str]]) -> list[str]:
+    """Overrides of one combination of --vary values."""
+    return [f"{k}={v}" for k, v in combo]
+
+
 def vary_line(key: str, rows: list[dict]) -> str:
     """Which value of the --vary key each row ran with (an earlier sync row from --sync-from has none)."""
     def value(r: dict) -> str:
@@ -175,14 +190,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sync-from", default=None, metavar="JSON",
                     help="do not run sync: compare against the sync row of this earlier result (same config, steps "
                          "and overrides, checked); the ratios are then across runs, and the JSON says so")
-    ap.add_argument("--vary", default=None, metavar="KEY=V1,V2",
+    ap.add_argument("--vary", action="append", default=None, metavar="KEY=V1,V2",
                     help="run every async mode once per value of this config key (the sync baseline runs with the "
-                         "first value), e.g. rollout.batch_bucket_step=64,0: an A/B of one setting in the same call")
+                         "first value), e.g. rollout.batch_bucket_step=64,0: an A/B of one setting in the same call; "
+                         "given more than once, once per combination of the values")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
-    vary_key, vary_values = _parse_vary(ap, args.vary)
+    combos = vary_combos(ap, args.vary)
+    vary_keys = [k for k, _ in combos[0]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -191,22 +208,20 @@ def main(argv: list[str] | None = None) -> dict:
         # only to be deleted.
         common = [f"run.steps={args.steps}", f"run.cache_dir={cache}", "run.final_checkpoint=none", *args.overrides]
         earlier = _earlier_sync(args) if args.sync_from else None
-        first = [f"{vary_key}={vary_values[0]}"] if vary_key else []
-        plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0", *first],
-                                    vary_values[0] if vary_key else None)]
+        plan = [] if earlier else [("sync", 0, "-", "sync", ["async=false", "rollout.eta=0", *_sets(combos[0])],
+                                    combos[0])]
         for pol in args.stale_policy:
             for abort in (args.abort_stale if pol == "reject" else ["on"]):  # only reject aborts
                 tag = ("" if pol == "reject" else f"_{pol}") + ("" if abort == "on" else "_noabort")
                 flags = [f"trainer.stale_policy={pol}", f"rollout.abort_stale={abort == 'on'}"]
-                for value in vary_values or [None]:
-                    var = [f"{vary_key}={value}"] if vary_key else []
-                    vtag = f"_{vary_key.rsplit('.', 1)[-1]}{value}" if vary_key else ""
-                    plan += [("async", eta, pol, f"async_eta{eta}{tag}{vtag}", [f"rollout.eta={eta}", *flags, *var],
-                              value) for eta in args.eta]
-        for mode, eta, pol, name, extra, value in plan:
+                for combo in combos:
+                    vtag = "".join(f"_{k.rsplit('.', 1)[-1]}{v}" for k, v in combo)
+                    plan += [("async", eta, pol, f"async_eta{eta}{tag}{vtag}",
+                              [f"rollout.eta={eta}", *flags, *_sets(combo)], combo) for eta in args.eta]
+        for mode, eta, pol, name, extra, combo in plan:
             rows.append({"mode": mode, "eta": eta, "stale_policy": pol,
                          "abort_stale": mode == "async" and "rollout.abort_stale=False" not in extra,
-                         **({"vary": f"{vary_key}={value}"} if vary_key else {}),
+                         **({"vary": " ".join(_sets(combo))} if combo else {}),
                          **run(args.config, root, name, [*common, *extra],
                                args.timeout + (args.first_extra if not rows else 0.0), args.skip)})
             write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
@@ -237,8 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
-    if vary_key:
-        print(vary_line(vary_key, ok))
+    if vary_keys:
+        print(vary_line(", ".join(vary_keys), ok))
     print("where each run's wall time went (trainer 0's phases, seconds; the rest is the launcher's start and exit):")
     for r in ok:
         print(f"  {r['mode']} eta {r['eta']}: {phase_line(r)}")

@@ -40,7 +40,7 @@ for s in $stages; do
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --skip "${E2E_SKIP:-2}" --eta ${E2E_ETA:-1 2 4 8} --stale-policy ${E2E_POLICY:-reject} \
            --abort-stale ${E2E_ABORT:-on} --timeout "${E2E_TIMEOUT:-360}" ${E2E_SYNC_FROM:+--sync-from "$E2E_SYNC_FROM"} \
-           ${E2E_VARY:+--vary "$E2E_VARY"} \
+           $(for v in ${E2E_VARY:-}; do printf -- '--vary %s ' "$v"; done) \
            --out "$OUT/${E2E_OUT:-e2e}.json" ${E2E_OVERRIDES:-} 2>&1 | tee "$OUT/${E2E_OUT:-e2e}.log" ;;
     broadcast)
       n=$(nvidia-smi -L | wc -l)
