@@ -14,7 +14,7 @@ from areal_hpc.model import attention
 from areal_hpc.model.qwen2 import PackedQwen2
 from areal_hpc.train.engine import TorchTrainEngine, TrainSample
 from areal_hpc.train.packed import response_logprobs, split_layer_fn
-from areal_hpc.train.packing import pack_sequences
+from areal_hpc.train.packing import group_units, pack_sequences, pack_shared
 
 VOCAB = 40
 PAD = 0
@@ -354,8 +354,8 @@ def test_token_bucket_padding_changes_nothing() -> None:
     bucket is wider than the model's 64 positions: the padding must not widen the RoPE tables (that would
     rebuild, and so recompile, the trainer's layers)."""
     batch = samples(12)
-    plain, bucketed = engine(packing="packed", token_budget=60), engine(packing="packed", token_budget=60,
-                                                                         token_bucket=128)
+    plain = engine(packing="packed", token_budget=60, share_prompts=False)
+    bucketed = engine(packing="packed", token_budget=60, token_bucket=128, share_prompts=False)
     seen = []
     real = attention.causal_varlen
 
@@ -416,3 +416,114 @@ def test_token_bucket_precompiles_only_grad_graphs_with_forward_proximal() -> No
     eng.train_batch(batch, None, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32))
     assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
+
+
+def grouped_samples(groups: int = 4, n: int = 3, seed: int = 0) -> list[TrainSample]:
+    """``groups`` prompts with ``n`` responses each, as the rollout delivers them (members share the prompt)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(groups):
+        prompt = rng.integers(3, VOCAB, int(rng.integers(1, 12))).astype(np.int32)
+        for j in range(n):
+            r = int(rng.integers(1, 14))
+            out.append(TrainSample(
+                sample_id=g * n + j, group_id=g, prompt_tokens=prompt.copy(),
+                response_tokens=rng.integers(1, VOCAB, r).astype(np.int32),
+                behav_logprobs=(-3.5 + 0.3 * rng.standard_normal(r)).astype(np.float32),
+                versions=np.zeros(r, dtype=np.int32), reward=float(rng.integers(0, 2))))
+    return out
+
+
+def test_pack_shared_layout() -> None:
+    """Each distinct prompt once, then padding, then the responses; a response's keys are its prompt's rows and
+    its own; its first token is predicted by the prompt's last row."""
+    p, q = np.array([5, 6]), np.array([7])
+    mb = pack_shared([p, p, q], [np.array([8, 9, 10]), np.array([11]), np.array([12, 13])], pad_to_multiple=12)
+    assert mb.ids.tolist() == [5, 6, 7, 0, 0, 0, 8, 9, 10, 11, 12, 13]
+    assert mb.pos.tolist() == [0, 1, 0, 0, 1, 2, 2, 3, 4, 2, 1, 2]
+    assert mb.cu_list == [0, 2, 3, 6] and mb.max_len == 5  # padding: one sequence, no longer than the longest
+    L = mb.prefix
+    assert (L.n_self, L.max_self, L.max_q, L.max_k) == (6, 3, 3, 5)
+    assert L.kv_index.tolist() == [0, 1, 6, 7, 8, 0, 1, 9, 2, 10, 11]
+    assert L.cu_q_list == [0, 3, 4, 6] and L.cu_k_list == [0, 5, 8, 11]
+    assert mb.pred_rows.tolist() == [1, 6, 7, 1, 2, 10] and mb.targets.tolist() == [8, 9, 10, 11, 12, 13]
+    with pytest.raises(ValueError, match="at least one token"):
+        pack_shared([np.array([], dtype=np.int64)], [np.array([1])])
+
+
+def test_group_units_split_a_group_at_the_budget() -> None:
+    units, cost = group_units([4, 4, 4, 2], [3, 5, 6, 1], ["a", "a", "a", "b"], token_budget=12)
+    assert units == [[0, 1], [2], [3]] and cost == [12, 10, 3]  # 4 + 3 + 5; then 4 + 6 (the prompt again)
+
+
+@pytest.mark.parametrize("budget", [4096, 30], ids=["one-microbatch", "split-groups"])
+def test_shared_prompts_give_the_same_logp_and_step_fp32(budget: int) -> None:
+    """Sharing a group's prompt changes the stream (fewer tokens), not the function: the same log-probs and
+    the same update as every sample carrying its prompt, also when a group is split across micro-batches
+    and streams are padded."""
+    batch = grouped_samples()
+    own = engine(packing="packed", token_budget=budget, share_prompts=False)
+    shared = engine(packing="packed", token_budget=budget, share_prompts=True, token_bucket=16)
+    assert shared._shares_prompts() and not own._shares_prompts()
+    bins = shared._bins(batch)
+    assert sorted(i for b in bins for i in b) == list(range(len(batch)))
+    if budget > 100:
+        assert len(bins) == 1
+    else:
+        assert any(len({batch[i].group_id for i in b}) < len(b) for b in bins)  # some bin shares a prompt
+        assert len({batch[i].group_id for b in bins for i in b}) == 4
+    tokens = [sum(batch[i].n_response for i in b) + sum({batch[i].group_id: batch[i].n_prompt for i in b}.values())
+              for b in bins]
+    assert max(tokens) <= max(budget, max(s.n_prompt + s.n_response for s in batch))
+    for a, b in zip(own.compute_logp(batch), shared.compute_logp(batch), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    st_own, st_shared = sgd_step(own, batch), sgd_step(shared, batch)
+    assert st_shared["loss"] == pytest.approx(st_own["loss"], rel=1e-5, abs=1e-7)
+    close_params(params(shared), params(own), rtol=1e-4, atol=1e-7)
+
+
+def test_shared_prompt_stream_is_shorter() -> None:
+    batch = grouped_samples(groups=2, n=8)
+    seen = []
+    real = attention.causal_varlen
+
+    def spy(q, k, v, cu, max_len, cu_list=None):
+        seen.append(q.shape[0])
+        return real(q, k, v, cu, max_len, cu_list)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("areal_hpc.train.packed.causal_varlen", spy)
+    try:
+        engine(packing="packed").compute_logp(batch)
+    finally:
+        mp.undo()
+    prompts = sum(len(batch[i].prompt_tokens) for i in (0, 8))
+    assert set(seen) == {prompts}  # the prompts' own attention: each prompt once, not once per sample
+
+
+def test_prefix_attention_equals_causal_attention_over_prompt_plus_response() -> None:
+    """The bottom-right causal form (fallback path) against plain causal attention over the whole sequence."""
+    g = torch.Generator().manual_seed(0)
+    P, R, H, Hk, D = 5, 4, 4, 2, 8
+    q = torch.randn(P + R, H, D, generator=g)
+    k, v = torch.randn(P + R, Hk, D, generator=g), torch.randn(P + R, Hk, D, generator=g)
+    full = attention.causal_varlen(q, k, v, torch.tensor([0, P + R]), P + R, [0, P + R])
+    got = attention.prefix_causal_varlen(q[P:], k, v, torch.tensor([0, R]), torch.tensor([0, P + R]), R, P + R,
+                                         [0, R], [0, P + R])
+    torch.testing.assert_close(got, full[P:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_shared_prompts_use_flash_and_match_separate_prompts_bf16() -> None:
+    """On CUDA the flash varlen op must align causality at the bottom right (or the shared-prompt path would
+    fall back to SDPA); bf16 log-probs and gradients of shared and separate prompts agree."""
+    assert attention._bottom_right_varlen(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 14, 2,
+                                          64)
+    batch = grouped_samples(groups=6, n=8)
+    own = engine(qwen2(device="cuda"), packing="packed", compute_dtype="bfloat16", share_prompts=False)
+    shared = engine(qwen2(device="cuda"), packing="packed", compute_dtype="bfloat16")
+    for a, b in zip(own.compute_logp(batch), shared.compute_logp(batch), strict=True):
+        np.testing.assert_allclose(b, a, atol=3e-2, rtol=0)
+    st_own, st_shared = sgd_step(own, batch), sgd_step(shared, batch)
+    assert st_shared["loss"] == pytest.approx(st_own["loss"], rel=2e-2, abs=1e-3)
+    assert st_shared["grad_norm"] == pytest.approx(st_own["grad_norm"], rel=2e-2)

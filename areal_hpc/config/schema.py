@@ -274,6 +274,12 @@ class TrainerConfig:
     )
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)")
     compile: bool = _f(False, "torch.compile each transformer layer of the packed path (CUDA)")
+    share_prompts: bool = _f(
+        True,
+        "packed micro-batches: a group's samples share one copy of their prompt in the stream (its responses "
+        "attend to it; same log-probs and gradients), so a prompt is not computed once per sample; false: "
+        "every sample carries its own prompt",
+    )
     token_bucket: int = _f(
         0,
         "pad each packed micro-batch to a multiple of this many tokens (0: no padding); with compile, "

@@ -9,12 +9,14 @@ which gives the same function, only slower.
 from __future__ import annotations
 
 import inspect
+import logging
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=1)
 def _varlen_op():
@@ -57,6 +59,67 @@ def causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: 
                                                v[a:b].transpose(0, 1)[None], is_causal=True, enable_gqa=gqa)
             out[a:b] = o[0].transpose(0, 1)
     return out
+
+
+def prefix_causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                         cu_q_list: list[int], cu_k_list: list[int]) -> Tensor:
+    """Packed segments whose queries are the last of their keys: segment j's queries (rows
+    ``cu_q[j]:cu_q[j+1]`` of q) attend to keys ``cu_k[j]:cu_k[j+1]`` of k/v, causally aligned at the bottom
+    right (query i of Lq sees keys up to ``i + Lk - Lq``): a response attending to a shared prompt that is
+    not repeated in q. q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D].
+    """
+    if varlen_available(q.device, q.dtype) and _bottom_right_varlen(q.device, q.dtype, q.shape[1], k.shape[1],
+                                                                    q.shape[2]):
+        return _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+    return _prefix_sdpa(q, k, v, cu_q_list, cu_k_list)
+
+
+def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    op, causal, has_gqa = _varlen_op()
+    kw = dict(causal)
+    if k.shape[1] != q.shape[1]:
+        if has_gqa:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kw)
+
+
+def _prefix_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_q_list: list[int], cu_k_list: list[int]) -> Tensor:
+    """The reference form: SDPA per segment with an explicit bottom-right causal mask."""
+    out = torch.empty_like(q)
+    gqa = k.shape[1] != q.shape[1]
+    for a, b, c, d in zip(cu_q_list[:-1], cu_q_list[1:], cu_k_list[:-1], cu_k_list[1:]):
+        if b > a:
+            lq, lk = b - a, d - c
+            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
+                                               v[c:d].transpose(0, 1)[None], attn_mask=mask, enable_gqa=gqa)
+            out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _bottom_right_varlen(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether the flash varlen op aligns causality at the bottom right when a segment has more keys than
+    queries (flash-attention's convention); checked once against the SDPA form, which it must equal."""
+    g = torch.Generator(device=device).manual_seed(0)
+    lq, lk = [3, 5, 1], [9, 5, 4]
+    cq, ck = [0, *torch.tensor(lq).cumsum(0).tolist()], [0, *torch.tensor(lk).cumsum(0).tolist()]
+    q = torch.randn(cq[-1], n_heads, head_dim, device=device, generator=g).to(dtype)
+    k = torch.randn(ck[-1], n_kv, head_dim, device=device, generator=g).to(dtype)
+    v = torch.randn(ck[-1], n_kv, head_dim, device=device, generator=g).to(dtype)
+    try:
+        got = _flash_varlen(q, k, v, torch.tensor(cq, device=device), torch.tensor(ck, device=device), max(lq),
+                            max(lk))
+    except RuntimeError as e:
+        log.warning("flash varlen with more keys than queries failed (%s): shared-prompt attention uses SDPA", e)
+        return False
+    ok = torch.allclose(got.float(), _prefix_sdpa(q, k, v, cq, ck).float(), atol=2e-2, rtol=0)
+    if not ok:
+        log.warning("flash varlen does not align causality at the bottom right here: shared-prompt attention uses SDPA")
+    return ok
 
 
 def decode_offsets(batch: int, n_heads: int, n_kv_heads: int, cache_len: int,

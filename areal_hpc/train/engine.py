@@ -40,7 +40,7 @@ from areal_hpc.train.packed import (
     resolve_packing,
     set_hf_checkpointing,
 )
-from areal_hpc.train.packing import ffd_pack, pack_sequences, pad_microbatch
+from areal_hpc.train.packing import ffd_pack, group_units, pack_sequences, pack_shared, pad_microbatch
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +305,20 @@ class TorchTrainEngine:
 
     # -- internals --------------------------------------------------------------------------------
     def _bins(self, samples: Sequence[TrainSample]) -> list[list[int]]:
-        """Sample indices per micro-batch: FFD by full sequence length under ``cfg.token_budget``;
-        samples without response tokens contribute nothing and are left out."""
+        """Sample indices per micro-batch: FFD by stream tokens under ``cfg.token_budget``; samples without
+        response tokens contribute nothing and are left out. With shared prompts (packed), FFD places a
+        group's samples together (``group_units``), so the prompt is in the stream once per micro-batch."""
         live = [i for i, s in enumerate(samples) if s.n_response > 0]
+        if self._shares_prompts():
+            units, cost = group_units([samples[i].n_prompt for i in live], [samples[i].n_response for i in live],
+                                      [np.asarray(samples[i].prompt_tokens).tobytes() for i in live],
+                                      self.cfg.token_budget)
+            return [sorted(live[i] for u in bin_ for i in units[u]) for bin_ in ffd_pack(cost, self.cfg.token_budget)]
         lengths = [samples[i].n_prompt + samples[i].n_response for i in live]
         return [[live[b] for b in bin_] for bin_ in ffd_pack(lengths, self.cfg.token_budget)]
+
+    def _shares_prompts(self) -> bool:
+        return self._packed is not None and self.cfg.share_prompts
 
     def _token_arrays(self, samples: Sequence[TrainSample], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
                       advantages: np.ndarray, sample_weight: np.ndarray) -> Tensor:
@@ -332,9 +341,9 @@ class TorchTrainEngine:
         of ``bins`` (default: ``_bins(samples)``). Grad flows iff grad mode is enabled."""
         for idx in self._bins(samples) if bins is None else bins:
             if self._packed is not None:
-                mb = pack_sequences([samples[i].prompt_tokens for i in idx],
-                                    [samples[i].response_tokens for i in idx], self.device,
-                                    pad_to_multiple=self.cfg.token_bucket, pad_id=self.pad_id)
+                pack = pack_shared if self._shares_prompts() else pack_sequences
+                mb = pack([samples[i].prompt_tokens for i in idx], [samples[i].response_tokens for i in idx],
+                          self.device, pad_to_multiple=self.cfg.token_bucket, pad_id=self.pad_id)
                 with torch.profiler.record_function("prof:forward"):
                     logp = self._packed(mb, self.temperature)
                 yield idx, logp

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from areal_hpc.model.attention import causal_varlen
+from areal_hpc.model.attention import causal_varlen, prefix_causal_varlen
 from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope, split_qkv_rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 from areal_hpc.train.packing import PackedMicrobatch, bucket_tokens, pack_sequences
@@ -323,6 +323,21 @@ def lowp_weights(packed: PackedQwen2, dtype: torch.dtype) -> list[tuple[Tensor |
     return out
 
 
+def _shared_prompt_attend(mb: PackedMicrobatch) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
+    """Attention over a ``pack_shared`` stream: prompts (and padding) causally within themselves, then each
+    response over its group's prompt rows and its own (gathered keys; backward sums into the prompt's)."""
+    L = mb.prefix
+
+    def attend(_i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        n = L.n_self
+        own = causal_varlen(q[:n], k[:n], v[:n], mb.cu_seqlens, L.max_self, mb.cu_list)
+        kk, vv = k.index_select(0, L.kv_index), v.index_select(0, L.kv_index)
+        resp = prefix_causal_varlen(q[n:], kk, vv, L.cu_q, L.cu_k, L.max_q, L.max_k, L.cu_q_list, L.cu_k_list)
+        return torch.cat([own, resp])
+
+    return attend
+
+
 class PackedLogp:
     """Response-token log-probs of a ``PackedMicrobatch`` through ``PackedQwen2`` over the model's own
     parameters (the optimizer, checkpoints and weight sync keep seeing ordinary HF parameters)."""
@@ -401,6 +416,8 @@ class PackedLogp:
         def attend(_i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return causal_varlen(q, k, v, mb.cu_seqlens, mb.max_len, mb.cu_list)
 
+        if mb.prefix is not None:
+            attend = _shared_prompt_attend(mb)
         if self.cast_once:
             return self._lowp_logp(net, mb, attend, temperature)
         with autocast_for(self.device, self.compute_dtype):

@@ -8,7 +8,7 @@ and no memory is spent on padding to a global max length.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,8 @@ from areal_hpc.comm.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedMicrobatch", "bucket_tokens", "ffd_pack", "pack_sequences", "pad_microbatch"]
+__all__ = ["PackedMicrobatch", "PrefixLayout", "bucket_tokens", "ffd_pack", "group_units", "pack_sequences",
+           "pack_shared", "pad_microbatch"]
 
 
 def ffd_pack(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -84,6 +85,23 @@ def pad_microbatch(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
+class PrefixLayout:
+    """How the responses of a shared-prompt stream (``pack_shared``) attend: each response segment's keys are
+    its group's prompt rows followed by its own rows (``kv_index``, gathered from the stream), and its
+    queries are its own rows, which follow the ``n_self`` rows of prompts and padding."""
+
+    n_self: int  # rows of prompts and padding, each attending causally within itself (cu_seqlens)
+    max_self: int
+    kv_index: Tensor  # int64 [sum(P_g + R_j)]: stream rows of every response's keys
+    cu_q: Tensor  # int32 [n_resp + 1], over the response rows
+    cu_k: Tensor  # int32 [n_resp + 1], over kv_index
+    cu_q_list: list[int]
+    cu_k_list: list[int]
+    max_q: int
+    max_k: int
+
+
+@dataclass(frozen=True)
 class PackedMicrobatch:
     """Sequences of one micro-batch laid end to end: no pad token is ever computed on.
 
@@ -99,6 +117,7 @@ class PackedMicrobatch:
     max_len: int
     pred_rows: Tensor  # int64 [N], N = total response tokens
     targets: Tensor  # int64 [N]
+    prefix: PrefixLayout | None = None  # pack_shared: the prompts are in the stream once per group
 
 
 def bucket_tokens(n_tokens: int, multiple: int) -> int:
@@ -150,3 +169,93 @@ def pack_sequences(
         pred_rows=rows_t,
         targets=tgt_t,
     )
+
+
+def _pad_segments(n_pad: int, seg: int) -> list[int]:
+    """Lengths of the padding sequences filling ``n_pad`` tokens, none longer than ``seg``."""
+    return [min(seg, n_pad - a) for a in range(0, n_pad, seg)]
+
+
+def pack_shared(
+    prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], device: torch.device | str = "cpu",
+    *, pad_to_multiple: int = 0, pad_id: int = 0,
+) -> PackedMicrobatch:
+    """As ``pack_sequences``, with each distinct prompt in the stream once: a group's responses attend
+    to its one copy (``PackedMicrobatch.prefix``), and each one's first token is predicted by the logits
+    of the prompt's last row. Same log-probs and gradients as ``pack_sequences``.
+
+    Why: with n samples per prompt, ``pack_sequences`` runs every prompt n times through the model; a
+    128-token prompt with 8 responses of ~400 tokens is a fifth of the stream. Stream: the distinct
+    prompts, then padding (``pad_to_multiple``, as in ``pack_sequences``), then the responses in order.
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"pack_shared needs matching, non-empty lists, got {len(prompts)}/{len(responses)}")
+    first: dict[bytes, int] = {}
+    uniq: list[np.ndarray] = []
+    group = []
+    for p in prompts:
+        p = np.asarray(p, dtype=np.int64)
+        if len(p) == 0:
+            raise ValueError("pack_shared: a prompt needs at least one token (its last row predicts the response)")
+        key = p.tobytes()
+        if key not in first:
+            first[key] = len(uniq)
+            uniq.append(p)
+        group.append(first[key])
+    resp = [np.asarray(r, dtype=np.int64) for r in responses]
+    P = np.array([len(p) for p in uniq], dtype=np.int64)
+    R = np.array([len(r) for r in resp], dtype=np.int64)
+    g = np.array(group, dtype=np.int64)
+    seg = int((P[g] + R).max())
+    n_prompt = int(P.sum())
+    n_real = n_prompt + int(R.sum())
+    pads = _pad_segments(bucket_tokens(n_real, pad_to_multiple) - n_real, seg)
+    self_lens = np.concatenate([P, np.array(pads, dtype=np.int64)])
+    cu_self = np.concatenate([[0], np.cumsum(self_lens)])
+    n_self = int(cu_self[-1])
+    p_start = cu_self[:len(uniq)]
+    r_start = n_self + np.concatenate([[0], np.cumsum(R)[:-1]])
+    ids = np.concatenate([*uniq, np.full(sum(pads), pad_id, dtype=np.int64), *resp])
+    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in self_lens]
+                         + [P[gj] + np.arange(rj, dtype=np.int64) for gj, rj in zip(g, R)])
+    kv = np.concatenate([np.concatenate([p_start[gj] + np.arange(P[gj]), rs + np.arange(rj)])
+                         for gj, rs, rj in zip(g, r_start, R)]).astype(np.int64)
+    rows = np.concatenate([np.concatenate([[p_start[gj] + P[gj] - 1], rs + np.arange(rj - 1)]) if rj else
+                           np.zeros(0, np.int64) for gj, rs, rj in zip(g, r_start, R)]).astype(np.int64)
+    targets = np.concatenate(resp)
+    cu_q = np.concatenate([[0], np.cumsum(R)])
+    cu_k = np.concatenate([[0], np.cumsum(P[g] + R)])
+    parts = [ids, pos, cu_self, rows, targets, kv, cu_q, cu_k]
+    flat = to_device(torch.from_numpy(np.concatenate(parts).astype(np.int64)), torch.device(device))
+    ids_t, pos_t, cu_t, rows_t, tgt_t, kv_t, cq_t, ck_t = torch.split(flat, [len(x) for x in parts])
+    prefix = PrefixLayout(n_self=n_self, max_self=int(self_lens.max()), kv_index=kv_t, cu_q=cq_t.to(torch.int32),
+                          cu_k=ck_t.to(torch.int32), cu_q_list=[int(x) for x in cu_q],
+                          cu_k_list=[int(x) for x in cu_k], max_q=int(R.max()), max_k=seg)
+    return PackedMicrobatch(ids=ids_t, pos=pos_t, cu_seqlens=cu_t.to(torch.int32), cu_list=[int(x) for x in cu_self],
+                            max_len=seg, pred_rows=rows_t, targets=tgt_t, prefix=prefix)
+
+
+def group_units(prompt_lens: Sequence[int], response_lens: Sequence[int], groups: Sequence[Hashable],
+                token_budget: int) -> tuple[list[list[int]], list[int]]:
+    """Samples in units that share one prompt in a micro-batch: the samples with the same ``groups`` key
+    (the prompt itself), in order, split where the prompt plus their responses would pass ``token_budget``.
+    Returns the units and their stream tokens (the prompt once, plus the responses), for ``ffd_pack``."""
+    by_group: dict[Hashable, list[int]] = {}
+    for i, gid in enumerate(groups):
+        by_group.setdefault(gid, []).append(i)
+    units: list[list[int]] = []
+    cost: list[int] = []
+    for members in by_group.values():
+        cur: list[int] = []
+        tokens = 0
+        for i in members:
+            add = response_lens[i] + (0 if cur else prompt_lens[i])
+            if cur and tokens + add > token_budget:
+                units.append(cur)
+                cost.append(tokens)
+                cur, tokens, add = [], 0, response_lens[i] + prompt_lens[i]
+            cur.append(i)
+            tokens += add
+        units.append(cur)
+        cost.append(tokens)
+    return units, cost
