@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     combos = vary_combos(ap, args.vary)
     vary_keys = [k for k, _ in combos[0]]
     rows = []
+    meta = {"config": Path(args.config).name, "steps": args.steps, "overrides": args.overrides, "vary": args.vary,
+            "sync_from": Path(args.sync_from).name if args.sync_from else None}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = args.cache_dir or str(root / "cache")
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
                          **({"vary": " ".join(_sets(combo))} if combo else {}),
                          **run(args.config, root, name, [*common, *extra],
                                args.timeout + (args.first_extra if not rows else 0.0), args.skip)})
-            write_result(args.out, {"partial": True, "runs": rows})  # a later failure keeps what ran
+            # A later failure or time limit keeps what ran, with what it ran (--sync-from checks those)
+            write_result(args.out, {**meta, "partial": True, "runs": rows})
     if earlier:
         rows.insert(0, earlier)
     ok = [r for r in rows if not r.get("failed")]
@@ -263,10 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {**device_info(dev), "config": Path(args.config).name, "steps": args.steps,
-              "overrides": args.overrides, "vary": args.vary,
-              "sync_from": Path(args.sync_from).name if args.sync_from else None,
-              "runs": rows}
+    result = {**device_info(dev), **meta, "runs": rows}
     write_result(args.out, result)
     return result
 
