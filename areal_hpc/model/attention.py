@@ -51,14 +51,7 @@ def causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: 
         cu = cu_seqlens.to(torch.int32)
         return op(q, k, v, cu, cu, max_len, max_len, **kw)
     bounds = cu_list if cu_list is not None else cu_seqlens.tolist()
-    out = torch.empty_like(q)
-    gqa = k.shape[1] != q.shape[1]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
-                                               v[a:b].transpose(0, 1)[None], is_causal=True, enable_gqa=gqa)
-            out[a:b] = o[0].transpose(0, 1)
-    return out
+    return _prefix_sdpa(q, k, v, bounds, bounds)
 
 
 def prefix_causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -87,15 +80,18 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, m
 
 
 def _prefix_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_q_list: list[int], cu_k_list: list[int]) -> Tensor:
-    """The reference form: SDPA per segment with an explicit bottom-right causal mask."""
+    """The reference form: SDPA per segment, causal at the bottom right (an explicit mask where a segment has
+    more keys than queries; SDPA's own causal flag, which aligns at the top left, where they are equal)."""
     out = torch.empty_like(q)
     gqa = k.shape[1] != q.shape[1]
     for a, b, c, d in zip(cu_q_list[:-1], cu_q_list[1:], cu_k_list[:-1], cu_k_list[1:]):
         if b > a:
             lq, lk = b - a, d - c
-            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            mask = None if lq == lk else (torch.arange(lk, device=q.device)[None, :]
+                                          <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))
             o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
-                                               v[c:d].transpose(0, 1)[None], attn_mask=mask, enable_gqa=gqa)
+                                               v[c:d].transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)
             out[a:b] = o[0].transpose(0, 1)
     return out
 
