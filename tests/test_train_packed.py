@@ -482,6 +482,19 @@ def test_shared_prompts_give_the_same_logp_and_step_fp32(budget: int) -> None:
     close_params(params(shared), params(own), rtol=1e-4, atol=1e-7)
 
 
+def test_shared_prompts_turn_off_where_flash_cannot_attend_them(monkeypatch, caplog) -> None:
+    """A CUDA build whose flash varlen misaligns (or lacks) more keys than queries: the trainer keeps one prompt
+    copy per sample (full speed) instead of attending through the per-segment SDPA fallback."""
+    monkeypatch.setattr("areal_hpc.train.packed.varlen_available", lambda device, dtype: True)
+    monkeypatch.setattr("areal_hpc.train.packed.bottom_right_varlen", lambda *a: False)
+    eng = engine(packing="packed", compute_dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        assert not eng._shares_prompts()
+    assert "share_prompts: off here" in caplog.text
+    batch = grouped_samples()
+    assert eng._bins(batch) == engine(packing="packed", share_prompts=False)._bins(batch)
+
+
 def test_shared_prompt_stream_is_shorter() -> None:
     batch = grouped_samples(groups=2, n=8)
     seen = []
@@ -517,7 +530,7 @@ def test_prefix_attention_equals_causal_attention_over_prompt_plus_response() ->
 def test_cuda_shared_prompts_use_flash_and_match_separate_prompts_bf16() -> None:
     """On CUDA the flash varlen op must align causality at the bottom right (or the shared-prompt path would
     fall back to SDPA); bf16 log-probs and gradients of shared and separate prompts agree."""
-    assert attention._bottom_right_varlen(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 14, 2,
+    assert attention.bottom_right_varlen(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 14, 2,
                                           64)
     batch = grouped_samples(groups=6, n=8)
     own = engine(qwen2(device="cuda"), packing="packed", compute_dtype="bfloat16", share_prompts=False)

@@ -61,8 +61,8 @@ def prefix_causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Te
     right (query i of Lq sees keys up to ``i + Lk - Lq``): a response attending to a shared prompt that is
     not repeated in q. q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D].
     """
-    if varlen_available(q.device, q.dtype) and _bottom_right_varlen(q.device, q.dtype, q.shape[1], k.shape[1],
-                                                                    q.shape[2]):
+    if varlen_available(q.device, q.dtype) and bottom_right_varlen(q.device, q.dtype, q.shape[1], k.shape[1],
+                                                                   q.shape[2]):
         return _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
     return _prefix_sdpa(q, k, v, cu_q_list, cu_k_list)
 
@@ -97,7 +97,7 @@ def _prefix_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_q_list: list[int], cu_k_lis
 
 
 @lru_cache(maxsize=8)
-def _bottom_right_varlen(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
+def bottom_right_varlen(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
     """Whether the flash varlen op aligns causality at the bottom right when a segment has more keys than
     queries (flash-attention's convention); checked once against the SDPA form, which it must equal."""
     g = torch.Generator(device=device).manual_seed(0)

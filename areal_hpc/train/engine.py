@@ -139,6 +139,7 @@ class TorchTrainEngine:
         self.packing = resolve_packing(cfg.packing, model, self.device)
         self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device)
         self._packed: PackedLogp | None = None
+        self._share_ok: bool | None = None  # trainer.share_prompts usable here (asked once, on first use)
         if self.packing == "packed":
             self._packed = PackedLogp(model, compute_dtype=self.compute_dtype,
                                       checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -318,7 +319,11 @@ class TorchTrainEngine:
         return [[live[b] for b in bin_] for bin_ in ffd_pack(lengths, self.cfg.token_budget)]
 
     def _shares_prompts(self) -> bool:
-        return self._packed is not None and self.cfg.share_prompts
+        if self._packed is None or not self.cfg.share_prompts:
+            return False
+        if self._share_ok is None:
+            self._share_ok = self._packed.shared_prompts_fast()
+        return self._share_ok
 
     def _token_arrays(self, samples: Sequence[TrainSample], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
                       advantages: np.ndarray, sample_weight: np.ndarray) -> Tensor:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from areal_hpc.model.attention import causal_varlen, prefix_causal_varlen
-from areal_hpc.model.qwen2 import PackedQwen2, check_supported, rms_norm, rope, split_qkv_rope
+from areal_hpc.model.attention import bottom_right_varlen, causal_varlen, prefix_causal_varlen, varlen_available
+from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, check_supported, rms_norm, rope, split_qkv_rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 from areal_hpc.train.packing import PackedMicrobatch, bucket_tokens, pack_sequences
 
@@ -382,6 +382,21 @@ class PackedLogp:
                 if self.compile else None
             self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
+
+    def shared_prompts_fast(self) -> bool:
+        """Whether shared-prompt streams run at flash speed here. On CUDA that needs the flash varlen op to
+        align causality at the bottom right (checked once); where it does not, the trainer keeps one prompt
+        copy per sample rather than attend through the per-segment SDPA fallback. Elsewhere SDPA runs
+        either way."""
+        dtype = torch.float32 if self.compute_dtype == torch.float32 else self.compute_dtype
+        if not varlen_available(self.device, dtype):
+            return True
+        s = Qwen2Shape.of(self.model.config)
+        ok = bottom_right_varlen(self.device, dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        if not ok:
+            logger.warning("trainer.share_prompts: off here (flash varlen cannot attend a shared prompt); every "
+                           "sample carries its own prompt")
+        return ok
 
     def precompile(self, temperature: float, *, no_grad: bool = True) -> int:
         """Compile every bucket's graphs now (with grad, and without unless ``no_grad=False``) on a dummy
