@@ -349,6 +349,25 @@ def test_pack_sequences_pads_to_bucket() -> None:
     assert exact.cu_list == [0, 8] and len(exact.ids) == 8  # already a multiple: no padding sequence
 
 
+def attended_rows(eng: TorchTrainEngine, batch: list[TrainSample]) -> tuple[list[int], list[np.ndarray]]:
+    """The rows of every ``causal_varlen`` call (a stream's self-attending part) of ``eng.compute_logp(batch)``,
+    and its log-probs."""
+    seen: list[int] = []
+    real = attention.causal_varlen
+
+    def spy(q, k, v, cu, max_len, cu_list=None):
+        seen.append(q.shape[0])
+        return real(q, k, v, cu, max_len, cu_list)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("areal_hpc.train.packed.causal_varlen", spy)
+    try:
+        out = eng.compute_logp(batch)
+    finally:
+        mp.undo()
+    return seen, out
+
+
 def test_token_bucket_padding_changes_nothing() -> None:
     """Streams padded to a multiple of 128: same log-probs and the same update as unpadded (fp32). The
     bucket is wider than the model's 64 positions: the padding must not widen the RoPE tables (that would
@@ -356,19 +375,7 @@ def test_token_bucket_padding_changes_nothing() -> None:
     batch = samples(12)
     plain = engine(packing="packed", token_budget=60, share_prompts=False)
     bucketed = engine(packing="packed", token_budget=60, token_bucket=128, share_prompts=False)
-    seen = []
-    real = attention.causal_varlen
-
-    def spy(q, k, v, cu, max_len, cu_list=None):
-        seen.append(q.shape[0])
-        return real(q, k, v, cu, max_len, cu_list)
-
-    attention_calls = pytest.MonkeyPatch()
-    attention_calls.setattr("areal_hpc.train.packed.causal_varlen", spy)
-    try:
-        got = bucketed.compute_logp(batch)
-    finally:
-        attention_calls.undo()
+    seen, got = attended_rows(bucketed, batch)
     assert seen and all(t % 128 == 0 for t in seen)  # every stream really was padded
     net = bucketed._packed._net
     assert net.max_positions == 64
@@ -497,19 +504,7 @@ def test_shared_prompts_turn_off_where_flash_cannot_attend_them(monkeypatch, cap
 
 def test_shared_prompt_stream_is_shorter() -> None:
     batch = grouped_samples(groups=2, n=8)
-    seen = []
-    real = attention.causal_varlen
-
-    def spy(q, k, v, cu, max_len, cu_list=None):
-        seen.append(q.shape[0])
-        return real(q, k, v, cu, max_len, cu_list)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr("areal_hpc.train.packed.causal_varlen", spy)
-    try:
-        engine(packing="packed").compute_logp(batch)
-    finally:
-        mp.undo()
+    seen, _ = attended_rows(engine(packing="packed"), batch)
     prompts = sum(len(batch[i].prompt_tokens) for i in (0, 8))
     assert set(seen) == {prompts}  # the prompts' own attention: each prompt once, not once per sample
 
