@@ -135,3 +135,15 @@ def test_e2e_vary_line_names_an_earlier_sync_row_by_its_file():
                                                    {"mode": "async", "eta": 1, "vary": "rollout.batch_bucket_step=0"}])
     assert line == ("--vary rollout.batch_bucket_step: sync eta 0 (from old.json); "
                     "async eta 1 rollout.batch_bucket_step=0")
+
+
+def test_e2e_trainer_split_reads_compute_wait_and_stream_tokens(tmp_path):
+    sys.path.insert(0, str(bench_dir().parents[1]))
+    from tools.bench.e2e_one_gpu import trainer_split
+
+    rows = [{"step": s, "t_step": 2.0 + s, "t_data": 0.5, "train/stream_tokens": 1000.0 * s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert trainer_split(tmp_path, skip=1) == (4.0, 0.5, 2500.0)  # steps 2 and 3
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "t_step": 2.0, "t_data": 1.0}) + "\n")
+    train, wait, stream = trainer_split(tmp_path, skip=1)  # an older run's metrics: no stream tokens
+    assert (train, wait) == (1.0, 1.0) and stream != stream

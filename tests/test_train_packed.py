@@ -487,6 +487,11 @@ def test_shared_prompts_give_the_same_logp_and_step_fp32(budget: int) -> None:
     st_own, st_shared = sgd_step(own, batch), sgd_step(shared, batch)
     assert st_shared["loss"] == pytest.approx(st_own["loss"], rel=1e-5, abs=1e-7)
     close_params(params(shared), params(own), rtol=1e-4, atol=1e-7)
+    real = sum(s.n_prompt + s.n_response for s in batch)
+    assert st_own["stream_tokens"] == real  # no bucket: every sample with its prompt
+    assert st_shared["stream_tokens"] % 16 == 0
+    if len(bins) == 1:  # one stream: padded to 16, and still shorter than every prompt copied
+        assert st_shared["stream_tokens"] < real
 
 
 def test_shared_prompts_turn_off_where_flash_cannot_attend_them(monkeypatch, caplog) -> None:

@@ -140,6 +140,7 @@ class TorchTrainEngine:
         self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device)
         self._packed: PackedLogp | None = None
         self._share_ok: bool | None = None  # trainer.share_prompts usable here (asked once, on first use)
+        self._stream_tokens = 0  # tokens the last batch's forwards ran on, padding included
         if self.packing == "packed":
             self._packed = PackedLogp(model, compute_dtype=self.compute_dtype,
                                       checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -212,7 +213,8 @@ class TorchTrainEngine:
         The accumulated gradient equals that of ONE ``decoupled_ppo_loss`` over all response
         tokens of the global batch: micro-batch b contributes ``sum_b / N_global``, where
         ``N_global`` is the all-reduced token count. Returned stats are global token-weighted
-        means (identical on every rank) except ``n_tokens`` and ``n_microbatches`` (local).
+        means (identical on every rank) except ``n_tokens``, ``n_microbatches`` and ``stream_tokens`` (local; the
+        tokens the forwards ran on, prompts and padding included: what the step's compute scales with).
         """
         _validate(samples)
         advantages = np.asarray(advantages, dtype=np.float32).reshape(-1)
@@ -246,6 +248,7 @@ class TorchTrainEngine:
         # host launches micro-batch k+1 while the GPU still runs micro-batch k.
         sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         bins = self._bins(samples) if n_global > 0 else []
+        self._stream_tokens = 0
         tokens = self._token_arrays(samples, bins, prox_logp, advantages, sample_weight)
         off = 0
         for idx, logp in self._microbatch_logp(samples, bins):
@@ -286,6 +289,7 @@ class TorchTrainEngine:
             n_tokens=float(n_local),
             n_tokens_global=float(n_global),
             n_microbatches=float(n_mb),
+            stream_tokens=float(self._stream_tokens),
         )
         logger.debug("train_batch: %s", stats)
         return stats
@@ -349,10 +353,12 @@ class TorchTrainEngine:
                 pack = pack_shared if self._shares_prompts() else pack_sequences
                 mb = pack([samples[i].prompt_tokens for i in idx], [samples[i].response_tokens for i in idx],
                           self.device, pad_to_multiple=self.cfg.token_bucket, pad_id=self.pad_id)
+                self._stream_tokens += mb.ids.shape[0]
                 with torch.profiler.record_function("prof:forward"):
                     logp = self._packed(mb, self.temperature)
                 yield idx, logp
                 continue
+            self._stream_tokens += len(idx) * max(samples[i].n_prompt + samples[i].n_response for i in idx)
             yield idx, self._padded_logp(samples, idx)
 
     def _padded_logp(self, samples: Sequence[TrainSample], idx: list[int]) -> Tensor:

@@ -46,14 +46,17 @@ def steady_rate(run_dir: Path, skip: int = 2) -> tuple[float, float]:
     return len(used) / dt, float(used.join(lens, on="sample_id")["response_len"].sum()) / dt
 
 
-def trainer_split(run_dir: Path, skip: int = 2) -> tuple[float, float]:
+def trainer_split(run_dir: Path, skip: int = 2) -> tuple[float, float, float]:
     """Mean seconds per steady step the trainer computed (proximal pass, update, weight send) and
-    waited for data: the split the one-GPU model of the ratio needs (tools/bench/NOTES.md)."""
+    waited for data: the split the one-GPU model of the ratio needs (tools/bench/NOTES.md); and the
+    tokens its forwards ran on per step (prompts and padding included: what its compute scales with)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["step"] > skip]
     if not rows:
-        return float("nan"), float("nan")
-    return (sum(r["t_step"] - r["t_data"] for r in rows) / len(rows), sum(r["t_data"] for r in rows) / len(rows))
+        return float("nan"), float("nan"), float("nan")
+    stream = [r["train/stream_tokens"] for r in rows if "train/stream_tokens" in r]
+    return (sum(r["t_step"] - r["t_data"] for r in rows) / len(rows), sum(r["t_data"] for r in rows) / len(rows),
+            sum(stream) / len(stream) if stream else float("nan"))
 
 
 def reward_curve(run_dir: Path) -> list[float]:
@@ -95,7 +98,7 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
         summary.pop(key, None)
     curve = reward_curve(root / name)
     steady, steady_tok = steady_rate(root / name, skip)
-    train_s, wait_s = trainer_split(root / name, skip)
+    train_s, wait_s, stream = trainer_split(root / name, skip)
     k = max(1, len(curve) // 5)
     engines = [e for e in summary.get("rollout_engines", []) if e.get("decode_steps")]
     if engines:  # the rollout's decode steps: how full they ran (the bucket each step used)
@@ -106,6 +109,7 @@ def run(config: str, root: Path, name: str, overrides: list[str], timeout: float
     return {**summary, "wall_seconds": wall, "reward_per_step": curve, "steady_skip": skip,
             "steady_samples_per_s": steady,
             "steady_tokens_per_s": steady_tok, "steady_train_s_per_step": train_s, "steady_wait_s_per_step": wait_s,
+            "steady_stream_tokens_per_step": stream,
             "reward_first": sum(curve[:k]) / k, "reward_last": sum(curve[-k:]) / k}
 
 
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'tokens/s':>10} {'vs sync':>8} "
           f"{'steady/s':>9} {'vs sync':>8} "
           f"{'tok vs sync':>11} "
-          f"{'idle':>6} {'train s':>7} {'wait s':>6} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
+          f"{'idle':>6} {'train s':>7} {'wait s':>6} {'stream':>7} {'dec steps':>9} {'tok/step':>8} {'batch':>6} "
           f"{'reward first':>12} {'reward last':>11} {'mps':>7}")
     for r in ok:
         r["speedup_vs_sync"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['speedup_vs_sync']:>7.2f}x {r['steady_samples_per_s']:>9.1f} {r['steady_speedup_vs_sync']:>7.2f}x "
               f"{r['steady_token_speedup_vs_sync']:>10.2f}x "
               f"{r['rollout_idle_fraction']:>6.2f} {r['steady_train_s_per_step']:>7.2f} "
-              f"{r['steady_wait_s_per_step']:>6.2f} "
+              f"{r['steady_wait_s_per_step']:>6.2f} {r.get('steady_stream_tokens_per_step', float('nan')):>7.0f} "
               f"{r.get('decode_steps', 0):>9} "
               f"{r.get('tokens_per_decode_step', float('nan')):>8.1f} {r.get('mean_decode_batch', float('nan')):>6.0f} "
               f"{r['reward_first']:>12.4f} {r['reward_last']:>11.4f} {r.get('cuda_mps', '-').split()[0]:>7}")
