@@ -24,7 +24,7 @@ def test_bench_passes_options_to_the_script(name):
     assert "--out" in out.stdout
 
 
-@pytest.mark.parametrize("script", ["decode_throughput.py", "train_throughput.py"])
+@pytest.mark.parametrize("script", ["decode_throughput.py", "train_throughput.py", "shared_prompts.py"])
 def test_quick_bench_runs_every_path_on_cpu(script, tmp_path):
     """The CPU smoke runs go through the same calls into the engine and trainer as the GPU runs
     (a renamed internal once broke the decode bench's profile only on the device)."""

@@ -18,6 +18,8 @@ BENCHES = {
     "e2e": ("e2e_one_gpu.py", "end to end: async at several eta vs the sync baseline (any config, 1+ GPUs)"),
     "broadcast": ("broadcast_multi_gpu.py", "weight broadcast GB/s vs all-reduce bus bandwidth (under mpiexec/srun)"),
     "async-vs-sync": ("async_vs_sync.py", "async vs sync on the CPU quickstart"),
+    "shared-prompts": ("shared_prompts.py", "trainer step with a group's prompt shared in the stream vs one copy per "
+                       "sample"),
     "proximal": ("proximal_pass.py", "proximal log-probs from the training forward vs a separate pass (any config)"),
     "shard-io": ("shard_io.py", "HDF5 rollout-shard write/read speed vs a plain file"),
 }
