@@ -196,3 +196,28 @@ def test_random_model_needs_the_synthetic_task() -> None:
     cfg = load_config(GPU_CONFIG)
     assert cfg.model.kind == "random" and cfg.task.kind == "synthetic"
     assert cfg.model.max_seq_len == cfg.task.prompt_len + cfg.rollout.max_new_tokens
+
+
+def test_random_preset_skips_the_library_init_but_not_its_buffers(monkeypatch) -> None:
+    """build_random skips transformers' parameter init (it draws every parameter itself); the RoPE buffers must
+    still be the library's, and where they would not be, it builds the model whole instead."""
+    from areal_hpc.model import presets
+
+    small = dict(num_hidden_layers=1, vocab_size=64)
+    a = presets.build_random("qwen2-0.5b", seed=2, max_positions=32, shrink=small)
+    assert presets._buffers_as_library_makes(a, a.config)
+    assert torch.equal(a.model.norm.weight, torch.ones_like(a.model.norm.weight))
+    assert abs(float(a.model.layers[0].mlp.up_proj.weight.std()) - 0.02) < 1e-3
+    calls = []
+
+    def refuse(model, cfg):  # as a transformers version would whose init also sets the buffers
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(presets, "_buffers_as_library_makes", refuse)
+    b = presets.build_random("qwen2-0.5b", seed=2, max_positions=32, shrink=small)
+    c = presets.build_random("qwen2-0.5b", seed=2, max_positions=32, shrink=small)
+    assert calls == [1, 1]  # one check per build, then the whole build
+    for (n, x), (_, y) in zip(b.named_parameters(), c.named_parameters(), strict=True):
+        assert torch.equal(x, y), n  # still a pure function of the seed
+    assert all(torch.equal(x, y) for x, y in zip(b.buffers(), a.buffers(), strict=True))
