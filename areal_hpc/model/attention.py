@@ -41,15 +41,7 @@ def causal_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: 
     ``cu_list`` is ``cu_seqlens`` on the host (the fallback path needs it; passing it avoids a sync).
     """
     if varlen_available(q.device, q.dtype):
-        op, causal, has_gqa = _varlen_op()
-        if k.shape[1] != q.shape[1] and not has_gqa:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        kw = dict(causal)
-        if has_gqa and k.shape[1] != q.shape[1]:
-            kw["enable_gqa"] = True
-        cu = cu_seqlens.to(torch.int32)
-        return op(q, k, v, cu, cu, max_len, max_len, **kw)
+        return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
     bounds = cu_list if cu_list is not None else cu_seqlens.tolist()
     return _prefix_sdpa(q, k, v, bounds, bounds)
 

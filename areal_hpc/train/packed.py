@@ -388,11 +388,10 @@ class PackedLogp:
         align causality at the bottom right (checked once); where it does not, the trainer keeps one prompt
         copy per sample rather than attend through the per-segment SDPA fallback. Elsewhere SDPA runs
         either way."""
-        dtype = torch.float32 if self.compute_dtype == torch.float32 else self.compute_dtype
-        if not varlen_available(self.device, dtype):
+        if not varlen_available(self.device, self.compute_dtype):
             return True
         s = Qwen2Shape.of(self.model.config)
-        ok = bottom_right_varlen(self.device, dtype, s.n_heads, s.n_kv_heads, s.head_dim)
+        ok = bottom_right_varlen(self.device, self.compute_dtype, s.n_heads, s.n_kv_heads, s.head_dim)
         if not ok:
             logger.warning("trainer.share_prompts: off here (flash varlen cannot attend a shared prompt); every "
                            "sample carries its own prompt")

@@ -125,6 +125,11 @@ def bucket_tokens(n_tokens: int, multiple: int) -> int:
     return -(-n_tokens // multiple) * multiple if multiple > 0 else n_tokens
 
 
+def _pad_segments(n_pad: int, seg: int) -> list[int]:
+    """Lengths of the padding sequences filling ``n_pad`` tokens, none longer than ``seg``."""
+    return [min(seg, n_pad - a) for a in range(0, n_pad, seg)]
+
+
 def pack_sequences(
     prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], device: torch.device | str = "cpu",
     *, pad_to_multiple: int = 0, pad_id: int = 0,
@@ -150,8 +155,7 @@ def pack_sequences(
         [c + len(p) - 1 + np.arange(len(r), dtype=np.int64) for c, p, r in zip(starts, prompts, responses)]
     )
     seg = int(lens.max())
-    for a in range(0, n_pad, seg):
-        seqs.append(np.full(min(seg, n_pad - a), pad_id, dtype=np.int64))
+    seqs += [np.full(n, pad_id, dtype=np.int64) for n in _pad_segments(n_pad, seg)]
     if n_pad:
         starts = np.append(starts, n_real + np.minimum(np.arange(seg, n_pad + seg, seg), n_pad))
     pos = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
@@ -169,11 +173,6 @@ def pack_sequences(
         pred_rows=rows_t,
         targets=tgt_t,
     )
-
-
-def _pad_segments(n_pad: int, seg: int) -> list[int]:
-    """Lengths of the padding sequences filling ``n_pad`` tokens, none longer than ``seg``."""
-    return [min(seg, n_pad - a) for a in range(0, n_pad, seg)]
 
 
 def pack_shared(
@@ -249,13 +248,12 @@ def group_units(prompt_lens: Sequence[int], response_lens: Sequence[int], groups
         cur: list[int] = []
         tokens = 0
         for i in members:
-            add = response_lens[i] + (0 if cur else prompt_lens[i])
-            if cur and tokens + add > token_budget:
+            if cur and tokens + response_lens[i] > token_budget:
                 units.append(cur)
                 cost.append(tokens)
-                cur, tokens, add = [], 0, response_lens[i] + prompt_lens[i]
+                cur, tokens = [], 0
+            tokens += response_lens[i] + (0 if cur else prompt_lens[i])
             cur.append(i)
-            tokens += add
         units.append(cur)
         cost.append(tokens)
     return units, cost
