@@ -29,11 +29,20 @@ def test_quick_bench_runs_every_path_on_cpu(script, tmp_path):
     """The CPU smoke runs go through the same calls into the engine and trainer as the GPU runs
     (a renamed internal once broke the decode bench's profile only on the device)."""
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, str(bench_dir() / script), "--quick", "--out", str(out)], capture_output=True,
-                       text=True, timeout=300)
+    extra = ["--profile"] if script == "shared_prompts.py" else []
+    r = subprocess.run([sys.executable, str(bench_dir() / script), "--quick", "--out", str(out), *extra],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     runs = json.loads(out.read_text())
     assert runs, "no results written"
+    if extra:  # one profiled step per engine: a table of real ops whose times add up to its total
+        assert set(runs["profiles"]) == {"shared", "separate"}
+        for text in runs["profiles"].values():
+            head, _, *rows = text.splitlines()
+            total = float(head.split(": ")[1].split(" ms")[0])
+            assert total > 0 and any("aten::mm" in line or "aten::addmm" in line for line in rows), text
+            assert any(line.startswith("by group: ") and "gemm" in line for line in rows), text
+        assert "profile shared prompts:" in r.stdout and "profile separate prompts:" in r.stdout
 
 
 def test_e2e_sync_from_takes_only_a_matching_earlier_sync(tmp_path):

@@ -12,6 +12,7 @@ within bf16 noise.
 
     python tools/bench/shared_prompts.py            # CUDA, Qwen2-0.5B shape, random weights
     python tools/bench/shared_prompts.py --quick    # CPU smoke run on a tiny Qwen2
+    python tools/bench/shared_prompts.py --profile  # and one profiled step each: where the time goes
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from areal_hpc.config.schema import TrainerConfig  # noqa: E402
 from areal_hpc.model.presets import build_random  # noqa: E402
 from areal_hpc.train.engine import TorchTrainEngine, TrainSample  # noqa: E402
 from tools.bench.common import device_info, write_result  # noqa: E402
-from tools.bench.train_throughput import timed, tiny_qwen2  # noqa: E402
+from tools.bench.train_throughput import profiled_step, timed, tiny_qwen2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each times --steps steps per engine")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rounds, one profiled step per engine: where the step's time goes "
+                         "(CUDA kernels by device time; ATen ops by CPU time on CPU)")
     ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "shared_prompts.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
 
             times[share] += timed(step, args.steps, 0, device)
             gc.collect()
+    profiles = {}
+    if args.profile:  # after the timing, so the profiler's overhead touches no timed step
+        for share in (True, False):
+            name = "shared" if share else "separate"
+            profiles[name] = profiled_step(lambda e=engines[share]: e.train_batch(batch, None, adv, weight),
+                                           f"{name} prompts", device)
     rows = {}
     for share in (True, False):
         st = stats[share]
@@ -133,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{response / r['step_s']:>11.0f} {r['loss']:>10.5f} {r['grad_norm']:>9.4f}")
     print(f"shared vs separate: step {ratio['step_speedup']:.3f}x faster, "
           f"stream tokens x{ratio['stream_token_ratio']:.3f}")
+    for text in profiles.values():
+        print(text)
     result = {**device_info(device), "model": "tiny-qwen2" if args.quick else args.preset, "args": vars(args),
-              "runs": rows, **ratio}
+              "runs": rows, **ratio, **({"profiles": profiles} if profiles else {})}
     write_result(args.out, result)
     return result
 

@@ -197,8 +197,6 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
 def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
                  top: int = 40) -> str:
     """Top CUDA kernels of one optimizer step (after two warm-up steps), by device time, as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
                         activation_checkpointing=v.checkpointing, compile=v.compile)
     eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
@@ -209,12 +207,29 @@ def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample],
     prox = eng.compute_logp(samples)
     for _ in range(2):
         eng.train_batch(samples, prox, adv, weight)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        eng.train_batch(samples, prox, adv, weight)
+    return profiled_step(lambda: eng.train_batch(samples, prox, adv, weight), str(v), torch.device("cuda"), top)
+
+
+def profiled_step(step, label: str, device: torch.device, top: int = 40) -> str:
+    """Profile one call of ``step``: its top CUDA kernels by device time, grouped (GEMM, attention, ...).
+
+    On CPU (the benches' smoke runs) the table lists the ATen ops by self CPU time instead: there are no
+    kernels, and it keeps the path under test."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
     kernels, ranges = [], []
     for e in prof.key_averages():
+        if not cuda:
+            if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+                kernels.append((e.self_cpu_time_total, e.count, e.key))
+            continue
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = e.self_cuda_time_total
@@ -228,15 +243,17 @@ def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample],
             ranges.append((tot, e.count, e.key))
     kernels.sort(reverse=True)
     total = max(sum(k[0] for k in kernels), 1e-9)
-    lines = [f"profile {v}: {total / 1e3:.1f} ms device time in {sum(k[1] for k in kernels)} kernel launches"]
-    lines.append(f"{'ms':>8} {'%':>5} {'calls':>6}  kernel")
+    what = ("device time", "kernel launches") if cuda else ("CPU time", "op calls")
+    lines = [f"profile {label}: {total / 1e3:.1f} ms {what[0]} in {sum(k[1] for k in kernels)} {what[1]}"]
+    lines.append(f"{'ms':>8} {'%':>5} {'calls':>6}  {'kernel' if cuda else 'op'}")
     for t, n, name in kernels[:top]:
         lines.append(f"{t / 1e3:>8.2f} {t / total:>5.1%} {n:>6}  {name[:110]}")
     groups: dict[str, float] = {}
     for t, _, name in kernels:
         low = name.lower()
-        g = ("gemm" if any(x in low for x in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")) else
-             "attention" if "flash" in low or "fmha" in low else
+        g = ("gemm" if any(x in low for x in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "aten::mm",
+                                                "aten::addmm", "aten::bmm")) else
+             "attention" if any(x in low for x in ("flash", "fmha", "attention")) else
              "triton" if low.startswith("triton") else
              "optimizer" if "adam" in low or "multi_tensor" in low else "other elementwise/reduce")
         groups[g] = groups.get(g, 0.0) + t

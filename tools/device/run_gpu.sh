@@ -37,7 +37,7 @@ for s in $stages; do
     trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
              --variants packed+compile packed+compile+bucket1024 --out "$OUT/train_loop.json" ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
-    shared) python3 tools/bench/shared_prompts.py --out "$OUT/shared_prompts.json" 2>&1 | tee "$OUT/shared_prompts.log" ;;
+    shared) python3 tools/bench/shared_prompts.py ${SHARED_PROFILE:+--profile} --out "$OUT/shared_prompts.json" 2>&1 | tee "$OUT/shared_prompts.log" ;;
     syncprobe) python3 tools/device/sync_probe.py --out "$OUT/sync_probe.json" ;;
     e2e) python3 tools/bench/e2e_one_gpu.py --cache-dir /tmp/e2ecache --steps "${E2E_STEPS:-10}" \
            --skip "${E2E_SKIP:-2}" --eta ${E2E_ETA:-1 2 4 8} --stale-policy ${E2E_POLICY:-reject} \
