@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from areal_hpc.launch.phases import LAUNCH_TIME_ENV, Phases, outside_steps, process_age_s, since_launch_s
+from areal_hpc.launch.phases import LAUNCH_TIME_ENV, process_age_s, since_launch_s
+from areal_hpc.phases import Phases, outside_steps
 
 
 def test_phases_sum_repeats_and_keep_first_order():

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from areal_hpc.transport.codec import decode_sample, encode_sample, encode_sample_parts
+from areal_hpc.trajectory import Trajectory
+from areal_hpc.transport.codec import decode, encode, encode_parts
 from areal_hpc.transport.shm_ring import SHM_DIR, ShmRing, cleanup_stale, ring_name
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs /dev/shm")
@@ -261,86 +262,58 @@ def test_create_replaces_stale_segment(prefix: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- codec tests
-def _sample(n_prompt: int, n_resp: int, **extra: object) -> dict:
+def _traj(n_prompt: int, n_resp: int, **fields: object) -> Trajectory:
     rng = np.random.default_rng(n_prompt * 1000 + n_resp)
-    return {
-        "sample_id": 2**40 + 7,
-        "prompt_id": 12,
-        "group_id": -3,
-        "rank": 5,
+    base: dict = {
+        "sample_id": 2**40 + 7, "prompt_id": 12, "group_id": 3, "rank": 5,
         "prompt_tokens": rng.integers(0, 150_000, n_prompt).tolist(),
         "response_tokens": rng.integers(0, 150_000, n_resp, dtype=np.int32),
         "behav_logprobs": -rng.random(n_resp, dtype=np.float32) * 5,
         "versions": rng.integers(0, 100, n_resp).astype(np.int32),
-        "reward": 0.1,
-        "t_start": time.time(),
-        "t_end": time.time() + 1.5,
-        "answer_ok": True,
-        **extra,
+        "reward": 0.1, "t_start": time.time(), "t_end": time.time() + 1.5, "answer_ok": True,
+        "interruptions": 2, "fate": "length",
     }
+    return Trajectory(**{**base, **fields})
 
 
-@pytest.mark.parametrize(
-    ("n_prompt", "n_resp"), [(0, 0), (3, 0), (17, 33), (512, 4096)]
-)
+@pytest.mark.parametrize(("n_prompt", "n_resp"), [(0, 0), (3, 0), (17, 33), (512, 4096)])
 def test_codec_round_trip(n_prompt: int, n_resp: int) -> None:
-    d = _sample(
-        n_prompt,
-        n_resp,
-        task="gsm8k",
-        n_retries=np.int64(2),
-        temp=np.float32(0.7),
-        flag=False,
-        note=None,
-    )
-    b = encode_sample(d)
-    assert b == b"".join(bytes(p) for p in encode_sample_parts(d))
-    out = decode_sample(b)
-    assert set(out) == set(d)
+    t = _traj(n_prompt, n_resp, text="dropped", answer="dropped")
+    b = encode(t, producer_full_waits=9)
+    assert b == b"".join(bytes(p) for p in encode_parts(t, producer_full_waits=9))
+    out, waits = decode(b)
+    assert waits == 9
     for key in ("prompt_tokens", "response_tokens", "versions"):
-        assert out[key].dtype == np.int32
-        np.testing.assert_array_equal(out[key], np.asarray(d[key]))
-    assert out["behav_logprobs"].dtype == np.float32
-    assert out["behav_logprobs"].tobytes() == np.asarray(d["behav_logprobs"]).tobytes()
-    for key in (
-        "sample_id",
-        "prompt_id",
-        "group_id",
-        "rank",
-        "reward",
-        "t_start",
-        "t_end",
-        "answer_ok",
-    ):
-        assert out[key] == d[key] and type(out[key]) is type(d[key])
-    assert (
-        out["task"] == "gsm8k"
-        and out["n_retries"] == 2
-        and out["flag"] is False
-        and out["note"] is None
-    )
-    assert out["temp"] == float(np.float32(0.7))
-    assert out["response_tokens"].flags.writeable
-    view = decode_sample(memoryview(b), copy=False)
-    np.testing.assert_array_equal(view["response_tokens"], d["response_tokens"])
+        assert getattr(out, key).dtype == np.int32
+        np.testing.assert_array_equal(getattr(out, key), getattr(t, key))
+    assert out.behav_logprobs.dtype == np.float32
+    assert out.behav_logprobs.tobytes() == t.behav_logprobs.tobytes()
+    for key in ("sample_id", "prompt_id", "group_id", "rank", "reward", "t_start", "t_end", "answer_ok",
+                "interruptions", "fate"):
+        assert getattr(out, key) == pytest.approx(getattr(t, key)) if key == "reward" else \
+            getattr(out, key) == getattr(t, key), key
+    assert out.text == "" and out.answer == ""  # the text stays with the rollout's log
+    assert out.response_tokens.flags.writeable
+    view, _ = decode(memoryview(b), copy=False)
+    np.testing.assert_array_equal(view.response_tokens, t.response_tokens)
+    unknown, _ = decode(encode(_traj(n_prompt, n_resp, fate=None)))
+    assert unknown.fate is None
 
 
 def test_codec_through_ring_and_errors(prefix: str) -> None:
-    d = _sample(10, 20, answer_ok=False)
+    t = _traj(10, 20, answer_ok=False, fate="aborted")
     with ShmRing.create(prefix + "codec", 4096) as ring:
-        ring.push_parts(encode_sample_parts(d))
-        out = decode_sample(ring.pop())
-    np.testing.assert_array_equal(out["versions"], d["versions"])
-    assert out["answer_ok"] is False
-    with pytest.raises(ValueError, match="equal lengths"):
-        encode_sample({**d, "versions": np.zeros(3, np.int32)})
-    with pytest.raises(KeyError, match="reward"):
-        encode_sample({k: v for k, v in d.items() if k != "reward"})
+        ring.push_parts(encode_parts(t))
+        out, _ = decode(ring.pop())
+    np.testing.assert_array_equal(out.versions, t.versions)
+    assert out.answer_ok is False and out.fate == "aborted"
+    with pytest.raises(ValueError, match="10 response tokens but 10 behaviour log-probs and 3 versions"):
+        _traj(2, 10, versions=np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="int32"):
-        encode_sample({**d, "prompt_tokens": [2**40]})
-    with pytest.raises(TypeError, match="'blob'"):
-        encode_sample({**d, "blob": [1, 2]})
-    with pytest.raises(ValueError, match="trailing"):
-        decode_sample(encode_sample(d) + b"\0")
+        _traj(1, 0, prompt_tokens=np.array([2**40]))
+    with pytest.raises(ValueError, match="fate"):
+        _traj(1, 0, fate="timeout")
+    with pytest.raises(ValueError, match="header says"):
+        decode(encode(t) + b"\0")
     with pytest.raises(ValueError, match="magic"):
-        decode_sample(bytes(100))
+        decode(bytes(100))

@@ -15,11 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from areal_hpc.api import TrainBatch
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.model.build import build_tiny_model
 from areal_hpc.model.tokenizer import CharTokenizer
 from areal_hpc.rollout.engine import GenRequest, TorchEngine
-from areal_hpc.train.engine import TorchTrainEngine, TrainSample
+from areal_hpc.train.engine import TorchTrainEngine
+from areal_hpc.train.loss import ppo_loss
+from areal_hpc.trajectory import Trajectory
 
 VOCAB = 20
 PAD = 0
@@ -51,14 +54,14 @@ def make_engine(
     )
 
 
-def make_samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
+def make_samples(n: int = 8, seed: int = 0) -> list[Trajectory]:
     """Ragged samples; behav logprobs are noise around a typical value (off-policy)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         p, r = int(rng.integers(1, 9)), int(rng.integers(1, 10))
         out.append(
-            TrainSample(
+            Trajectory(
                 sample_id=i,
                 group_id=i // 4,
                 prompt_tokens=rng.integers(3, VOCAB, p).astype(np.int32),
@@ -72,7 +75,7 @@ def make_samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
 
 
 def reference_logp(
-    model: torch.nn.Module, s: TrainSample, temperature: float
+    model: torch.nn.Module, s: Trajectory, temperature: float
 ) -> np.ndarray:
     """Full single-sequence forward, log_softmax at the temperature, read at positions P-1+j."""
     seq = torch.from_numpy(
@@ -143,7 +146,7 @@ def test_compute_logp_matches_rollout_engine_sampling_logprobs() -> None:
     ]
     gens = rollout.generate(reqs)
     samples = [
-        TrainSample(
+        Trajectory(
             sample_id=g.request.sample_id,
             group_id=g.request.group_id,
             prompt_tokens=np.asarray(g.request.prompt_tokens, np.int32),
@@ -172,7 +175,7 @@ def test_train_batch_moves_logprob_in_advantage_direction(sign: float) -> None:
     ]
     adv = np.zeros(len(samples), np.float32)
     adv[target] = sign
-    stats = engine.train_batch(samples, before, adv, np.ones(len(samples), np.float32))
+    stats = engine.train_batch(TrainBatch(samples, adv, np.ones(len(samples), np.float32), before), ppo_loss(engine.cfg)).as_dict()
     after = engine.compute_logp(samples)
     delta = float(after[target].sum() - before[target].sum())
     assert sign * delta > 0, delta
@@ -189,13 +192,13 @@ def test_train_batch_moves_logprob_in_advantage_direction(sign: float) -> None:
     assert stats["grad_norm"] > 0
 
 
-def _step(engine: TorchTrainEngine, samples: list[TrainSample]) -> dict[str, float]:
+def _step(engine: TorchTrainEngine, samples: list[Trajectory]) -> dict[str, float]:
     """One off-policy step: prox = current weights, behav = the samples' noisy logprobs."""
     ids = np.array([s.sample_id for s in samples])
     # Per-sample functions of the id, not of the position: sharding must not change them.
     adv = np.sin(1.7 * ids + 0.3).astype(np.float32)
     weight = np.where(ids % 3 == 0, 0.5, 1.0).astype(np.float32)
-    return engine.train_batch(samples, engine.compute_logp(samples), adv, weight)
+    return engine.train_batch(TrainBatch(samples, adv, weight, engine.compute_logp(samples)), ppo_loss(engine.cfg)).as_dict()
 
 
 def test_microbatching_does_not_change_the_update() -> None:
@@ -230,9 +233,9 @@ def test_proximal_from_the_step_forward_equals_a_recompute(packing: str) -> None
         rec, fwd = make_engine(token_budget=18, packing=packing), make_engine(token_budget=18, packing=packing)
         if moved:
             for e in (rec, fwd):
-                e.train_batch(samples, None, -adv, weight)
-        s_rec = rec.train_batch(samples, rec.compute_logp(samples), adv, weight)
-        s_fwd = fwd.train_batch(samples, None, adv, weight)
+                e.train_batch(TrainBatch(samples, -adv, weight), ppo_loss(e.cfg)).as_dict()
+        s_rec = rec.train_batch(TrainBatch(samples, adv, weight, rec.compute_logp(samples)), ppo_loss(rec.cfg)).as_dict()
+        s_fwd = fwd.train_batch(TrainBatch(samples, adv, weight), ppo_loss(fwd.cfg)).as_dict()
         assert s_fwd["n_microbatches"] > 3 and s_fwd["cap_frac"] > 0
         assert s_fwd["ratio"] == 1.0 and s_fwd["clip_frac"] == 0.0  # exactly the proximal weights
         for k in ("loss", "grad_norm", "ratio", "importance_weight", "approx_kl", "cap_frac", "clip_frac"):

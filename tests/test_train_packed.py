@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from areal_hpc.api import TrainBatch
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.model import attention
 from areal_hpc.model.qwen2 import PackedQwen2
-from areal_hpc.train.engine import TorchTrainEngine, TrainSample
+from areal_hpc.train.engine import TorchTrainEngine
+from areal_hpc.train.loss import ppo_loss
 from areal_hpc.train.packed import response_logprobs, split_layer_fn
 from areal_hpc.train.packing import group_units, pack_sequences, pack_shared
+from areal_hpc.trajectory import Trajectory
 
 VOCAB = 40
 PAD = 0
@@ -40,12 +43,12 @@ def engine(model: torch.nn.Module | None = None, **kw) -> TorchTrainEngine:
                             temperature=TEMP)
 
 
-def samples(n: int = 10, seed: int = 0) -> list[TrainSample]:
+def samples(n: int = 10, seed: int = 0) -> list[Trajectory]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         p, r = int(rng.integers(1, 12)), int(rng.integers(0 if i == 3 else 1, 14))  # sample 3 may be empty
-        out.append(TrainSample(
+        out.append(Trajectory(
             sample_id=i, group_id=i // 2,
             prompt_tokens=rng.integers(3, VOCAB, p).astype(np.int32),
             response_tokens=rng.integers(1, VOCAB, r).astype(np.int32),
@@ -54,14 +57,14 @@ def samples(n: int = 10, seed: int = 0) -> list[TrainSample]:
     return out
 
 
-def sgd_step(eng: TorchTrainEngine, batch: list[TrainSample], seed: int = 1) -> dict[str, float]:
+def sgd_step(eng: TorchTrainEngine, batch: list[Trajectory], seed: int = 1) -> dict[str, float]:
     """One train_batch with plain SGD (lr 1): parameters move by exactly the (clipped) gradient, so
     comparing them compares gradients; AdamW would turn round-off in near-zero grads into +-lr."""
     eng.optimizer = torch.optim.SGD(eng._params, lr=1.0)
     rng = np.random.default_rng(seed)
     prox = eng.compute_logp(batch)
     adv = rng.standard_normal(len(batch)).astype(np.float32)
-    return eng.train_batch(batch, prox, adv, np.ones(len(batch), np.float32))
+    return eng.train_batch(TrainBatch(batch, adv, np.ones(len(batch), np.float32), prox), ppo_loss(eng.cfg)).as_dict()
 
 
 def params(eng: TorchTrainEngine) -> dict[str, torch.Tensor]:
@@ -132,7 +135,7 @@ def test_bf16_autocast_cpu_within_tolerance(packing: str) -> None:
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got, strict=True) if len(a))
     assert 0 < diff < 5e-2  # > 0: bf16 really ran
     assert all(x.dtype == np.float32 for x in got)
-    eng.train_batch(batch, got, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32))
+    eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32), got), ppo_loss(eng.cfg)).as_dict()
     assert all(p.dtype == torch.float32 for p in eng.model.parameters())  # fp32 master weights
     state = [t for s in eng.optimizer.state.values() for t in s.values() if t.ndim > 0]
     assert state and all(t.dtype == torch.float32 for t in state)
@@ -267,7 +270,7 @@ def test_cuda_packed_bf16_varlen_close_to_padded_fp32(monkeypatch: pytest.Monkey
     d = np.concatenate([np.abs(a - b) for a, b in zip(ref, got, strict=True)])
     assert d.max() < 5e-2 and d.mean() < 1e-2, (d.max(), d.mean())
     n = len(calls)
-    st = eng.train_batch(batch, got, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32))
+    st = eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32), got), ppo_loss(eng.cfg)).as_dict()
     assert len(calls) > n and np.isfinite(st["grad_norm"]) and st["grad_norm"] > 0  # varlen backward ran
 
 
@@ -310,13 +313,13 @@ def test_cuda_train_step_syncs_do_not_grow_with_microbatches() -> None:
     counts, n_mb = {}, {}
     for budget in (4096, 40):
         eng = engine(qwen2(device="cuda"), packing="packed", token_budget=budget)
-        eng.train_batch(batch, None, adv, w)  # first-call work (allocator, library handles) out of the count
+        eng.train_batch(TrainBatch(batch, adv, w), ppo_loss(eng.cfg)).as_dict()  # first-call work (allocator, library handles) out of the count
         eng.compute_logp(batch)
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                n_mb[budget] = eng.train_batch(batch, None, adv, w)["n_microbatches"]
+                n_mb[budget] = eng.train_batch(TrainBatch(batch, adv, w), ppo_loss(eng.cfg)).as_dict()["n_microbatches"]
                 eng.compute_logp(batch)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
@@ -329,7 +332,7 @@ def test_packed_qwen2_rope_widens_for_long_sequences() -> None:
     """Sequences longer than max_position_embeddings still work: the RoPE tables grow."""
     eng = engine(packing="packed")
     rng = np.random.default_rng(0)
-    s = TrainSample(0, 0, rng.integers(3, VOCAB, 50).astype(np.int32), rng.integers(1, VOCAB, 30).astype(np.int32),
+    s = Trajectory(0, 0, rng.integers(3, VOCAB, 50).astype(np.int32), rng.integers(1, VOCAB, 30).astype(np.int32),
                     np.full(30, -3.0, np.float32), np.zeros(30, np.int32), 1.0)
     ref = engine(packing="padded").compute_logp([s])[0]
     np.testing.assert_allclose(eng.compute_logp([s])[0], ref, atol=1e-5, rtol=0)
@@ -349,7 +352,7 @@ def test_pack_sequences_pads_to_bucket() -> None:
     assert exact.cu_list == [0, 8] and len(exact.ids) == 8  # already a multiple: no padding sequence
 
 
-def attended_rows(eng: TorchTrainEngine, batch: list[TrainSample]) -> tuple[list[int], list[np.ndarray]]:
+def attended_rows(eng: TorchTrainEngine, batch: list[Trajectory]) -> tuple[list[int], list[np.ndarray]]:
     """The rows of every ``causal_varlen`` call (a stream's self-attending part) of ``eng.compute_logp(batch)``,
     and its log-probs."""
     seen: list[int] = []
@@ -420,12 +423,12 @@ def test_token_bucket_precompiles_only_grad_graphs_with_forward_proximal() -> No
     compiled = counters["stats"]["unique_graphs"]
     assert 2 * 4 <= compiled < 2 * 2 * 4
     batch = samples(20)
-    eng.train_batch(batch, None, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32))
+    eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32)), ppo_loss(eng.cfg)).as_dict()
     assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
 
 
-def grouped_samples(groups: int = 4, n: int = 3, seed: int = 0) -> list[TrainSample]:
+def grouped_samples(groups: int = 4, n: int = 3, seed: int = 0) -> list[Trajectory]:
     """``groups`` prompts with ``n`` responses each, as the rollout delivers them (members share the prompt)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -433,7 +436,7 @@ def grouped_samples(groups: int = 4, n: int = 3, seed: int = 0) -> list[TrainSam
         prompt = rng.integers(3, VOCAB, int(rng.integers(1, 12))).astype(np.int32)
         for j in range(n):
             r = int(rng.integers(1, 14))
-            out.append(TrainSample(
+            out.append(Trajectory(
                 sample_id=g * n + j, group_id=g, prompt_tokens=prompt.copy(),
                 response_tokens=rng.integers(1, VOCAB, r).astype(np.int32),
                 behav_logprobs=(-3.5 + 0.3 * rng.standard_normal(r)).astype(np.float32),

@@ -236,6 +236,8 @@ class RolloutConfig:
 class TrainerConfig:
     """Decoupled PPO objective and optimizer."""
 
+    backend: str = _f("torch", "training backend (areal_hpc/registry.py): torch, data parallel over the trainer ranks",
+                      ("torch",))
     lr: float = _f(1e-4, "learning rate")
     batch_size: int = _f(64, "samples per step; a multiple of rollout.group_size")
     eps_clip: float = _f(0.2, "PPO clip range")

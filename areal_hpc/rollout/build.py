@@ -1,4 +1,4 @@
-"""Pick and build the rollout engine a config asks for, in the rollout's own weight dtype."""
+"""Pick and build the rollout engine a config asks for (``registry.py``), in the rollout's own weight dtype."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import logging
 
 import torch
 
+from areal_hpc.api import InferenceEngine
 from areal_hpc.config import Config
 from areal_hpc.model.build import DTYPES
 from areal_hpc.model.qwen2 import SUPPORTED
 from areal_hpc.model.tokenizer import Tokenizer
-from areal_hpc.rollout.engine import TorchEngine
-from areal_hpc.rollout.fast_engine import FastEngine
+from areal_hpc.registry import rollout_engine_factory
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,30 @@ def engine_kind(cfg: Config, device: torch.device, model: torch.nn.Module) -> st
     return "fast"
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> TorchEngine | FastEngine:
+def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> InferenceEngine:
     device = next(model.parameters()).device
     model.to(rollout_dtype(cfg, device))
+    return rollout_engine_factory(engine_kind(cfg, device, model))(cfg, model, tok, seed)
+
+
+def _common(cfg: Config, seed: int) -> dict:
     r = cfg.rollout
-    common = dict(max_batch=r.max_concurrent_groups * r.group_size, max_new_tokens=r.max_new_tokens,
-                  temperature=r.temperature, top_p=r.top_p, interrupt=r.interrupt, seed=seed)
-    if engine_kind(cfg, device, model) == "fast":
-        log.info("rollout engine: fast (%s, batch %d, cache %d tokens, graphs %s)", model.dtype,
-                 common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
-        return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
-                          compile_decode=r.compile, decode_attention=r.decode_attention,
-                          decode_layer=r.decode_layer, bucket_step=r.batch_bucket_step, **common)
-    return TorchEngine(model, tok, **common)
+    return dict(max_batch=r.max_concurrent_groups * r.group_size, max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature, top_p=r.top_p, interrupt=r.interrupt, seed=seed)
+
+
+def hf_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> InferenceEngine:
+    from areal_hpc.rollout.engine import TorchEngine
+
+    return TorchEngine(model, tok, **_common(cfg, seed))
+
+
+def fast_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> InferenceEngine:
+    from areal_hpc.rollout.fast_engine import FastEngine
+
+    r, common = cfg.rollout, _common(cfg, seed)
+    log.info("rollout engine: fast (%s, batch %d, cache %d tokens, graphs %s)", model.dtype,
+             common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
+    return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
+                      compile_decode=r.compile, decode_attention=r.decode_attention,
+                      decode_layer=r.decode_layer, bucket_step=r.batch_bucket_step, **common)

@@ -1,9 +1,8 @@
-"""Inference engines: batched sampling with a KV cache, interruptible by new weights.
+"""The HF-forward inference engine (``rollout.engine: hf``): batched sampling with a dynamic KV cache.
 
 The rollout worker drives an engine one decode step at a time (``step()``), which is the point where
-a new policy version can be swapped in without dropping in-flight sequences. Any engine that offers
-``submit / step / update_weights / num_active`` slots in: the torch engine below is the embedded
-default; a vLLM ``AsyncLLM`` engine maps ``update_weights`` to pause -> in-place reload -> resume.
+a new policy version can be swapped in without dropping in-flight sequences. Every engine implements
+``api.InferenceEngine``; this one runs any HF causal LM, on any device.
 """
 
 from __future__ import annotations
@@ -11,39 +10,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import torch
 
+from areal_hpc.api import Generation, GenRequest, InferenceEngine
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.sampling import nucleus
-
-
-@dataclass
-class GenRequest:
-    sample_id: int
-    prompt_id: int
-    group_id: int
-    prompt_tokens: list[int]
-    # Finish after this many tokens even without EOS (0: the engine's max_new_tokens). Synthetic
-    # throughput workloads draw it from a long-tailed distribution, since a random model never says EOS.
-    max_tokens: int = 0
-
-
-@dataclass
-class Generation:
-    """One sequence, in flight or finished; every response token carries the version that sampled it."""
-
-    request: GenRequest
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    t_start: float = field(default_factory=time.time)
-    t_end: float = 0.0
-    finished: bool = False
-    interruptions: int = 0
-    aborted: bool = False  # stopped by ``abort`` before EOS or its length limit
 
 
 def first_versions(live: Iterable[Generation], queued: Iterable[GenRequest]) -> dict[int, int | None]:
@@ -61,22 +34,6 @@ def first_versions(live: Iterable[Generation], queued: Iterable[GenRequest]) -> 
     for r in queued:
         out[r.group_id] = None
     return out
-
-
-class InferenceEngine(Protocol):
-    version: int
-
-    def submit(self, requests: Iterable[GenRequest]) -> None: ...
-
-    def step(self) -> list[Generation]: ...
-
-    def num_active(self) -> int: ...
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
-
-    def first_versions(self) -> dict[int, int | None]: ...
-
-    def abort(self, group_ids: set[int]) -> list[Generation]: ...
 
 
 def run_to_completion(engine: InferenceEngine, requests: list[GenRequest]) -> list[Generation]:
@@ -223,6 +180,9 @@ class TorchEngine:
             self._mask, self._pos, tok = self._mask[idx], self._pos[idx], tok[idx]
         self._decode(tok)
         return finished
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": "hf", "prefill_tokens": self.prefill_tokens, "interrupt": self.interrupt}
 
     def generate(self, requests: list[GenRequest], greedy: bool = False) -> list[Generation]:
         """Run requests to completion (evaluation); only valid while no other work is in flight."""

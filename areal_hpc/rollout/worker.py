@@ -15,23 +15,19 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
+from areal_hpc.api import Generation, GenRequest
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.build import build_engine
-from areal_hpc.rollout.engine import Generation, GenRequest
 from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.records import RunFiles
-from areal_hpc.storage.writers import RolloutLogWriter
 from areal_hpc.tasks import Problem, build_task, prompt_ids
-from areal_hpc.transport.codec import encode_sample_parts
-from areal_hpc.transport.select import log_attrs, pair_uses_ring
-from areal_hpc.transport.shm_ring import ShmRing, ring_name
+from areal_hpc.trajectory import RolloutStats, Trajectory
+from areal_hpc.transport.sinks import rollout_sink
 from areal_hpc.weights.select import build_receiver
 
 log = logging.getLogger(__name__)
@@ -75,20 +71,13 @@ class RolloutWorker:
             self.gate.admitted = resume.version * share  # not the true count: see launch/checkpoint.py
         else:
             self._next_local_prompt_start = 0
-        self.ring = None
-        if pair_uses_ring(cfg.transport.kind, ctx, ctx.rank, self.trainer):
-            self.ring = ShmRing.attach(ring_name(run_id, ctx.rank, self.trainer), timeout=120.0)
-        self.log = RolloutLogWriter(
-            files.rollout_log, self.index, attrs=log_attrs(files, run_id, ctx.rank),
-            shard_samples=cfg.log.shard_samples, flush_s=cfg.log.flush_s, compression=cfg.log.compression)
+        self.sink = rollout_sink(cfg, ctx, files, run_id, self.trainer)  # waits for the trainer's ring
         self._groups: dict[int, list[Generation]] = {}
         self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
         self._next_local_prompt = self._next_local_prompt_start
         self.pushed = 0
         self.stop = False
         self.idle_seconds = 0.0
-        self.yield_seconds = 0.0
-        self._groups_base = self.gate.admitted  # groups a resumed run counts as already delivered
         self.versions_applied = 0
         self._abort_stale = cfg.rollout.abort_stale and cfg.trainer.stale_policy == "reject"
         self._unjudged: set[int] = set()  # groups not judged at the last version change (a member had no token)
@@ -178,36 +167,15 @@ class RolloutWorker:
         out = [t for t in g.tokens if t != self.tok.eos_id]
         text = self.tok.decode(out)
         reward = problem_reward(problem, out, text)
-        record = {
-            "sample_id": g.request.sample_id, "prompt_id": g.request.prompt_id, "group_id": g.request.group_id,
-            "rank": self.ctx.rank, "prompt_tokens": np.asarray(g.request.prompt_tokens, dtype=np.int32),
-            "response_tokens": np.asarray(g.tokens, dtype=np.int32),
-            "behav_logprobs": np.asarray(g.logprobs, dtype=np.float32),
-            "versions": np.asarray(g.versions, dtype=np.int32), "reward": reward, "t_start": g.t_start,
-            "t_end": g.t_end, "answer_ok": reward >= 1.0, "interruptions": g.interruptions,
-        }
-        if self.ring is not None:
-            self.ring.push_parts(encode_sample_parts({**record, "ring_full_waits": self.ring.full_waits}),
-                                 poll=self.poll)
-        self.log.add(record, text, problem.answer)  # in hdf5 mode the log's shards are the transport
+        r = g.request
+        self.sink.put(Trajectory(
+            sample_id=r.sample_id, prompt_id=r.prompt_id, group_id=r.group_id, rank=self.ctx.rank,
+            prompt_tokens=r.prompt_tokens, response_tokens=g.tokens, behav_logprobs=g.logprobs, versions=g.versions,
+            reward=reward, answer_ok=reward >= 1.0, t_start=g.t_start, t_end=g.t_end, interruptions=g.interruptions,
+            fate=g.fate([self.tok.eos_id]), text=text, answer=problem.answer), wait=self.poll)
         self.pushed += 1
 
-    def _yield_now(self) -> bool:
-        """Whether to leave the GPU to a trainer sharing it for a moment (``rollout.gated_yield_ms``).
-
-        Only while the gate admits nothing (a fuller batch is not possible), the trainer already has
-        its next batch from this rank beyond the one it is on (so no step waits on this tail), and
-        under a quarter of the slots are live (a thin tail, the least work per GPU time slice). The
-        tail still advances between sleeps, so nothing can wait on it forever.
-        """
-        if self.cfg.rollout.gated_yield_ms <= 0 or self.gate.capacity(self.engine.version) > 0:
-            return False
-        if 4 * self.engine.num_active() >= getattr(self.engine, "max_batch", 0):
-            return False
-        delivered = self._groups_base + self.pushed // self.G - self.gate.credited
-        return delivered >= (self.engine.version + 2) * self.gate.share
-
-    def run(self) -> dict[str, float]:
+    def run(self) -> RolloutStats:
         log.info("rollout %d: share %d groups/step, eta %d, feeding trainer %d", self.index, self.gate.share,
                  self.gate.eta, self.trainer)
         while not self.stop:
@@ -220,14 +188,9 @@ class RolloutWorker:
                     self._finish(g)
                 if self._unjudged:
                     self._abort_doomed(self._unjudged)
-                self.log.flush_if_due()
-                if self._yield_now():
-                    t = time.perf_counter()
-                    time.sleep(self.cfg.rollout.gated_yield_ms / 1e3)
-                    self.yield_seconds += time.perf_counter() - t
+                self.sink.flush_if_due()
             else:  # the gate holds us until a newer version (or a credit) arrives
-                # Shards are the transport without a ring: a waiting trainer must see what is buffered.
-                self.log.flush_if_due(idle=self.ring is None)
+                self.sink.flush_if_due(idle=True)
                 t = time.perf_counter()
                 time.sleep(0.0005)
                 self.idle_seconds += time.perf_counter() - t
@@ -235,22 +198,17 @@ class RolloutWorker:
         # broadcast already announced is received so the trainer's collective completes.
         while self.receiver.busy:
             self._apply_ready(block=True)
-        if hasattr(self.receiver, "close"):
-            self.receiver.close()  # shared weights: hand the CUDA IPC mapping back before the trainer exits
+        self.receiver.close()  # shared weights: hand the CUDA IPC mapping back before the trainer exits
         abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
         abandoned_prompts = sorted(self._groups.keys() | self.engine.active_groups())
-        self.log.flush()
+        self.sink.close()
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
-        stats = {"pushed": self.pushed, "abandoned": abandoned, "idle_seconds": self.idle_seconds,
-                 "aborted_groups": self.aborted_groups, "aborted_tokens": self.aborted_tokens,
-                 "yield_seconds": self.yield_seconds,
-                 "tokens_generated": self.engine.tokens_generated, "versions_applied": self.versions_applied,
-                 "ring_full_waits": self.ring.full_waits if self.ring else 0,
-                 "ring_wait_seconds": self.ring.wait_seconds if self.ring else 0.0,
-                 "shards_written": self.log.shards_written, "abandoned_prompts": abandoned_prompts,
-                 "engine": self.engine.stats() if hasattr(self.engine, "stats") else {}}
-        if self.ring is not None:
-            self.ring.close()
+        stats = RolloutStats(
+            pushed=self.pushed, abandoned=abandoned, abandoned_prompts=abandoned_prompts,
+            idle_seconds=self.idle_seconds, aborted_groups=self.aborted_groups, aborted_tokens=self.aborted_tokens,
+            tokens_generated=self.engine.tokens_generated, versions_applied=self.versions_applied,
+            ring_full_waits=self.sink.full_waits, ring_wait_seconds=self.sink.wait_seconds,
+            shards_written=self.sink.shards_written, engine=self.engine.stats())
         log.info("rollout %d done: %s", self.index, stats)
         return stats

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from areal_hpc.storage.shards import ShardWriter
+from areal_hpc.trajectory import TrainStats, Trajectory
 
 
 class RolloutLogWriter:
@@ -22,15 +23,15 @@ class RolloutLogWriter:
                  compression: str) -> None:
         self.writer = ShardWriter(directory, "rollout", index, attrs=attrs, compression=compression)
         self.shard_samples, self.flush_s = shard_samples, flush_s
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[Trajectory] = []
         self._first_at = 0.0
         self.samples_written = 0
         self.shards_written = 0
 
-    def add(self, sample: dict[str, Any], response_text: str, answer: str) -> None:
+    def add(self, traj: Trajectory) -> None:
         if not self._rows:
             self._first_at = time.monotonic()
-        self._rows.append({**sample, "response_text": response_text, "answer": answer})
+        self._rows.append(traj)
         if len(self._rows) >= self.shard_samples:
             self.flush()
 
@@ -44,25 +45,25 @@ class RolloutLogWriter:
             return None
         rs = self._rows
         rows = {
-            "sample_id": np.array([r["sample_id"] for r in rs], np.int64),
-            "prompt_id": np.array([r["prompt_id"] for r in rs], np.int64),
-            "group_id": np.array([r["group_id"] for r in rs], np.int64),
-            "rank": np.array([r["rank"] for r in rs], np.int32),
-            "reward": np.array([r["reward"] for r in rs], np.float32),
-            "answer_ok": np.array([r["answer_ok"] for r in rs], np.uint8),
-            "t_start": np.array([r["t_start"] for r in rs], np.float64),
-            "t_end": np.array([r["t_end"] for r in rs], np.float64),
-            "interruptions": np.array([r["interruptions"] for r in rs], np.int32),
-            "prompt_len": np.array([len(r["prompt_tokens"]) for r in rs], np.int32),
-            "response_len": np.array([len(r["response_tokens"]) for r in rs], np.int32),
-            "response_text": [r["response_text"] for r in rs],
-            "answer": [r["answer"] for r in rs],
+            "sample_id": np.array([t.sample_id for t in rs], np.int64),
+            "prompt_id": np.array([t.prompt_id for t in rs], np.int64),
+            "group_id": np.array([t.group_id for t in rs], np.int64),
+            "rank": np.array([t.rank for t in rs], np.int32),
+            "reward": np.array([t.reward for t in rs], np.float32),
+            "answer_ok": np.array([t.answer_ok for t in rs], np.uint8),
+            "t_start": np.array([t.t_start for t in rs], np.float64),
+            "t_end": np.array([t.t_end for t in rs], np.float64),
+            "interruptions": np.array([t.interruptions for t in rs], np.int32),
+            "prompt_len": np.array([t.n_prompt for t in rs], np.int32),
+            "response_len": np.array([t.n_response for t in rs], np.int32),
+            "response_text": [t.text for t in rs],
+            "answer": [t.answer for t in rs],
         }
         ragged = {
-            "prompt": {"prompt_tokens": [r["prompt_tokens"] for r in rs]},
-            "response": {"response_tokens": [r["response_tokens"] for r in rs],
-                         "behav_logprobs": [r["behav_logprobs"] for r in rs],
-                         "versions": [r["versions"] for r in rs]},
+            "prompt": {"prompt_tokens": [t.prompt_tokens for t in rs]},
+            "response": {"response_tokens": [t.response_tokens for t in rs],
+                         "behav_logprobs": [t.behav_logprobs for t in rs],
+                         "versions": [t.versions for t in rs]},
         }
         path = self.writer.write(rows, ragged)
         self.samples_written += len(rs)
@@ -82,10 +83,11 @@ class TrainerLogWriter:
         self.shard_steps = shard_steps
         self._steps: list[dict[str, Any]] = []
 
-    def add(self, step: int, trained_version: int, stats: dict[str, float], used: list[int],
+    def add(self, step: int, trained_version: int, stats: TrainStats, used: list[int],
             used_staleness: list[int], used_weight: list[float], rejected: list[int],
             rejected_staleness: list[int]) -> None:
-        self._steps.append({"step": step, "trained_version": trained_version, "time": time.time(), "stats": stats,
+        self._steps.append({"step": step, "trained_version": trained_version, "time": time.time(),
+                            "stats": stats.as_dict(),
                             "used": used, "used_staleness": used_staleness, "used_weight": used_weight,
                             "rejected": rejected, "rejected_staleness": rejected_staleness})
         if len(self._steps) >= self.shard_steps:

@@ -28,6 +28,14 @@ class Problem:
     verifier: str = "math"
 
 
+class Task(Protocol):
+    """What the roles need of a task: training prompts by index (an endless stream) and a held-out set."""
+
+    eval_problems: list[Problem]
+
+    def train_problem(self, index: int) -> Problem: ...
+
+
 def prompt_ids(problem: Problem, tokenizer: Encoder) -> list[int]:
     """The ids the engine is given: the problem's own ids when it has them, else the encoded text."""
     if problem.prompt_tokens is not None:

@@ -6,9 +6,9 @@ every micro-batch's forward runs before it, so those forwards already compute th
 pass that ``compute_logp`` makes (``trainer.proximal_logp: recompute``, the AReaL way, needed once a
 batch takes several updates).
 
-The trainer loop talks to a ``TrainEngine`` only, so a Megatron-core backend (tensor/pipeline
-parallel) can replace ``TorchTrainEngine`` without touching the loop. ``TorchTrainEngine`` is a
-plain data-parallel backend: every rank holds the full model, sees its share of the global batch,
+The trainer loop talks to an ``api.TrainEngine`` only, and hands it the loss (``api.LossFn``), so a
+Megatron-core backend (tensor/pipeline parallel) is another module and a name in ``registry.py``.
+``TorchTrainEngine`` (``trainer.backend: torch``) is a plain data-parallel backend: every rank holds the full model, sees its share of the global batch,
 and ranks stay bit-identical because they all-reduce the same gradients and step the same way.
 
 Token alignment: for a sequence ``s = prompt + response`` (lengths P, R) the log-prob of response
@@ -22,17 +22,19 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from areal_hpc.api import LossFn, TokenInputs, TrainBatch
 from areal_hpc.comm.transfer import to_device
+from areal_hpc.config import Config
 from areal_hpc.config.schema import TrainerConfig
-from areal_hpc.train.loss import decoupled_ppo_loss, token_logprobs
+from areal_hpc.model.tokenizer import Tokenizer
+from areal_hpc.train.loss import token_logprobs
 from areal_hpc.train.packed import (
     PackedLogp,
     autocast_for,
@@ -41,66 +43,18 @@ from areal_hpc.train.packed import (
     set_hf_checkpointing,
 )
 from areal_hpc.train.packing import ffd_pack, group_units, pack_sequences, pack_shared, pad_microbatch
+from areal_hpc.trajectory import TrainStats, Trajectory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TorchTrainEngine", "TrainEngine", "TrainSample"]
-
-# Per-micro-batch stats of ``decoupled_ppo_loss`` that are averaged over loss tokens.
-_TOKEN_STATS = ("clip_frac", "cap_frac", "ratio", "approx_kl")
+__all__ = ["TorchTrainEngine", "from_config"]
 
 
-@dataclass
-class TrainSample:
-    """One trajectory as the trainer sees it; per-token arrays are aligned to ``response_tokens``."""
-
-    sample_id: int
-    group_id: int
-    prompt_tokens: np.ndarray  # int32 [P], P >= 1
-    response_tokens: np.ndarray  # int32 [R]
-    behav_logprobs: np.ndarray  # float32 [R], logged by the sampler at its temperature
-    versions: np.ndarray  # int32 [R], policy version that sampled each token
-    reward: float
-
-    @property
-    def n_prompt(self) -> int:
-        return len(self.prompt_tokens)
-
-    @property
-    def n_response(self) -> int:
-        return len(self.response_tokens)
-
-
-class TrainEngine(Protocol):
-    """What the trainer loop needs from a training backend (torch today, Megatron-core later)."""
-
-    def compute_logp(self, samples: list[TrainSample]) -> list[np.ndarray]:
-        """Response-token log-probs under the current weights (the proximal policy), no grad."""
-        ...
-
-    def train_batch(
-        self,
-        samples: list[TrainSample],
-        prox_logp: list[np.ndarray] | None,
-        advantages: np.ndarray,
-        sample_weight: np.ndarray,
-    ) -> dict[str, float]:
-        """One optimizer step of the decoupled PPO loss, token-mean over the global batch.
-
-        ``prox_logp`` None: the proximal log-probs are this step's own forward, detached."""
-        ...
-
-    def prepare(self) -> None:
-        """One-off work before the first batch (compiling, allocating), so steps time only steps."""
-        ...
-
-    def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
-        """``(name, tensor)`` in a fixed order, names as in ``model.named_parameters()``."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+def from_config(cfg: Config, model: torch.nn.Module, tok: Tokenizer,
+                dp_group: dist.ProcessGroup | None) -> TorchTrainEngine:
+    """The ``torch`` entry of ``registry.TRAIN_BACKENDS``."""
+    return TorchTrainEngine(model, cfg.trainer, pad_id=tok.pad_id, temperature=cfg.rollout.temperature,
+                            dp_group=dp_group)
 
 
 class TorchTrainEngine:
@@ -182,7 +136,7 @@ class TorchTrainEngine:
                         time.perf_counter() - t0)
 
     @torch.no_grad()
-    def compute_logp(self, samples: list[TrainSample]) -> list[np.ndarray]:
+    def compute_logp(self, samples: list[Trajectory]) -> list[np.ndarray]:
         """Per-sample float32 response log-probs; packing-independent up to float round-off."""
         _validate(samples)
         self.model.eval()  # no dropout: this is the proximal policy, it must be deterministic
@@ -198,43 +152,18 @@ class TorchTrainEngine:
             out[i] = c.astype(np.float32, copy=True)
         return out
 
-    def train_batch(
-        self,
-        samples: list[TrainSample],
-        prox_logp: list[np.ndarray] | None,
-        advantages: np.ndarray,
-        sample_weight: np.ndarray,
-    ) -> dict[str, float]:
+    def train_batch(self, batch: TrainBatch, loss_fn: LossFn) -> TrainStats:
         """Accumulate grads over micro-batches, all-reduce across ``dp_group``, clip, AdamW step.
 
-        ``prox_logp=None`` takes the proximal log-probs from each micro-batch's own forward (detached):
-        the weights have not moved yet, so they are the proximal policy's (see the module docstring).
+        ``batch.prox_logp=None`` takes the proximal log-probs from each micro-batch's own forward
+        (detached): the weights have not moved yet, so they are the proximal policy's (module docstring).
 
-        The accumulated gradient equals that of ONE ``decoupled_ppo_loss`` over all response
-        tokens of the global batch: micro-batch b contributes ``sum_b / N_global``, where
-        ``N_global`` is the all-reduced token count. Returned stats are global token-weighted
-        means (identical on every rank) except ``n_tokens``, ``n_microbatches`` and ``stream_tokens`` (local; the
-        tokens the forwards ran on, prompts and padding included: what the step's compute scales with).
+        The accumulated gradient equals that of ONE ``loss_fn`` token mean over all response tokens of the
+        global batch: micro-batch b contributes ``loss_b * n_b / N_global``, where ``N_global`` is the
+        all-reduced token count. ``loss`` and the loss stats are global (identical on every rank).
         """
+        samples, prox_logp = batch.samples, batch.prox_logp
         _validate(samples)
-        advantages = np.asarray(advantages, dtype=np.float32).reshape(-1)
-        sample_weight = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
-        n = len(samples)
-        if (
-            (prox_logp is not None and len(prox_logp) != n)
-            or advantages.shape[0] != n
-            or sample_weight.shape[0] != n
-        ):
-            raise ValueError(
-                f"{n} samples but {len(prox_logp or [])} prox_logp, {advantages.shape[0]} advantages, "
-                f"{sample_weight.shape[0]} sample weights"
-            )
-        for s, p in zip(samples, prox_logp or [], strict=False):
-            if len(p) != s.n_response:
-                raise ValueError(
-                    f"sample {s.sample_id}: {len(p)} prox logprobs for {s.n_response} tokens"
-                )
-
         n_local = sum(s.n_response for s in samples)
         if self.dp_group is None:
             n_global = n_local
@@ -243,56 +172,47 @@ class TorchTrainEngine:
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # Sums over tokens, later divided by n_global: [loss, clip, cap, ratio, kl, iw*kept, kept]. They
-        # stay on the device until the step's end: nothing in the loop below waits for the GPU, so the
-        # host launches micro-batch k+1 while the GPU still runs micro-batch k.
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        # Token-weighted loss and the loss stats' (sum, count) pairs, summed over micro-batches. They stay on
+        # the device until the step's end: nothing in the loop below waits for the GPU, so the host launches
+        # micro-batch k+1 while the GPU still runs micro-batch k.
+        names: list[str] = []
+        sums: Tensor | None = None
         bins = self._bins(samples) if n_global > 0 else []
         self._stream_tokens = 0
-        tokens = self._token_arrays(samples, bins, prox_logp, advantages, sample_weight)
+        tokens = self._token_arrays(samples, bins, prox_logp, batch.advantages, batch.sample_weight)
         off = 0
         for idx, logp in self._microbatch_logp(samples, bins):
             n_tok = sum(samples[i].n_response for i in idx)
             cols = tokens[:, off:off + n_tok]
             off += n_tok
-            loss_mb, st = decoupled_ppo_loss(
-                logp,
-                prox_logp=logp.detach() if prox_logp is None else cols[3],
-                behav_logp=cols[0],
-                advantages=cols[1],
-                loss_mask=torch.ones(n_tok, dtype=torch.bool, device=self.device),
-                eps_clip=self.cfg.eps_clip,
-                behav_imp_weight_cap=self.cfg.behav_imp_weight_cap,
-                sample_weight=cols[2],
-                sync_stats=False,
-            )
-            # decoupled_ppo_loss is a mean over this micro-batch's n_tok tokens; rescale it to
-            # this micro-batch's share of the global token mean.
+            loss_mb, st = loss_fn(TokenInputs(logp=logp, prox_logp=logp.detach() if prox_logp is None else cols[3],
+                                              behav_logp=cols[0], advantages=cols[1], sample_weight=cols[2]))
+            # loss_fn is a mean over this micro-batch's n_tok tokens; rescale it to this micro-batch's share
+            # of the global token mean.
             scaled = loss_mb * (n_tok / n_global)
             with torch.profiler.record_function("prof:backward"):
                 scaled.backward()
-            v = torch.cat([loss_mb.detach().reshape(1), st]).double()  # loss, then STAT_NAMES
-            kept = n_tok * (1.0 - v[2:3])
-            sums += torch.cat([v[0:3] * n_tok, v[4:6] * n_tok, v[3:4] * kept, kept])
+            names = list(st)
+            v = torch.stack([loss_mb.detach().double() * n_tok, *(x for k in names for x in st[k])])
+            sums = v if sums is None else sums + v
         n_mb = len(bins)
-        sums = self._all_reduce(sums).cpu()
+        if sums is None:  # no tokens here: zeros in the shape the loss would give, for the collective
+            names, sums = self._empty_stats(loss_fn)
+        sums = self._all_reduce(sums.to(self.device, torch.float64)).cpu()
         grad_norm = self._step() if n_global > 0 else 0.0
-
-        denom = max(n_global, 1)
-        stats = {"loss": float(sums[0]) / denom}
-        stats.update(
-            {k: float(sums[1 + j]) / denom for j, k in enumerate(_TOKEN_STATS)}
-        )
-        stats["importance_weight"] = float(sums[5]) / max(float(sums[6]), 1.0)
-        stats.update(
-            grad_norm=grad_norm,
-            n_tokens=float(n_local),
-            n_tokens_global=float(n_global),
-            n_microbatches=float(n_mb),
-            stream_tokens=float(self._stream_tokens),
-        )
+        loss_stats = {k: float(sums[1 + 2 * j]) / max(float(sums[2 + 2 * j]), 1.0) for j, k in enumerate(names)}
+        stats = TrainStats(loss=float(sums[0]) / max(n_global, 1), grad_norm=grad_norm, n_tokens=n_local,
+                           n_tokens_global=n_global, n_microbatches=n_mb, stream_tokens=self._stream_tokens,
+                           loss_stats=loss_stats)
         logger.debug("train_batch: %s", stats)
         return stats
+
+    def _empty_stats(self, loss_fn: LossFn) -> tuple[list[str], Tensor]:
+        """The loss's stat names with zero sums: a rank with no tokens still joins the stats' all-reduce."""
+        z = torch.zeros(1, device=self.device)
+        _, st = loss_fn(TokenInputs(z, z, z, z, torch.ones(1, device=self.device)))
+        names = list(st)
+        return names, torch.zeros(1 + 2 * len(names), dtype=torch.float64)
 
     def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
         """Detached parameters in ``named_parameters()`` order (tied weights appear once)."""
@@ -309,7 +229,7 @@ class TorchTrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
 
     # -- internals --------------------------------------------------------------------------------
-    def _bins(self, samples: Sequence[TrainSample]) -> list[list[int]]:
+    def _bins(self, samples: Sequence[Trajectory]) -> list[list[int]]:
         """Sample indices per micro-batch: FFD by stream tokens under ``cfg.token_budget``; samples without
         response tokens contribute nothing and are left out. With shared prompts (packed), FFD places a
         group's samples together (``group_units``), so the prompt is in the stream once per micro-batch."""
@@ -329,7 +249,7 @@ class TorchTrainEngine:
             self._share_ok = self._packed.shared_prompts_fast()
         return self._share_ok
 
-    def _token_arrays(self, samples: Sequence[TrainSample], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
+    def _token_arrays(self, samples: Sequence[Trajectory], bins: list[list[int]], prox_logp: list[np.ndarray] | None,
                       advantages: np.ndarray, sample_weight: np.ndarray) -> Tensor:
         """``[behav, advantage, sample weight(, prox)]`` per response token, micro-batch by micro-batch,
         as one float32 device tensor made by one copy that does not wait for queued GPU work
@@ -344,7 +264,7 @@ class TorchTrainEngine:
         return to_device(torch.from_numpy(np.stack(rows).astype(np.float32, copy=False)), self.device)
 
     def _microbatch_logp(
-        self, samples: Sequence[TrainSample], bins: list[list[int]] | None = None
+        self, samples: Sequence[Trajectory], bins: list[list[int]] | None = None
     ) -> Iterator[tuple[list[int], Tensor]]:
         """Yield ``(sample indices, response log-probs concatenated in that order)`` per micro-batch
         of ``bins`` (default: ``_bins(samples)``). Grad flows iff grad mode is enabled."""
@@ -361,7 +281,7 @@ class TorchTrainEngine:
             self._stream_tokens += len(idx) * max(samples[i].n_prompt + samples[i].n_response for i in idx)
             yield idx, self._padded_logp(samples, idx)
 
-    def _padded_logp(self, samples: Sequence[TrainSample], idx: list[int]) -> Tensor:
+    def _padded_logp(self, samples: Sequence[Trajectory], idx: list[int]) -> Tensor:
         """HF forward on right-padded rows (any architecture); full logits, then the response rows."""
         seqs = [
             torch.from_numpy(np.concatenate([samples[i].prompt_tokens, samples[i].response_tokens]).astype(np.int64))
@@ -419,7 +339,7 @@ class TorchTrainEngine:
         return grad_norm
 
 
-def _validate(samples: Sequence[TrainSample]) -> None:
+def _validate(samples: Sequence[Trajectory]) -> None:
     for s in samples:
         if s.n_prompt < 1:
             raise ValueError(

@@ -16,10 +16,15 @@ for large staleness eta.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["STAT_NAMES", "decoupled_ppo_loss", "token_logprobs"]
+from areal_hpc.api import LossStats, TokenInputs
+from areal_hpc.config.schema import TrainerConfig
+
+__all__ = ["STAT_NAMES", "DecoupledPPOLoss", "decoupled_ppo_loss", "ppo_loss", "token_logprobs"]
 
 STAT_NAMES = ("clip_frac", "cap_frac", "importance_weight", "ratio", "approx_kl")
 
@@ -124,6 +129,30 @@ def decoupled_ppo_loss(
     return loss, dict(zip(STAT_NAMES, values.tolist(), strict=True))  # one device sync for all stats
 
 
+@dataclass(frozen=True)
+class DecoupledPPOLoss:
+    """``decoupled_ppo_loss`` as the ``LossFn`` a train engine is given (``api.py``).
+
+    Each stat is reported as (sum, count) so the engine's global mean is exact: the fractions, the ratio
+    and the KL are means over all tokens; the importance weight is a mean over the tokens the cap kept.
+    """
+
+    eps_clip: float
+    behav_imp_weight_cap: float
+
+    def __call__(self, t: TokenInputs) -> tuple[Tensor, LossStats]:
+        loss, v = decoupled_ppo_loss(
+            t.logp, prox_logp=t.prox_logp, behav_logp=t.behav_logp, advantages=t.advantages,
+            loss_mask=torch.ones(t.logp.shape, dtype=torch.bool, device=t.logp.device), eps_clip=self.eps_clip,
+            behav_imp_weight_cap=self.behav_imp_weight_cap, sample_weight=t.sample_weight, sync_stats=False)
+        v = v.double()
+        n = torch.tensor(float(t.logp.numel()), dtype=torch.float64, device=v.device)
+        kept = n * (1.0 - v[1])
+        stats = {name: (v[i] * n, n) for i, name in enumerate(STAT_NAMES) if name != "importance_weight"}
+        stats["importance_weight"] = (v[2] * kept, kept)
+        return loss, stats
+
+
 def token_logprobs(
     logits: Tensor,
     tokens: Tensor,
@@ -163,3 +192,8 @@ def token_logprobs(
     if not out:  # zero tokens
         return flat_logits.new_zeros(tokens.shape, dtype=dtype)
     return torch.cat(out).reshape(tokens.shape)
+
+
+def ppo_loss(cfg: TrainerConfig) -> DecoupledPPOLoss:
+    """The decoupled PPO loss with the trainer config's clip range and importance-weight cap."""
+    return DecoupledPPOLoss(eps_clip=cfg.eps_clip, behav_imp_weight_cap=cfg.behav_imp_weight_cap)

@@ -15,19 +15,20 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from areal_hpc.api import SampleSource, TrainBatch, TrainEngine
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
+from areal_hpc.registry import train_backend_factory
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import TrainerLogWriter
 from areal_hpc.train.advantages import group_normalized_advantages_flat
-from areal_hpc.train.engine import TorchTrainEngine, TrainSample
-from areal_hpc.transport.codec import decode_sample
-from areal_hpc.transport.hdf5_source import ShardSource
-from areal_hpc.transport.select import log_attrs, pair_uses_ring
-from areal_hpc.transport.shm_ring import ShmRing, ring_name
+from areal_hpc.train.loss import ppo_loss
+from areal_hpc.trajectory import StepStats, Trajectory
+from areal_hpc.transport.select import log_attrs
+from areal_hpc.transport.sinks import trainer_sources
 from areal_hpc.weights.select import build_sender
 
 log = logging.getLogger(__name__)
@@ -59,22 +60,14 @@ class TrainerWorker:
         self.G = cfg.rollout.group_size
         self.local_groups = cfg.trainer.batch_size // self.G // topo.n_trainer
         self.model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
-        self.engine = TorchTrainEngine(self.model, cfg.trainer, pad_id=self.tok.pad_id,
-                                       temperature=cfg.rollout.temperature, dp_group=groups.dp)
+        self.engine: TrainEngine = train_backend_factory(cfg.trainer.backend)(cfg, self.model, self.tok, groups.dp)
+        self.loss_fn = ppo_loss(cfg.trainer)
         dropout = {k: v for k, v in vars(getattr(self.model, "config", object())).items()
                    if "dropout" in k and isinstance(v, float) and v > 0}
         if dropout and cfg.trainer.proximal_logp == "forward":
             log.warning("the model has dropout %s: proximal log-probs taken from the training forward carry its "
                         "noise; set trainer.proximal_logp=recompute (a no-grad pass) or turn dropout off", dropout)
-        self.rings: dict[int, ShmRing] = {}
-        self.sources: dict[int, ShardSource] = {}  # rollout ranks on other nodes (or transport.kind=hdf5)
-        for r in topo.rollouts_of(ctx.rank):
-            if pair_uses_ring(cfg.transport.kind, ctx, r, ctx.rank):
-                self.rings[r] = ShmRing.create(ring_name(run_id, r, ctx.rank), cfg.transport.ring_bytes)
-            else:
-                self.sources[r] = ShardSource(files.rollout_log, r - topo.n_trainer,
-                                              retain=cfg.transport.retain_shards)
-        self._next_shard_poll = 0.0
+        self.sources: dict[int, SampleSource] = trainer_sources(cfg, ctx, files, run_id)
         # Collective with the rollouts' build_receiver (after the rings exist: rollouts wait on them next).
         self.sender = build_sender(cfg.weights, ctx, groups.weights, self.engine.parameters_for_sync(),
                                    next(self.model.parameters()).device, run_id, cfg.run.timeout_s)
@@ -91,38 +84,29 @@ class TrainerWorker:
             self.version = resume.version
             if ctx.rank == 0:  # the cumulative record travels with trainer 0's next checkpoint
                 self._consumed = resume.consumed_prompts.tolist()
-        self._partial: dict[int, list[dict]] = defaultdict(list)
-        self._ready: list[tuple[int, list[dict]]] = []  # (source rank, complete group)
-        self.popped = {r: 0 for r in [*self.rings, *self.sources]}
+        self._partial: dict[int, list[Trajectory]] = defaultdict(list)
+        self._ready: list[tuple[int, list[Trajectory]]] = []  # (source rank, complete group)
+        self.popped = dict.fromkeys(self.sources, 0)
         self.rejected_total = 0
         self.downweighted_total = 0
         self.wait_seconds = 0.0
-        self.ring_full_waits = {r: 0 for r in self.rings}
 
     # -- data ---------------------------------------------------------------------------------------
     def _drain(self) -> int:
         n = 0
-        for src, ring in self.rings.items():
-            for raw in ring.pop_many(256):
-                s = decode_sample(raw)
-                self.ring_full_waits[src] = max(self.ring_full_waits[src], int(s["ring_full_waits"]))
-                self._add(src, s)
+        for src, source in self.sources.items():
+            for t in source.poll():
+                self._add(src, t)
                 n += 1
-        if self.sources and time.monotonic() >= self._next_shard_poll:
-            self._next_shard_poll = time.monotonic() + self.cfg.transport.poll_s
-            for src, source in self.sources.items():
-                for s in source.poll():
-                    self._add(src, s)
-                    n += 1
         return n
 
-    def _add(self, src: int, s: dict) -> None:
+    def _add(self, src: int, t: Trajectory) -> None:
         """File a sample under its group; a group is ready once all its members are in."""
         self.popped[src] += 1
-        group = self._partial[s["group_id"]]
-        group.append(s)
+        group = self._partial[t.group_id]
+        group.append(t)
         if len(group) == self.G:
-            self._ready.append((src, self._partial.pop(s["group_id"])))
+            self._ready.append((src, self._partial.pop(t.group_id)))
 
     def _oldest_ready(self) -> int:
         """Index of the ready group with the oldest token version (FIFO among equals).
@@ -130,12 +114,14 @@ class TrainerWorker:
         Taking groups oldest-first approximates consuming every rollout rank's share in order, which
         is what the admission gate's bound assumes; arrival order would favour the fastest ring.
         """
-        return min(range(len(self._ready)), key=lambda i: (int(self._ready[i][1][0]["versions"].min()), i))
+        return min(range(len(self._ready)), key=lambda i: (self._ready[i][1][0].oldest_version, i))
 
-    def _collect(self) -> tuple[list[dict], list[float], list[tuple[int, int]]]:
-        """Complete groups for one step: (samples, per-sample loss weight, rejected (id, staleness))."""
+    def _collect(self) -> tuple[list[Trajectory], list[int], list[float], list[tuple[int, int]]]:
+        """Complete groups for one step: (samples, their staleness, per-sample loss weight, rejected (id,
+        staleness))."""
         eta, policy = self.cfg.rollout.eta, self.cfg.trainer.stale_policy
-        accepted: list[dict] = []
+        accepted: list[Trajectory] = []
+        staleness: list[int] = []
         weights: list[float] = []
         rejected: list[tuple[int, int]] = []
         deadline = time.monotonic() + self.cfg.run.timeout_s
@@ -154,59 +140,50 @@ class TrainerWorker:
                 continue
             while self._ready and len(accepted) < self.local_groups * self.G:
                 src, group = self._ready.pop(self._oldest_ready())
-                stale, group_weights = screen_group([s["versions"] for s in group], self.version, eta, policy,
+                stale, group_weights = screen_group([s.versions for s in group], self.version, eta, policy,
                                                     self.cfg.trainer.stale_weight)
-                self._consumed.append(int(group[0]["group_id"]))
+                self._consumed.append(group[0].group_id)
                 if group_weights is None:
-                    rejected.extend((int(s["sample_id"]), st) for s, st in zip(group, stale))
+                    rejected.extend((s.sample_id, st) for s, st in zip(group, stale))
                     self.ctx.send(src, {"type": "credit", "groups": 1})
                     continue
-                for s, st in zip(group, stale):
-                    s["staleness"] = st
                 accepted.extend(group)
+                staleness.extend(stale)
                 weights.extend(group_weights)
         self.wait_seconds += time.perf_counter() - t0
         self.rejected_total += len(rejected)
         self.downweighted_total += sum(w < 1.0 for w in weights)
-        return accepted, weights, rejected
+        return accepted, staleness, weights, rejected
 
     # -- training -----------------------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepStats:
         t0 = time.perf_counter()
-        samples, weights, rejected = self._collect()
+        batch, staleness, weights, rejected = self._collect()
         t_data = time.perf_counter() - t0
-        batch = [TrainSample(sample_id=int(s["sample_id"]), group_id=int(s["group_id"]),
-                             prompt_tokens=s["prompt_tokens"], response_tokens=s["response_tokens"],
-                             behav_logprobs=s["behav_logprobs"], versions=s["versions"], reward=float(s["reward"]))
-                 for s in samples]
         rewards = np.array([b.reward for b in batch], dtype=np.float32)
         adv = group_normalized_advantages_flat(rewards, np.array([b.group_id for b in batch]),
                                                eps=self.cfg.trainer.adv_eps)
         # Proximal log-probs: from the step's own forward (exact for one optimizer step per batch), or a
         # separate no-grad pass (trainer.proximal_logp=recompute).
         prox = self.engine.compute_logp(batch) if self.cfg.trainer.proximal_logp == "recompute" else None
-        stats = self.engine.train_batch(batch, prox, np.asarray(adv, dtype=np.float32),
-                                        np.asarray(weights, dtype=np.float32))
+        stats = self.engine.train_batch(TrainBatch(batch, adv, np.asarray(weights, dtype=np.float32), prox),
+                                        self.loss_fn)
         trained_version = self.version
         self.version += 1
         if self.sender is not None:
             self.sender.send(self.engine.parameters_for_sync())
             for r in self.ctx.topo.rollout_ranks:
                 self.ctx.send(r, {"type": "weights", "version": self.version})
-        staleness = [int(s["staleness"]) for s in samples]
         self.steps_log.add(trained_version + 1, trained_version, stats, [b.sample_id for b in batch], staleness,
                            weights, [i for i, _ in rejected], [st for _, st in rejected])
-        return {
-            "n": len(batch), "reward_sum": float(rewards.sum()),
-            "correct": float(sum(bool(s["answer_ok"]) for s in samples)),
-            "tokens": float(sum(len(b.response_tokens) for b in batch)),
-            "stale_sum": float(sum(staleness)), "stale_max": float(max(staleness)), "rejected": float(len(rejected)),
-            "downweighted": float(sum(w < 1.0 for w in weights)),
-            "ring_full_waits": float(sum(self.ring_full_waits.values())),
-            "interrupted": float(sum(int(s.get("interruptions", 0)) > 0 for s in samples)),
-            "multi_version": float(sum(len(set(s["versions"].tolist())) > 1 for s in samples)),
-            "t_data": t_data, "t_step": time.perf_counter() - t0, **{f"train/{k}": v for k, v in stats.items()},
-        }
+        return StepStats(
+            n=len(batch), reward_sum=float(rewards.sum()), correct=sum(b.answer_ok for b in batch),
+            tokens=sum(b.n_response for b in batch), stale_sum=sum(staleness), stale_max=max(staleness),
+            rejected=len(rejected), downweighted=sum(w < 1.0 for w in weights),
+            ring_full_waits=sum(s.full_waits for s in self.sources.values()),
+            interrupted=sum(b.interruptions > 0 for b in batch),
+            multi_version=sum(len(set(b.versions.tolist())) > 1 for b in batch),
+            t_data=t_data, t_step=time.perf_counter() - t0, train=stats)
 
     def consumed_prompts(self) -> np.ndarray:
         return np.asarray(self._consumed, dtype=np.int64)
@@ -226,12 +203,12 @@ class TrainerWorker:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"trainer {self.ctx.rank}: rollout ranks did not stop within 120 s")
                 time.sleep(0.001)
-        leftover = [int(s["sample_id"]) for _, g in self._ready for s in g]
-        leftover += [int(s["sample_id"]) for g in self._partial.values() for s in g]
+        leftover = [s.sample_id for _, g in self._ready for s in g]
+        leftover += [s.sample_id for g in self._partial.values() for s in g]
         self.steps_log.flush(leftover=leftover)
         if self.sender is not None:
             self.sender.wait()
         self.ctx.flush_sends()
-        for ring in self.rings.values():
-            ring.unlink()
+        for source in self.sources.values():
+            source.close()
         return {"leftover": len(leftover)}

@@ -93,6 +93,9 @@ class WeightSender:
             self.buckets.fill_from(params)
         self._works = [dist.broadcast(f, src=0, group=self.group, async_op=True) for f in self.buckets.flat]
 
+    def close(self) -> None:
+        self.wait()  # the staging buffers are torch tensors: nothing else to hand back
+
 
 class WeightReceiver:
     """Rollout side: post receives for a version, poll for completion between decode steps."""
@@ -150,3 +153,6 @@ class WeightReceiver:
     @property
     def busy(self) -> bool:
         return self.pending_version is not None or bool(self._queued)
+
+    def close(self) -> None:
+        pass  # the staging buffers are torch tensors: nothing to hand back

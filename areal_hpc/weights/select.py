@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from areal_hpc.api import WeightReceiver as Receiver
+from areal_hpc.api import WeightSender as Sender
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config.schema import WeightsConfig
 from areal_hpc.weights.broadcast import WeightReceiver, WeightSender
@@ -87,7 +89,7 @@ def _agree(cfg: WeightsConfig, ctx: MPIContext, device: torch.device, dtype: tor
 
 
 def build_sender(cfg: WeightsConfig, ctx: MPIContext, group, params: list[tuple[str, torch.Tensor]],
-                 device: torch.device, run_id: str, timeout_s: float) -> WeightSender | SharedWeightSender | None:
+                 device: torch.device, run_id: str, timeout_s: float) -> Sender | None:
     """Collective with ``build_receiver``: every trainer rank calls it; only rank 0 gets a sender."""
     kind, rollout_dtype = _agree(cfg, ctx, device, params[0][1].dtype)
     if kind == "broadcast":
@@ -102,7 +104,7 @@ def build_sender(cfg: WeightsConfig, ctx: MPIContext, group, params: list[tuple[
 
 
 def build_receiver(cfg: WeightsConfig, ctx: MPIContext, group, params: list[tuple[str, torch.Tensor]],
-                   device: torch.device, timeout_s: float) -> WeightReceiver | SharedWeightReceiver:
+                   device: torch.device, timeout_s: float) -> Receiver:
     """Collective with ``build_sender``: every rollout rank calls it."""
     kind, _ = _agree(cfg, ctx, device, params[0][1].dtype)
     if kind == "broadcast":

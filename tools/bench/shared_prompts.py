@@ -30,9 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from areal_hpc.api import TrainBatch  # noqa: E402
 from areal_hpc.config.schema import TrainerConfig  # noqa: E402
 from areal_hpc.model.presets import build_random  # noqa: E402
-from areal_hpc.train.engine import TorchTrainEngine, TrainSample  # noqa: E402
+from areal_hpc.train.engine import TorchTrainEngine
+from areal_hpc.train.loss import ppo_loss  # noqa: E402
+from areal_hpc.trajectory import Trajectory  # noqa: E402
 from tools.bench.common import device_info, write_result  # noqa: E402
 from tools.bench.train_throughput import profiled_step, timed, tiny_qwen2  # noqa: E402
 
@@ -40,16 +43,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def grouped_batch(groups: int, group_size: int, prompt_len: int, len_median: float, max_len: int, vocab: int,
-                  seed: int) -> list[TrainSample]:
+                  seed: int) -> list[Trajectory]:
     """The e2e workload's batch: each group one random prompt and one target length for all its samples."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    out: list[TrainSample] = []
+    out: list[Trajectory] = []
     for g in range(groups):
         prompt = nrng.integers(3, vocab, prompt_len).astype(np.int32)
         n = max(1, min(max_len, round(math.exp(rng.gauss(math.log(len_median), 1.0)))))
         for _ in range(group_size):
-            out.append(TrainSample(
+            out.append(Trajectory(
                 sample_id=len(out), group_id=g, prompt_tokens=prompt.copy(),
                 response_tokens=nrng.integers(3, vocab, n).astype(np.int32),
                 behav_logprobs=(-math.log(vocab) + 0.1 * nrng.standard_normal(n)).astype(np.float32),
@@ -106,12 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[bool, list[float]] = {True: [], False: []}
     stats: dict[bool, dict] = {}
     for eng in engines.values():  # first (compiling) steps, untimed
-        eng.train_batch(batch, None, adv, weight)
+        eng.train_batch(TrainBatch(batch, adv, weight), ppo_loss(eng.cfg)).as_dict()
     for rnd in range(args.rounds):
         for share in ((True, False) if rnd % 2 == 0 else (False, True)):
             eng = engines[share]
             def step(e: TorchTrainEngine = eng, s: bool = share) -> None:
-                stats[s] = e.train_batch(batch, None, adv, weight)
+                stats[s] = e.train_batch(TrainBatch(batch, adv, weight), ppo_loss(e.cfg)).as_dict()
 
             times[share] += timed(step, args.steps, 0, device)
             gc.collect()
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:  # after the timing, so the profiler's overhead touches no timed step
         for share in (True, False):
             name = "shared" if share else "separate"
-            profiles[name] = profiled_step(lambda e=engines[share]: e.train_batch(batch, None, adv, weight),
+            profiles[name] = profiled_step(lambda e=engines[share]: e.train_batch(TrainBatch(batch, adv, weight), ppo_loss(e.cfg)).as_dict(),
                                            f"{name} prompts", device)
     rows = {}
     for share in (True, False):

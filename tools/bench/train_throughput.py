@@ -39,11 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from areal_hpc.api import TrainBatch
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.model.presets import build_random
 from areal_hpc.model.qwen2 import Qwen2Shape
-from areal_hpc.train.engine import TorchTrainEngine, TrainSample
+from areal_hpc.train.engine import TorchTrainEngine
+from areal_hpc.train.loss import ppo_loss
 from areal_hpc.train.packed import autocast_for, set_hf_checkpointing
+from areal_hpc.trajectory import Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +107,7 @@ def row_lengths(rng: np.random.Generator, row_len: int, median: float, min_len: 
     return out
 
 
-def make_rows(rows: int, row_len: int, vocab: int, seed: int) -> tuple[list[list[np.ndarray]], list[TrainSample]]:
+def make_rows(rows: int, row_len: int, vocab: int, seed: int) -> tuple[list[list[np.ndarray]], list[Trajectory]]:
     rng = np.random.default_rng(seed)
     median = max(16.0, row_len / 8)
     seqs = [[rng.integers(0, vocab, n).astype(np.int32) for n in row_lengths(rng, row_len, median)]
@@ -113,7 +116,7 @@ def make_rows(rows: int, row_len: int, vocab: int, seed: int) -> tuple[list[list
     for row in seqs:
         for s in row:
             r = len(s) - 1
-            samples.append(TrainSample(
+            samples.append(Trajectory(
                 sample_id=len(samples), group_id=len(samples), prompt_tokens=s[:1], response_tokens=s[1:],
                 behav_logprobs=(-np.log(vocab) + 0.1 * rng.standard_normal(r)).astype(np.float32),
                 versions=np.zeros(r, np.int32), reward=0.0))
@@ -165,7 +168,7 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
+def run_ours(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budget: int, compute_dtype: str,
              steps: int, warmup: int) -> dict:
     device = next(model.parameters()).device
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
@@ -184,7 +187,7 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
     stats: dict = {}
 
     def step() -> None:
-        stats.update(eng.train_batch(samples, prox, adv, weight))
+        stats.update(eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict())
 
     t_step = timed(step, steps, warmup, device)
     t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
@@ -194,7 +197,7 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[TrainSample], bud
     return out
 
 
-def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample], budget: int, compute_dtype: str,
+def profile_step(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budget: int, compute_dtype: str,
                  top: int = 40) -> str:
     """Top CUDA kernels of one optimizer step (after two warm-up steps), by device time, as a table."""
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
@@ -206,8 +209,8 @@ def profile_step(model: torch.nn.Module, v: Variant, samples: list[TrainSample],
     weight = np.ones(len(samples), np.float32)
     prox = eng.compute_logp(samples)
     for _ in range(2):
-        eng.train_batch(samples, prox, adv, weight)
-    return profiled_step(lambda: eng.train_batch(samples, prox, adv, weight), str(v), torch.device("cuda"), top)
+        eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict()
+    return profiled_step(lambda: eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict(), str(v), torch.device("cuda"), top)
 
 
 def profiled_step(step, label: str, device: torch.device, top: int = 40) -> str:

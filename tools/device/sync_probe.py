@@ -86,9 +86,11 @@ def engine_probe() -> dict:
 def trainer_probe(budgets: list[int], steps: int) -> dict:
     from train_throughput import make_rows
 
+    from areal_hpc.api import TrainBatch
     from areal_hpc.config.schema import TrainerConfig
     from areal_hpc.model.presets import build_random
     from areal_hpc.train.engine import TorchTrainEngine
+    from areal_hpc.train.loss import ppo_loss
 
     model = build_random("qwen2-0.5b", seed=0, dtype=torch.float32, device=torch.device("cuda"), max_positions=4096)
     _, samples = make_rows(8, 2048, model.config.vocab_size, 0)
@@ -101,12 +103,12 @@ def trainer_probe(budgets: list[int], steps: int) -> dict:
         eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
         eng.prepare()
         for _ in range(3):
-            st = eng.train_batch(samples, None, adv, weight)
+            st = eng.train_batch(TrainBatch(samples, adv, weight), ppo_loss(eng.cfg)).as_dict()
         torch.cuda.synchronize()
         walls = []
         for _ in range(steps):
             t = time.perf_counter()
-            eng.train_batch(samples, None, adv, weight)
+            eng.train_batch(TrainBatch(samples, adv, weight), ppo_loss(eng.cfg)).as_dict()
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - t)
         from torch.profiler import ProfilerActivity, profile
@@ -114,14 +116,14 @@ def trainer_probe(budgets: list[int], steps: int) -> dict:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
-            eng.train_batch(samples, None, adv, weight)
+            eng.train_batch(TrainBatch(samples, adv, weight), ppo_loss(eng.cfg)).as_dict()
             torch.cuda.synchronize()
             prof_wall = time.perf_counter() - t
         events = prof.events()
         kern = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         dev_s = sum(e.device_time for e in kern) / 1e6 if kern else float("nan")
         span = (max(e.time_range.end for e in kern) - min(e.time_range.start for e in kern)) / 1e6 if kern else 0
-        hits, first = count_syncs(lambda e=eng: e.train_batch(samples, None, adv, weight))  # last: may raise
+        hits, first = count_syncs(lambda e=eng: e.train_batch(TrainBatch(samples, adv, weight), ppo_loss(e.cfg)).as_dict())  # last: may raise
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
         out[str(budget)] = {"n_microbatches": st["n_microbatches"], "wall_s": float(np.median(walls)),
                             "device_busy_s": dev_s, "device_span_s": span, "profiled_wall_s": prof_wall,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from areal_hpc.launch.phases import SETUP, TEARDOWN
+from areal_hpc.phases import SETUP, TEARDOWN
 
 
 class Progress:

@@ -1,0 +1,162 @@
+"""The trainer role's outer loop: evaluate, step until done or stopped, checkpoint, summarise.
+
+``launch/job.py`` sets a rank up and calls ``run_trainer``; everything a trainer does from its build to
+its summary is here, so the launcher knows nothing of training and the trainer nothing of Slurm (a
+preemption arrives as ``should_stop``; requeueing is the launcher's business).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from areal_hpc.comm.dist import DistGroups
+from areal_hpc.comm.mpi import MPIContext
+from areal_hpc.config import Config
+from areal_hpc.launch.checkpoint import ResumeState, prune, save_checkpoint
+from areal_hpc.model.build import save_policy
+from areal_hpc.phases import Phases, outside_steps
+from areal_hpc.rollout.evaluate import evaluate
+from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.tasks.base import Task
+from areal_hpc.train.progress import Progress, summary_table
+from areal_hpc.train.worker import TrainerWorker
+from areal_hpc.trajectory import RolloutStats, combine
+
+log = logging.getLogger(__name__)
+
+def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy: str, run_id: str,
+                task: Task, resume: ResumeState | None, should_stop: Callable[[], bool], phases: Phases,
+                launcher: dict[str, Any]) -> bool:
+    """Train until ``run.steps`` or until any trainer's ``should_stop()``; True when stopped early
+    (a preemption: a checkpoint was written and the run resumes from it). ``launcher``: what the launcher
+    reports of itself in ``summary.json`` (e.g. whether it started CUDA MPS)."""
+    with phases.time("build"):
+        worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
+    lead = ctx.rank == 0
+    n_eval = min(cfg.eval.n, len(task.eval_problems)) if cfg.eval.enabled else 0
+    if resume is not None:
+        acc_before = resume.accuracy_before
+    elif lead and n_eval:
+        with phases.time("eval_before"):
+            acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens)
+    else:
+        acc_before = float("nan")
+    with phases.time("wait_peers"):
+        ctx.world.Barrier()
+    with phases.time("compile"):
+        worker.engine.prepare()  # compiles here, while the rollouts generate the first batch
+    metrics = JsonlWriter(files.metrics) if lead else None
+    progress = Progress(cfg.run.steps, enabled=lead and cfg.run.progress)
+    t_start = time.perf_counter()
+    totals = {"samples": 0.0, "tokens": 0.0, "rejected": 0.0, "downweighted": 0.0}
+    attempt = resume.attempt + 1 if resume is not None else 0
+    preempted = False
+    while worker.version < cfg.run.steps:
+        local = worker.step()
+        parts = ctx.role_comm.gather(local, root=0)
+        # Every trainer must leave the loop at the same step: agree on the stop flag.
+        preempted = ctx.any_in_role(should_stop())
+        periodic = cfg.run.checkpoint_every and worker.version % cfg.run.checkpoint_every == 0
+        if periodic and not preempted and worker.version < cfg.run.steps:
+            _checkpoint(worker, ctx, files, attempt, acc_before)
+        if lead:
+            elapsed = time.perf_counter() - t_start
+            row = combine(parts)
+            for k in totals:
+                totals[k] += row[k]
+            row.update(step=worker.version, version=worker.version, elapsed=elapsed, attempt=attempt,
+                       samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
+                       rejected_total=totals["rejected"], weight_send_wait_s=worker.sender.seconds_waiting)
+            metrics.write(row)
+            progress.update(row)
+        if preempted:
+            break
+    train_seconds = time.perf_counter() - t_start
+    phases.add("steps", train_seconds)
+    progress.close()
+    with phases.time("stop_rollouts"):  # the rollouts' last weight receives and final shard writes
+        stop = worker.stop_rollouts()
+        stops = ctx.role_comm.gather(stop, root=0)
+        rollout_stats = ctx.world.gather(None, root=0)
+    ckpt = _checkpoint(worker, ctx, files, attempt, acc_before) if preempted else None
+    if lead:
+        if preempted:
+            acc_after = float("nan")
+            log.warning("preempted at version %d: checkpoint %s", worker.version, ckpt)
+        else:
+            with phases.time("eval_after"):
+                acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval],
+                                     cfg.rollout.max_new_tokens) if n_eval else float("nan")
+            with phases.time("save_final"):
+                ckpt = _save_final(cfg, worker, files)
+        rs = [s for s in rollout_stats if s is not None]
+        summary = _summary(cfg, files, worker, preempted=preempted, attempt=attempt, acc_before=acc_before,
+                           acc_after=acc_after, train_seconds=train_seconds, totals=totals,
+                           leftover=sum(s["leftover"] for s in stops), rollouts=rs, ckpt=ckpt, phases=phases)
+        summary.update(launcher)
+        files.summary.write_text(json.dumps(summary, indent=2))
+        if not preempted:
+            print(summary_table(summary), flush=True)
+    ctx.world.Barrier()
+    return preempted
+
+
+def _summary(cfg: Config, files: RunFiles, worker: TrainerWorker, *, preempted: bool, attempt: int,
+             acc_before: float, acc_after: float, train_seconds: float, totals: dict[str, float], leftover: int,
+             rollouts: list[RolloutStats], ckpt: Path | None, phases: Phases) -> dict[str, Any]:
+    busy = max(1e-9, train_seconds * len(rollouts))
+    summary = {
+        "run_dir": str(files.root), "async": cfg.async_, "eta": cfg.rollout.eta, "steps": cfg.run.steps,
+        "n_trainer": cfg.cluster.n_trainer, "n_rollout": cfg.cluster.n_rollout, "preempted": preempted,
+        "attempt": attempt, "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "train_seconds": train_seconds,
+        "samples_trained": totals["samples"], "samples_per_s": totals["samples"] / train_seconds,
+        "tokens_per_s": totals["tokens"] / train_seconds, "rejected": totals["rejected"],
+        "downweighted": totals["downweighted"],
+        "leftover_at_stop": leftover,
+        "generated": sum(s.pushed for s in rollouts), "abandoned_in_flight": sum(s.abandoned for s in rollouts),
+        "aborted_stale_groups": sum(s.aborted_groups for s in rollouts),
+        "aborted_stale_tokens": sum(s.aborted_tokens for s in rollouts),
+        "abandoned_prompts": sorted(p for s in rollouts for p in s.abandoned_prompts),
+        "rollout_idle_fraction": sum(s.idle_seconds for s in rollouts) / busy,
+        "ring_full_waits": sum(s.ring_full_waits for s in rollouts),
+        "checkpoint": str(ckpt) if ckpt is not None else None,
+        "final_version": worker.version,
+        "rollout_engines": [s.engine for s in rollouts],
+        # Wall seconds outside the steps (trainer 0's phases; each rollout's beside them)
+        "phases": {"trainer": phases.as_dict(), "rollouts": [s.phases for s in rollouts]},
+    }
+    summary["setup_seconds"], summary["teardown_seconds"] = outside_steps(phases.as_dict())
+    return summary
+
+
+def _save_final(cfg: Config, worker: TrainerWorker, files: RunFiles) -> Path | None:
+    """``run.final_checkpoint``: the policy (HF format), with or without the trainer's optimizer state."""
+    if cfg.run.final_checkpoint == "none":
+        return None
+    path = save_policy(worker.model, worker.tok, files.checkpoints / "final")
+    if cfg.run.final_checkpoint == "full":
+        torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+    return path
+
+
+def _checkpoint(worker: TrainerWorker, ctx: MPIContext, files: RunFiles, attempt: int,
+                acc_before: float) -> Path | None:
+    """Gather what every trainer consumed; trainer 0 writes the checkpoint (DP replicas are identical)."""
+    consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
+    if ctx.rank != 0:
+        return None
+    path = save_checkpoint(files.checkpoints, model=worker.model, tokenizer=worker.tok,
+                           trainer_state={**worker.engine.state_dict(), "torch_rng": torch.get_rng_state()},
+                           version=worker.version, attempt=attempt,
+                           consumed_prompts=np.concatenate(consumed), accuracy_before=acc_before)
+    prune(files.checkpoints)
+    return path
