@@ -21,7 +21,6 @@ from areal_hpc.comm.devices import GpuBinding, bind_gpu, work_stream
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
-from areal_hpc.launch.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.launch.environment import check_world_matches_launcher
 from areal_hpc.launch.mps import PRIORITY_ENV, SM_SHARE_ENV, limit_sm_share, set_client_priority
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
@@ -31,6 +30,7 @@ from areal_hpc.launch.progress import Progress, summary_table
 from areal_hpc.model.build import save_policy
 from areal_hpc.model.initial import prepare_initial_policy
 from areal_hpc.rollout.evaluate import evaluate
+from areal_hpc.storage.checkpoint import load_latest, prune, save_checkpoint
 from areal_hpc.storage.records import JsonlWriter, RunFiles
 from areal_hpc.tasks import build_task
 from areal_hpc.transport.shm_ring import cleanup_stale

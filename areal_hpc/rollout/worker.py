@@ -20,12 +20,12 @@ import numpy as np
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
-from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.build import build_engine
 from areal_hpc.rollout.engine import Generation, GenRequest
 from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
+from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import RolloutLogWriter
 from areal_hpc.tasks import Problem, build_task, prompt_ids
