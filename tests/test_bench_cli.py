@@ -24,6 +24,22 @@ def test_bench_passes_options_to_the_script(name):
     assert "--out" in out.stdout
 
 
+def test_bench_without_the_source_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """A wheel or non-editable install has no tools/bench: one clear line and exit 2, not a traceback."""
+    import areal_hpc.bench
+    from areal_hpc.cli import main
+
+    missing = tmp_path / "site-packages" / "tools" / "bench"  # where a non-editable install would look
+    monkeypatch.setattr(areal_hpc.bench, "BENCH_DIR", missing)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # a found script would overwrite it: keep pytest's
+    assert main(["bench", "decode", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("areal-hpc bench: ") and "source checkout" in err and str(missing) in err, err
+    with pytest.raises(FileNotFoundError):
+        bench_dir()
+
+
 @pytest.mark.parametrize("script", ["decode_throughput.py", "train_throughput.py", "shared_prompts.py"])
 def test_quick_bench_runs_every_path_on_cpu(script, tmp_path):
     """The CPU smoke runs go through the same calls into the engine and trainer as the GPU runs

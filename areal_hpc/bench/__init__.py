@@ -1,7 +1,10 @@
 """``areal-hpc bench NAME``: run one of the benchmark scripts of the source checkout's ``tools/bench``.
 
 The scripts stay plain files (readable, runnable with ``python tools/bench/X.py``); this only finds
-them, so a user on a cluster types one command whatever their working directory.
+them, so a user on a cluster types one command whatever their working directory. They are not part of
+the installed package (they write results into the checkout and import ``tools.bench``), so an
+installation made from a wheel or a non-editable ``pip install .`` has none: the command then says in one
+line that it needs the source checkout and exits with 2.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCHES = {
     "decode": ("decode_throughput.py", "rollout decode tok/s vs HF generate() and the HBM roofline"),
@@ -24,27 +28,38 @@ BENCHES = {
     "shard-io": ("shard_io.py", "HDF5 rollout-shard write/read speed vs a plain file"),
 }
 
+# Where an editable install (or running from the checkout) finds the scripts: the checkout's root is two
+# levels above this package. A module attribute so a test can point it where an installed package would.
+BENCH_DIR = Path(__file__).resolve().parents[2] / "tools" / "bench"
+
 
 def bench_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "tools" / "bench"
-    if not here.is_dir():
-        raise SystemExit("areal-hpc bench: the benchmarks live in the source checkout's tools/bench, which this "
-                         "installation does not have; install from a clone with `pip install -e .`")
-    return here
+    """The checkout's ``tools/bench``; ``FileNotFoundError`` (one line, what to do) when not installed from one."""
+    if not BENCH_DIR.is_dir():
+        raise FileNotFoundError(f"the benchmarks need the source checkout: {BENCH_DIR} does not exist in this "
+                                f"installation; clone the repository and `pip install -e .` there, or run "
+                                f"`python tools/bench/<script>.py` from the clone")
+    return BENCH_DIR
 
 
 def _run(args: argparse.Namespace) -> int:
-    script = bench_dir() / BENCHES[args.name][0]
+    try:
+        script = bench_dir() / BENCHES[args.name][0]
+    except FileNotFoundError as e:
+        print(f"areal-hpc bench: {e}", file=sys.stderr)
+        return 2
     sys.argv = [str(script), *args.args]
     sys.path.insert(0, str(script.parents[2]))
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the top-level ``areal-hpc`` parser."""
     lines = "\n".join(f"  {k:14} {v[1]}" for k, v in BENCHES.items())
     p = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
                        description=f"benchmarks:\n{lines}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
     p.set_defaults(func=_run)
+    return p

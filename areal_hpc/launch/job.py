@@ -19,22 +19,19 @@ from areal_hpc.comm.devices import bind_gpu
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
-from areal_hpc.launch.checkpoint import load_latest
 from areal_hpc.launch.environment import check_world_matches_launcher
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.phases import process_age_s, since_launch_s
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
+from areal_hpc.launch.run_dir import run_dir_of
 from areal_hpc.model.initial import prepare_initial_policy
 from areal_hpc.phases import Phases
+from areal_hpc.storage.checkpoint import load_latest
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.tasks import build_task
 from areal_hpc.transport.shm_ring import cleanup_stale
 
 log = logging.getLogger("areal_hpc")
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
 
 
 def run_id_of(run_dir: Path) -> str:

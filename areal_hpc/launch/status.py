@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from areal_hpc.launch.submit import SUBMIT_FILE, SWEEP_FILE
+from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE
 
 log = logging.getLogger(__name__)
 

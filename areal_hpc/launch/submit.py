@@ -31,12 +31,11 @@ from typing import Any
 
 from areal_hpc.config import Config, ConfigError, load_config, save_config
 from areal_hpc.launch.mps import shell_lines
+from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE, fresh_run_dir, run_dir_of
 
 log = logging.getLogger(__name__)
 
 HELP = "submit a run or a sweep of runs as Slurm jobs via submitit (or run them here with --local)"
-SWEEP_FILE = "sweep.json"
-SUBMIT_FILE = "submit.json"  # a single run's job record, read by `areal-hpc status RUN_DIR`
 SUBMITIT_DIR = "submitit"
 
 
@@ -252,8 +251,6 @@ def plan(config_path: str, overrides: list[str], sweeps: list[str] | None,
     axes = parse_sweeps(sweeps)
     base = load_config(config_path, overrides)
     if not axes:
-        from areal_hpc.launch.job import run_dir_of
-
         return None, [Planned({}, base, run_dir_of(base))]
     sweep_dir = _sweep_dir(base, config_path, name)
     runs = []
@@ -270,9 +267,7 @@ def plan(config_path: str, overrides: list[str], sweeps: list[str] | None,
 
 def _prepare_run_dir(run: Planned) -> Path:
     """Write the resolved config into a fresh run folder (an earlier run there is moved aside, never deleted)."""
-    from areal_hpc.cli import _fresh_run_dir
-
-    _fresh_run_dir(run.run_dir)
+    fresh_run_dir(run.run_dir)
     resolved = (run.run_dir / "config.yaml").resolve()  # ranks may start in another working directory
     save_config(run.cfg, resolved)
     return resolved

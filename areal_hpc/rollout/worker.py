@@ -19,11 +19,11 @@ from areal_hpc.api import Generation, GenRequest
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
-from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.build import build_engine
 from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
+from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.tasks import Problem, build_task, prompt_ids
 from areal_hpc.trajectory import RolloutStats, Trajectory
@@ -68,7 +68,7 @@ class RolloutWorker:
             self._attempt = resume.attempt + 1
             self.engine.version = resume.version
             self.engine.generator.manual_seed(cfg.run.seed * 7919 + ctx.rank + 104729 * self._attempt)
-            self.gate.admitted = resume.version * share  # not the true count: see launch/checkpoint.py
+            self.gate.admitted = resume.version * share  # not the true count: see storage/checkpoint.py
         else:
             self._next_local_prompt_start = 0
         self.sink = rollout_sink(cfg, ctx, files, run_id, self.trainer)  # waits for the trainer's ring

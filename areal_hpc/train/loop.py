@@ -7,6 +7,7 @@ preemption arrives as ``should_stop``; requeueing is the launcher's business).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -20,10 +21,10 @@ import torch
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
-from areal_hpc.launch.checkpoint import ResumeState, prune, save_checkpoint
 from areal_hpc.model.build import save_policy
 from areal_hpc.phases import Phases, outside_steps
 from areal_hpc.rollout.evaluate import evaluate
+from areal_hpc.storage.checkpoint import ResumeState, prune, save_checkpoint
 from areal_hpc.storage.records import JsonlWriter, RunFiles
 from areal_hpc.tasks.base import Task
 from areal_hpc.train.progress import Progress, summary_table
@@ -154,7 +155,7 @@ def _checkpoint(worker: TrainerWorker, ctx: MPIContext, files: RunFiles, attempt
     consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
     if ctx.rank != 0:
         return None
-    path = save_checkpoint(files.checkpoints, model=worker.model, tokenizer=worker.tok,
+    path = save_checkpoint(files.checkpoints, write_policy=functools.partial(save_policy, worker.model, worker.tok),
                            trainer_state={**worker.engine.state_dict(), "torch_rng": torch.get_rng_state()},
                            version=worker.version, attempt=attempt,
                            consumed_prompts=np.concatenate(consumed), accuracy_before=acc_before)

@@ -19,9 +19,9 @@ from areal_hpc.api import SampleSource, TrainBatch, TrainEngine
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
-from areal_hpc.launch.checkpoint import ResumeState
 from areal_hpc.model.build import load_policy
 from areal_hpc.registry import train_backend_factory
+from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import TrainerLogWriter
 from areal_hpc.train.advantages import group_normalized_advantages_flat

@@ -10,6 +10,12 @@ unconsumed ones below its highest consumed k first (left in rings, in flight, or
 credited), then continues after it. Nothing is skipped, nothing trained twice. The staleness gate
 restarts with admitted = version·share, as if the rank had produced exactly its share of every
 step so far (the fix for AReaL's issue #1388, where staleness grew past η after recovery).
+
+Both roles read ``ResumeState`` (the rollouts their data position, the trainers their version), so it lives
+here, below them. The policy inside a checkpoint is written by a function the caller passes in: how a
+policy is saved is the training backend's business (HF format for the torch engine; another backend
+converts its own sharded weights), while the layout around it (state, data position, the ``latest``
+pointer) is this module's.
 """
 
 from __future__ import annotations
@@ -17,14 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from areal_hpc.model.build import save_policy
 
 LATEST = "latest.json"
 
@@ -48,12 +53,18 @@ class ResumeState:
         return holes.tolist(), next_k
 
 
-def save_checkpoint(ckpt_root: Path, *, model: torch.nn.Module, tokenizer, trainer_state: dict, version: int,
+def save_checkpoint(ckpt_root: Path, *, write_policy: Callable[[Path], Path], trainer_state: dict, version: int,
                     attempt: int, consumed_prompts: np.ndarray, accuracy_before: float,
                     extra: dict[str, Any] | None = None) -> Path:
+    """Write ``step-VVVVVV`` and only then point ``latest.json`` at it.
+
+    ``write_policy(path)`` must create the policy directory at ``path`` atomically (write aside, rename) and
+    return it, e.g. ``functools.partial(model.build.save_policy, model, tokenizer)``; it must leave a
+    ``config.json`` there, which ``load_latest`` checks for.
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{version:06d}"
-    policy = save_policy(model, tokenizer, final)  # atomic directory rename
+    policy = write_policy(final)
     tmp = policy / "trainer_state.pt.tmp"
     torch.save(trainer_state, tmp)
     os.replace(tmp, policy / "trainer_state.pt")
