@@ -12,7 +12,7 @@ The layers, from the bottom; a module may import its own layer and the ones belo
    protocols every part shares. The config dataclasses and their validation read nothing else; the one
    trajectory type crosses every boundary from the rollout worker to the trainer; the protocols say what an
    engine, a backend, a weight channel and a sample channel offer; the registry names the implementations
-   as import strings, resolved only when a config chooses one.
+   as import strings, resolved only when a config chooses one; ``phases`` times a rank's one-time phases.
 1. ``comm``, ``storage``, ``model``, ``tasks``: building blocks that each know one thing and no role.
    ``comm`` wraps MPI, torch.distributed and devices; ``storage`` is what a run leaves on disk (the HDF5
    rollout log, the run's files, checkpoints and the ``ResumeState`` both roles read, whose policy the caller
