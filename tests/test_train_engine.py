@@ -175,7 +175,8 @@ def test_train_batch_moves_logprob_in_advantage_direction(sign: float) -> None:
     ]
     adv = np.zeros(len(samples), np.float32)
     adv[target] = sign
-    stats = engine.train_batch(TrainBatch(samples, adv, np.ones(len(samples), np.float32), before), ppo_loss(engine.cfg)).as_dict()
+    batch = TrainBatch(samples, adv, np.ones(len(samples), np.float32), before)
+    stats = engine.train_batch(batch, ppo_loss(engine.cfg)).as_dict()
     after = engine.compute_logp(samples)
     delta = float(after[target].sum() - before[target].sum())
     assert sign * delta > 0, delta
@@ -198,7 +199,8 @@ def _step(engine: TorchTrainEngine, samples: list[Trajectory]) -> dict[str, floa
     # Per-sample functions of the id, not of the position: sharding must not change them.
     adv = np.sin(1.7 * ids + 0.3).astype(np.float32)
     weight = np.where(ids % 3 == 0, 0.5, 1.0).astype(np.float32)
-    return engine.train_batch(TrainBatch(samples, adv, weight, engine.compute_logp(samples)), ppo_loss(engine.cfg)).as_dict()
+    batch = TrainBatch(samples, adv, weight, engine.compute_logp(samples))
+    return engine.train_batch(batch, ppo_loss(engine.cfg)).as_dict()
 
 
 def test_microbatching_does_not_change_the_update() -> None:
@@ -234,7 +236,8 @@ def test_proximal_from_the_step_forward_equals_a_recompute(packing: str) -> None
         if moved:
             for e in (rec, fwd):
                 e.train_batch(TrainBatch(samples, -adv, weight), ppo_loss(e.cfg)).as_dict()
-        s_rec = rec.train_batch(TrainBatch(samples, adv, weight, rec.compute_logp(samples)), ppo_loss(rec.cfg)).as_dict()
+        batch = TrainBatch(samples, adv, weight, rec.compute_logp(samples))
+        s_rec = rec.train_batch(batch, ppo_loss(rec.cfg)).as_dict()
         s_fwd = fwd.train_batch(TrainBatch(samples, adv, weight), ppo_loss(fwd.cfg)).as_dict()
         assert s_fwd["n_microbatches"] > 3 and s_fwd["cap_frac"] > 0
         assert s_fwd["ratio"] == 1.0 and s_fwd["clip_frac"] == 0.0  # exactly the proximal weights

@@ -135,7 +135,8 @@ def test_bf16_autocast_cpu_within_tolerance(packing: str) -> None:
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got, strict=True) if len(a))
     assert 0 < diff < 5e-2  # > 0: bf16 really ran
     assert all(x.dtype == np.float32 for x in got)
-    eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32), got), ppo_loss(eng.cfg)).as_dict()
+    ones = np.ones(len(batch), np.float32)
+    eng.train_batch(TrainBatch(batch, ones, ones, got), ppo_loss(eng.cfg))
     assert all(p.dtype == torch.float32 for p in eng.model.parameters())  # fp32 master weights
     state = [t for s in eng.optimizer.state.values() for t in s.values() if t.ndim > 0]
     assert state and all(t.dtype == torch.float32 for t in state)
@@ -270,7 +271,8 @@ def test_cuda_packed_bf16_varlen_close_to_padded_fp32(monkeypatch: pytest.Monkey
     d = np.concatenate([np.abs(a - b) for a, b in zip(ref, got, strict=True)])
     assert d.max() < 5e-2 and d.mean() < 1e-2, (d.max(), d.mean())
     n = len(calls)
-    st = eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32), got), ppo_loss(eng.cfg)).as_dict()
+    ones = np.ones(len(batch), np.float32)
+    st = eng.train_batch(TrainBatch(batch, ones, ones, got), ppo_loss(eng.cfg)).as_dict()
     assert len(calls) > n and np.isfinite(st["grad_norm"]) and st["grad_norm"] > 0  # varlen backward ran
 
 
@@ -313,7 +315,7 @@ def test_cuda_train_step_syncs_do_not_grow_with_microbatches() -> None:
     counts, n_mb = {}, {}
     for budget in (4096, 40):
         eng = engine(qwen2(device="cuda"), packing="packed", token_budget=budget)
-        eng.train_batch(TrainBatch(batch, adv, w), ppo_loss(eng.cfg)).as_dict()  # first-call work (allocator, library handles) out of the count
+        eng.train_batch(TrainBatch(batch, adv, w), ppo_loss(eng.cfg))  # first-call work out of the count
         eng.compute_logp(batch)
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
@@ -423,7 +425,8 @@ def test_token_bucket_precompiles_only_grad_graphs_with_forward_proximal() -> No
     compiled = counters["stats"]["unique_graphs"]
     assert 2 * 4 <= compiled < 2 * 2 * 4
     batch = samples(20)
-    eng.train_batch(TrainBatch(batch, np.ones(len(batch), np.float32), np.ones(len(batch), np.float32)), ppo_loss(eng.cfg)).as_dict()
+    ones = np.ones(len(batch), np.float32)
+    eng.train_batch(TrainBatch(batch, ones, ones), ppo_loss(eng.cfg))
     assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
 

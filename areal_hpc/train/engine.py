@@ -2,14 +2,15 @@
 
 The proximal policy is the weights before the step. Each batch takes exactly one optimizer step, and
 every micro-batch's forward runs before it, so those forwards already compute the proximal log-probs:
-``train_batch(prox_logp=None)`` uses them (detached), which is exact and saves the separate no-grad
+a ``TrainBatch`` without ``prox_logp`` uses them (detached), which is exact and saves the separate no-grad
 pass that ``compute_logp`` makes (``trainer.proximal_logp: recompute``, the AReaL way, needed once a
 batch takes several updates).
 
 The trainer loop talks to an ``api.TrainEngine`` only, and hands it the loss (``api.LossFn``), so a
 Megatron-core backend (tensor/pipeline parallel) is another module and a name in ``registry.py``.
-``TorchTrainEngine`` (``trainer.backend: torch``) is a plain data-parallel backend: every rank holds the full model, sees its share of the global batch,
-and ranks stay bit-identical because they all-reduce the same gradients and step the same way.
+``TorchTrainEngine`` (``trainer.backend: torch``) is a plain data-parallel backend: every rank holds the
+full model, sees its share of the global batch, and ranks stay bit-identical because they all-reduce the
+same gradients and step the same way.
 
 Token alignment: for a sequence ``s = prompt + response`` (lengths P, R) the log-prob of response
 token j comes from the logits at position ``P + j - 1``, at the rollout engine's sampling

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:  # after the timing, so the profiler's overhead touches no timed step
         for share in (True, False):
             name = "shared" if share else "separate"
-            profiles[name] = profiled_step(lambda e=engines[share]: e.train_batch(TrainBatch(batch, adv, weight), ppo_loss(e.cfg)).as_dict(),
+            profiles[name] = profiled_step(lambda e=engines[share]: e.train_batch(TrainBatch(batch, adv, weight),
+                                                                                ppo_loss(e.cfg)),
                                            f"{name} prompts", device)
     rows = {}
     for share in (True, False):

@@ -210,7 +210,8 @@ def profile_step(model: torch.nn.Module, v: Variant, samples: list[Trajectory], 
     prox = eng.compute_logp(samples)
     for _ in range(2):
         eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict()
-    return profiled_step(lambda: eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict(), str(v), torch.device("cuda"), top)
+    batch = TrainBatch(samples, adv, weight, prox)
+    return profiled_step(lambda: eng.train_batch(batch, ppo_loss(eng.cfg)), str(v), torch.device("cuda"), top)
 
 
 def profiled_step(step, label: str, device: torch.device, top: int = 40) -> str:

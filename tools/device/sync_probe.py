@@ -123,7 +123,8 @@ def trainer_probe(budgets: list[int], steps: int) -> dict:
         kern = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         dev_s = sum(e.device_time for e in kern) / 1e6 if kern else float("nan")
         span = (max(e.time_range.end for e in kern) - min(e.time_range.start for e in kern)) / 1e6 if kern else 0
-        hits, first = count_syncs(lambda e=eng: e.train_batch(TrainBatch(samples, adv, weight), ppo_loss(e.cfg)).as_dict())  # last: may raise
+        batch = TrainBatch(samples, adv, weight)
+        hits, first = count_syncs(lambda e=eng, b=batch: e.train_batch(b, ppo_loss(e.cfg)))  # last: may raise
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
         out[str(budget)] = {"n_microbatches": st["n_microbatches"], "wall_s": float(np.median(walls)),
                             "device_busy_s": dev_s, "device_span_s": span, "profiled_wall_s": prof_wall,
