@@ -228,6 +228,10 @@ class WeightReceiver(Protocol):
 class SampleSink(Protocol):
     """Where a rollout rank puts finished trajectories (a ring, the HDF5 log, or both)."""
 
+    full_waits: int  # times a put found no room and waited (back-pressure from the trainer)
+    wait_seconds: float
+    shards_written: int
+
     def put(self, traj: Trajectory, wait: Callable[[], None]) -> None:
         """Deliver one trajectory; ``wait`` is called while it cannot be delivered yet (a full ring)."""
         ...
@@ -239,6 +243,8 @@ class SampleSink(Protocol):
 
 class SampleSource(Protocol):
     """Where a trainer rank takes one rollout rank's trajectories from, in delivery order."""
+
+    full_waits: int  # the producer's full-ring waits as last reported (0 where it never waits)
 
     def poll(self) -> list[Trajectory]:
         """Every trajectory that has arrived since the last call (possibly none)."""
