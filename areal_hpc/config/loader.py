@@ -230,12 +230,12 @@ def _apply_overrides(raw: _Raw, overrides: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- typing
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(type_name(a) for a in args) + " or null"
     if typing.get_origin(tp) is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -320,7 +320,7 @@ def _typed(key: str, value: Any, tp: Any, f: dataclasses.Field, where: str) -> A
         )
         example = example.removesuffix("...").strip()
         raise ConfigError(
-            f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}) "
+            f"config key '{key}' expects {type_name(tp)}, got {value!r} ({type(value).__name__}) "
             f"({where}); use a value like {key}={example}"
         )
     return out

@@ -33,8 +33,8 @@ class RolloutConfig:
         64,
         "fast engine: decode batch sizes (one CUDA graph each) are max_batch and its halves, and above 128 "
         "slots every this many too: a decode GEMM of more than ~128 rows is compute-bound, so padding rows "
-        "are not free; 0: halves only. A benchmark knob (the e2e bench's A/B of the buckets): keep 64; "
-        "otherwise a multiple of 16",
+        "are not free; 0: halves only; else a multiple of 16. For benchmarks (the e2e bench's A/B "
+        "`--vary rollout.batch_bucket_step=64,0`); leave it at 64",
     )
     dtype: str = setting(
         "auto",
