@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 
 from areal_hpc.config import Config
-from areal_hpc.config.loader import _all_keys
+from areal_hpc.config.loader import all_keys
 from areal_hpc.config.reference import COMMAND, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def test_docs_config_md_is_up_to_date() -> None:
 
 def test_every_key_has_help_and_appears_in_the_reference() -> None:
     text = render()
-    for key in _all_keys():
+    for key in all_keys():
         assert f"**`{key}`**" in text, key
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):

@@ -53,7 +53,7 @@ def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp) and isinstance(tp, type)
 
 
-def _all_keys() -> list[str]:
+def all_keys() -> list[str]:
     """Every settable dotted key, in schema order."""
     keys: list[str] = []
     for name, (_, tp) in _root_fields().items():
@@ -79,7 +79,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
         if hit is not None:
             suggestion = f"{head}.{hit}"
         else:
-            same_leaf = [f"'{k}'" for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]
+            same_leaf = [f"'{k}'" for k in all_keys() if k.rsplit(".", 1)[-1] == leaf]
             if same_leaf:
                 return ConfigError(
                     f"unknown config key '{key}' ({where}); did you mean {' or '.join(same_leaf)}?"
@@ -231,6 +231,7 @@ def _apply_overrides(raw: _Raw, overrides: Sequence[str]) -> None:
 
 
 def type_name(tp: Any) -> str:
+    """How a field's type is written in errors and docs/config.md: int, str or null, list[float]."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(type_name(a) for a in args) + " or null"
