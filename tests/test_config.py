@@ -370,11 +370,16 @@ def test_error_is_value_error() -> None:
 )
 def test_removed_knob_in_an_old_yaml_is_an_unknown_key(tmp_path: Path, key: str) -> None:
     """Knobs removed from the config (measured as useless, or set by the benchmarks themselves): an old
-    YAML that still sets one fails with the usual one-line unknown-key error naming it."""
+    YAML that still sets one fails with the one-line unknown-key error naming it and saying it went,
+    not with a look-alike key of another section (rollout.compile is not trainer.compile)."""
+    from areal_hpc.config.loader import REMOVED, all_keys
+
+    assert key in REMOVED and key not in all_keys()
     section, leaf = key.split(".")
     path = _write(tmp_path, f"{section}:\n  {leaf}: 1\n", "old.yaml")
     msg = _error(path)
-    assert msg.startswith(f"unknown config key '{key}' (in {path});"), msg
+    assert msg.startswith(f"unknown config key '{key}' (in {path}); it was removed, delete it: "), msg
+    assert "did you mean" not in msg
     assert f"'{key}'" in _error(None, [f"{key}=1"])
 
 

@@ -66,9 +66,27 @@ def all_keys() -> list[str]:
 
 # --------------------------------------------------------------------------- raw merging
 
+# Keys an older config may still set, and why they went: the unknown-key error says so instead of
+# suggesting a look-alike key of another section (rollout.compile is not trainer.compile).
+REMOVED: dict[str, str] = {
+    "rollout.gated_yield_ms": "sleeping through gated tails measured no gain",
+    "rollout.stream_priority": "a high-priority rollout stream measured no effect",
+    "cluster.mps_trainer_priority": "a below-normal MPS priority for the trainer measured no effect",
+    "cluster.mps_trainer_sm_percent": "capping the trainer's SM share under MPS made the loop slower",
+    "rollout.decode_layer": "the fast engine always runs its fastest layer form, norms folded into the projections",
+    "rollout.decode_attention": "the fast engine times the attention splits at start, and the decode benchmark "
+                                "fixes one with --decode-attention",
+    "rollout.compile": "the fast engine always compiles its decode layer on CUDA, and the decode benchmark times "
+                       "it uncompiled with --eager-layers-too",
+    "rollout.cuda_graphs": "the fast engine always captures its decode step in CUDA graphs on CUDA, and the decode "
+                           "benchmark times it without them with --no-graph",
+}
+
 
 def _unknown_key(key: str, where: str) -> ConfigError:
     """Build the 'unknown key' error with the best suggestion we can find."""
+    if key in REMOVED:
+        return ConfigError(f"unknown config key '{key}' ({where}); it was removed, delete it: {REMOVED[key]}")
     root = _root_fields()
     head, _, rest = key.partition(".")
     suggestion: str | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from areal_hpc.config.loader import type_name
+from areal_hpc.config.loader import REMOVED, type_name
 from areal_hpc.config.schema import Config
 
 COMMAND = "python -m areal_hpc.config.reference > docs/config.md"
@@ -68,6 +68,9 @@ def render() -> str:
         sub_hints = typing.get_type_hints(cls)
         out += [_key_line(f"{f.name}.{sf.metadata.get('yaml_key', sf.name)}", sf, sub_hints[sf.name])
                 for sf in dataclasses.fields(cls)]
+    out += ["", "## Removed keys", "",
+            "An older config that still sets one of these stops with an unknown-key error; delete the line.", ""]
+    out += [f"- `{key}`: {why}" for key, why in REMOVED.items()]
     return "\n".join(out) + "\n"
 
 
