@@ -1,6 +1,6 @@
 """Stand-ins for nvidia-smi and nvidia-cuda-mps-control, so the launcher's MPS handling runs on a CPU.
 
-The fake control program behaves as the real one did on an H200: ``-d`` creates the pipe files in
+The fake control program behaves as the real one does: ``-d`` creates the pipe files in
 ``CUDA_MPS_PIPE_DIRECTORY`` and returns; ``quit`` on stdin ends the daemon but leaves those files behind;
 ``get_server_list`` answers while the daemon runs and afterwards exits 1 with "Cannot find MPS control
 daemon process". Each start and quit is appended to ``$FAKE_MPS_RECORD`` (with the pipe folder it saw),

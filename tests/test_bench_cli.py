@@ -122,12 +122,11 @@ def test_e2e_vary_twice_runs_every_combination_first_values_first():
 
     ap = argparse.ArgumentParser()
     assert vary_combos(ap, None) == [[]]
-    combos = vary_combos(ap, ["cluster.mps_trainer_priority=normal,below_normal",
-                              "rollout.stream_priority=normal,high"])
-    assert combos == [[("cluster.mps_trainer_priority", "normal"), ("rollout.stream_priority", "normal")],
-                      [("cluster.mps_trainer_priority", "normal"), ("rollout.stream_priority", "high")],
-                      [("cluster.mps_trainer_priority", "below_normal"), ("rollout.stream_priority", "normal")],
-                      [("cluster.mps_trainer_priority", "below_normal"), ("rollout.stream_priority", "high")]]
+    combos = vary_combos(ap, ["trainer.share_prompts=true,false", "rollout.batch_bucket_step=64,0"])
+    assert combos == [[("trainer.share_prompts", "true"), ("rollout.batch_bucket_step", "64")],
+                      [("trainer.share_prompts", "true"), ("rollout.batch_bucket_step", "0")],
+                      [("trainer.share_prompts", "false"), ("rollout.batch_bucket_step", "64")],
+                      [("trainer.share_prompts", "false"), ("rollout.batch_bucket_step", "0")]]
     with pytest.raises(SystemExit):
         vary_combos(ap, ["rollout.eta=1,2", "rollout.eta=4"])
 

@@ -353,3 +353,42 @@ def test_sync_baseline_requires_eta_zero() -> None:
 
 def test_error_is_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "rollout.gated_yield_ms",
+        "rollout.stream_priority",
+        "rollout.decode_layer",
+        "rollout.decode_attention",
+        "rollout.compile",
+        "rollout.cuda_graphs",
+        "cluster.mps_trainer_priority",
+        "cluster.mps_trainer_sm_percent",
+    ],
+)
+def test_removed_knob_in_an_old_yaml_is_an_unknown_key(tmp_path: Path, key: str) -> None:
+    """Knobs removed from the config (measured as useless, or set by the benchmarks themselves): an old
+    YAML that still sets one fails with the one-line unknown-key error naming it and saying it went,
+    not with a look-alike key of another section (rollout.compile is not trainer.compile)."""
+    from areal_hpc.config.loader import REMOVED, all_keys
+
+    assert key in REMOVED and key not in all_keys()
+    section, leaf = key.split(".")
+    path = _write(tmp_path, f"{section}:\n  {leaf}: 1\n", "old.yaml")
+    msg = _error(path)
+    assert msg.startswith(f"unknown config key '{key}' (in {path}); it was removed, delete it: "), msg
+    assert "did you mean" not in msg
+    assert f"'{key}'" in _error(None, [f"{key}=1"])
+
+
+def test_every_section_validates_its_own_fields() -> None:
+    """Each section dataclass carries its own ``validate``; the root adds only the cross-section checks."""
+    import dataclasses
+
+    for f in dataclasses.fields(Config):
+        section = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(section):
+            assert callable(getattr(section, "validate", None)), f.name
+            section.validate()  # the defaults are valid

@@ -29,14 +29,3 @@ def test_backend_choice(monkeypatch):
     assert pick_backend("auto") == "gloo"
     with pytest.raises(RuntimeError, match="weights.backend=gloo"):
         pick_backend("nccl")
-
-
-def test_work_stream_is_the_default_stream_without_a_gpu_or_at_normal_priority():
-    import contextlib
-
-    from areal_hpc.comm.devices import work_stream
-
-    assert isinstance(work_stream("high", None), contextlib.nullcontext)  # CPU ranks: nothing to prioritise
-    assert isinstance(work_stream("normal", 0), contextlib.nullcontext)
-    with pytest.raises(ValueError, match="high"):
-        work_stream("urgent", None)

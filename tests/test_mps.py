@@ -71,7 +71,7 @@ def test_job_daemon_runs_while_the_ranks_do_and_is_gone_after(fakes):
 
 
 def test_stop_waits_for_the_daemon_not_for_its_pipe_files(fakes, monkeypatch):
-    """A daemon that quit leaves its pipe files behind (as the real one did on an H200): stop() asks it
+    """A daemon that quit leaves its pipe files behind (as the real one does): stop() asks it
     whether it is gone, instead of waiting out its timeout for files that stay."""
     monkeypatch.setenv("FAKE_MPS_QUIT_DELAY", "0.5")  # still answering half a second after its quit
     daemon, env = mps.start_for_job("auto", 2)
@@ -171,24 +171,3 @@ def test_shell_lines_start_the_daemon_for_a_batch_script_and_its_exit_stops_it(t
                           text=True, timeout=120)
     assert proc.returncode == 2 and "ran" not in proc.stdout and "no GPU visible" in proc.stderr
     assert mps.shell_lines("off", 2, sys.executable) == ["export AREAL_CUDA_MPS='off (cluster.cuda_mps: off)'"]
-
-
-def test_trainer_sm_share_is_set_once_and_never_overrides_the_environment():
-    from areal_hpc.launch.mps import SM_SHARE_ENV, limit_sm_share
-
-    env: dict[str, str] = {}
-    assert limit_sm_share(100, env) is None and env == {}  # 100: no limit, nothing set
-    assert limit_sm_share(70, env) == "70" and env == {SM_SHARE_ENV: "70"}
-    site = {SM_SHARE_ENV: "50"}
-    assert limit_sm_share(70, site) == "50"  # a site's or the user's own setting stays
-
-
-def test_trainer_priority_is_set_only_below_normal_and_never_overrides_the_environment():
-    from areal_hpc.launch.mps import PRIORITY_ENV, set_client_priority
-
-    env: dict[str, str] = {}
-    assert set_client_priority("normal", env) is None and env == {}  # MPS's default: nothing set
-    assert set_client_priority("below_normal", env) == "1" and env == {PRIORITY_ENV: "1"}
-    assert set_client_priority("below_normal", {PRIORITY_ENV: "0"}) == "0"  # a site's or the user's own setting
-    with pytest.raises(ValueError, match="below_normal"):
-        set_client_priority("low", {})

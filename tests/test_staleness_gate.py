@@ -130,29 +130,3 @@ def test_rank_shares_examples() -> None:
     assert rank_shares(10, 4) == [3, 3, 2, 2]
     assert rank_shares(3, 5) == [1, 1, 1, 0, 0]
     assert rank_shares(12, 3) == [4, 4, 4]
-
-
-# -- colocated yield (rollout.gated_yield_ms) --------------------------------------------------------
-def _yielder(*, yield_ms=2.0, eta=1, share=4, admitted=8, credited=0, version=0, live=3, max_batch=32, pushed_groups=8,
-             G=8):
-    from types import SimpleNamespace
-
-    from areal_hpc.rollout.worker import RolloutWorker
-
-    gate = StalenessGate(eta=eta, share=share, admitted=admitted, credited=credited)
-    engine = SimpleNamespace(version=version, max_batch=max_batch, num_active=lambda: live)
-    fake = SimpleNamespace(cfg=SimpleNamespace(rollout=SimpleNamespace(gated_yield_ms=yield_ms)), gate=gate,
-                           engine=engine, pushed=pushed_groups * G, G=G, _groups_base=0)
-    return RolloutWorker._yield_now(fake)
-
-
-def test_yield_only_when_gated_thin_and_the_trainer_has_its_next_batch():
-    # version 0, eta 1, share 4: the gate closes at 8 groups admitted; 8 groups delivered = steps 1 and 2
-    assert _yielder()
-    assert not _yielder(yield_ms=0.0)  # off
-    assert not _yielder(admitted=7)  # the gate still admits: fill the batch instead
-    assert not _yielder(live=8)  # a quarter of the slots live: not a thin tail
-    assert not _yielder(pushed_groups=7)  # the trainer's next batch is not complete: it may wait on this tail
-    assert not _yielder(credited=1, admitted=9)  # a rejected group must be regenerated first
-    assert _yielder(version=3, admitted=20, pushed_groups=20)  # the same at a later version
-    assert not _yielder(version=3, admitted=20, pushed_groups=19)

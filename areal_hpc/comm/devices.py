@@ -10,7 +10,6 @@ that already restricts each rank to one device (``srun --gpus-per-task=1`` sets
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -50,22 +49,3 @@ def bind_gpu(ctx: MPIContext, device: str) -> GpuBinding:
         log.info("rank %d: GPU %d of %d on this node (local rank %d of %d)%s", ctx.rank, index, n, local, size,
                  "; GPUs are shared by several ranks" if shared else "")
     return binding
-
-
-STREAM_PRIORITIES = {"normal": 0, "high": -(1 << 20)}  # torch maps an out-of-range value to the nearest valid one
-
-
-def work_stream(priority: str, device: int | None) -> AbstractContextManager:
-    """Run a role's CUDA work (graph replays, copies, prefills) on a stream of ``priority``.
-
-    Why: a GPU's block scheduler dispatches a higher-priority stream's blocks first as SMs free up, so a
-    rollout's short decode kernels need not queue behind a trainer's GEMMs that share the GPU (under MPS the
-    priorities of both processes' streams are compared). ``normal`` (or no GPU) leaves the default stream.
-    """
-    if priority not in STREAM_PRIORITIES:
-        raise ValueError(f"stream priority {priority!r}: choose one of {sorted(STREAM_PRIORITIES)}")
-    if device is None or priority == "normal":
-        return nullcontext()
-    stream = torch.cuda.Stream(device=device, priority=STREAM_PRIORITIES[priority])
-    log.info("CUDA work on a stream of priority %d (rollout.stream_priority: %s)", stream.priority, priority)
-    return torch.cuda.stream(stream)

@@ -1,4 +1,10 @@
-"""Typed run configuration: dataclass schema, YAML loading, dotted overrides, validation."""
+"""Typed run configuration: dataclass schema, YAML loading, dotted overrides, validation.
+
+One module per section (``run``, ``cluster``, ``model``, ``warmup``, ``task``, ``rollout``, ``trainer``,
+``transport``, ``log``, ``weights``, ``eval``), each a dataclass that validates its own fields;
+``schema.Config`` is the root and holds the checks across sections; ``loader`` reads YAML and
+overrides; ``reference`` prints docs/config.md from the fields' help text.
+"""
 
 from areal_hpc.config.loader import (
     ConfigError,

@@ -1,9 +1,9 @@
 """A CUDA MPS daemon for the job when its ranks share a GPU.
 
 Without MPS, processes on one GPU run in time slices: while the rollout decodes, the trainer's
-kernels wait, and the other way round. Under MPS their kernels run side by side. Measured on one
-H200 (tools/bench/NOTES.md, seventh session): the trainer's step with a rollout beside it went
-1.54 -> 1.10 s (1.00 s alone); the rollout then bounds the async loop, whose steady tokens/s rose 5%.
+kernels wait, and the other way round. Under MPS their kernels run side by side: the trainer's step
+with a rollout beside it came close to its time alone (tools/bench/NOTES.md), and the rollout then
+bounds the async loop.
 
 Three ways in: ``areal-hpc train`` wraps its mpiexec (``job_mps``), ``slurm/*.sbatch`` wrap their srun
 (``python -m areal_hpc.launch.mps N -- srun ...``), and submitit's script, which cannot be wrapped,
@@ -34,33 +34,6 @@ log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 STATE_ENV = "AREAL_CUDA_MPS"  # what the launcher did, for the ranks' summary: started, existing or off (why)
-SM_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # read by CUDA when a client creates its context
-PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # likewise: 0 normal, 1 below normal
-PRIORITY_LEVELS = {"normal": "0", "below_normal": "1"}
-
-
-def limit_sm_share(percent: int, environ: dict[str, str] | None = None) -> str | None:
-    """Cap this process's share of the GPU's SMs under MPS (``cluster.mps_trainer_sm_percent``).
-
-    Must run before the process's first CUDA call: the limit is read when its context is created. A value
-    already in the environment (a site's or the user's) is left as it is. Returns the share in force."""
-    env = os.environ if environ is None else environ
-    if percent < 100 and SM_SHARE_ENV not in env:
-        env[SM_SHARE_ENV] = str(percent)
-    return env.get(SM_SHARE_ENV)
-
-
-def set_client_priority(level: str, environ: dict[str, str] | None = None) -> str | None:
-    """This process's MPS scheduling priority (``cluster.mps_trainer_priority``), before its first CUDA call.
-
-    Only ``below_normal`` sets anything (normal is MPS's default); a value already in the environment is
-    left as it is. Returns the level in force (its CUDA value), or None when unset."""
-    env = os.environ if environ is None else environ
-    if level not in PRIORITY_LEVELS:
-        raise ValueError(f"MPS client priority {level!r}: choose one of {sorted(PRIORITY_LEVELS)}")
-    if level != "normal" and PRIORITY_ENV not in env:
-        env[PRIORITY_ENV] = PRIORITY_LEVELS[level]
-    return env.get(PRIORITY_ENV)
 
 
 @dataclass(frozen=True)
@@ -92,7 +65,7 @@ def daemon_answers(control: str, env: dict[str, str] | None = None, timeout_s: f
     """Whether a control daemon answers on the pipe folder of ``env`` (this process's by default).
 
     Asked, not read off the folder: a daemon that quit leaves its ``control`` pipe, ``control_lock`` and
-    ``control_privileged`` behind (seen on an H200, driver of 2026-12), and the client then says
+    ``control_privileged`` behind, and the client then says
     "Cannot find MPS control daemon process" and exits 1."""
     try:
         proc = subprocess.run([control], input="get_server_list\n", env={**os.environ, **(env or {})},
@@ -165,7 +138,7 @@ class MpsDaemon:
         """Ask the daemon to quit (it stops its server once the clients are gone), then tidy up.
 
         Gone is when it no longer answers: its pipe files stay behind after it exits, so waiting for
-        them to vanish cost every run the whole timeout (33 s per e2e run on an H200, eighth session)."""
+        them to vanish would cost every run the whole timeout."""
         try:
             subprocess.run([self.control], input="quit\n", env={**os.environ, **self.env}, capture_output=True,
                            text=True, timeout=timeout_s)

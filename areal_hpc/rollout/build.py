@@ -60,8 +60,6 @@ def fast_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) 
     from areal_hpc.rollout.fast_engine import FastEngine
 
     r, common = cfg.rollout, _common(cfg, seed)
-    log.info("rollout engine: fast (%s, batch %d, cache %d tokens, graphs %s)", model.dtype,
-             common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
-    return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
-                      compile_decode=r.compile, decode_attention=r.decode_attention,
-                      decode_layer=r.decode_layer, bucket_step=r.batch_bucket_step, **common)
+    log.info("rollout engine: fast (%s, batch %d, cache %d tokens)", model.dtype, common["max_batch"],
+             cfg.model.max_seq_len)
+    return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, bucket_step=r.batch_bucket_step, **common)

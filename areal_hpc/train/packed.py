@@ -10,10 +10,8 @@ recomputed in backward (a hand-written autograd function), so at most one chunk 
 
 Mixed precision: parameters and AdamW state stay fp32 ("master weights"); the forward runs under
 ``torch.autocast(bfloat16)`` with a bf16 residual stream, as a bf16 checkpoint would; log-probs and
-the loss are fp32. ``PackedLogp(cast_once=True)`` is an opt-in alternative: the layer weights cast to
-bf16 once per micro-batch (q/k/v and gate/up concatenated), every activation in bf16, fp32 only inside
-the RMS reductions; same function within bf16 noise, but not faster on an H100 (see
-tools/bench/NOTES-train.md), so not the default.
+the loss are fp32. (Casting the weights to bf16 once per micro-batch, with every activation in bf16,
+measured no faster eager and slower compiled: tools/bench/NOTES-train.md.)
 """
 
 from __future__ import annotations
@@ -29,14 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from areal_hpc.model.attention import bottom_right_varlen, causal_varlen, prefix_causal_varlen, varlen_available
-from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, check_supported, rms_norm, rope, split_qkv_rope
+from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, check_supported, rms_norm, rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 from areal_hpc.train.packing import PackedMicrobatch, bucket_tokens, pack_sequences
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOGITS_CHUNK_BYTES", "PackedLogp", "autocast_for", "resolve_compute_dtype", "resolve_packing",
-           "lowp_layer_fns", "lowp_weights", "response_logprobs", "set_hf_checkpointing", "split_layer_fn"]
+           "response_logprobs", "set_hf_checkpointing", "split_layer_fn"]
 
 # Rows of one lm_head chunk: chunk_bytes / (4 x vocab), i.e. its bf16 logits plus their bf16 gradient
 # (~1700 rows, 1 GiB, at a 152k vocabulary; bigger chunks: fuller matmuls, fewer fp32 weight-grad adds).
@@ -280,49 +278,6 @@ def split_layer_fn(packed: PackedQwen2, *, compile: bool, dynamic: bool | None =
     return layer
 
 
-def lowp_layer_fns(packed: PackedQwen2, *, compile: bool) -> tuple[Callable, Callable]:
-    """The layer's parts around attention for the low-precision path, on fused weights in the compute dtype.
-
-    ``pre(x, cos, sin, ln1, w_qkv, b_qkv) -> q, k, v`` and ``post(x, o, wo, ln2, w_gu, wd) -> x``: one
-    q/k/v matmul and one gate/up matmul per layer, every activation (residual stream, norm outputs,
-    RoPE, SiLU gate) in the weights' dtype, fp32 only inside the RMS reduction (as HF Qwen2 in bf16).
-    Pure tensor functions, so one compiled graph (dynamic in T) serves every layer.
-    """
-    s = packed.shape
-    nq = s.n_heads * s.head_dim
-
-    def pre(x: Tensor, cos: Tensor, sin: Tensor, ln: Tensor, w_qkv: Tensor,
-            b_qkv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = F.linear(rms_norm(x, ln, s.eps), w_qkv, b_qkv)
-        q, k, v = split_qkv_rope(qkv, cos, sin, s.n_heads, s.n_kv_heads, s.head_dim)
-        return q, k, v.contiguous()
-
-    def post(x: Tensor, o: Tensor, wo: Tensor, ln: Tensor, w_gu: Tensor, wd: Tensor) -> Tensor:
-        x = x + F.linear(o.reshape(x.shape[0], nq), wo)
-        g, u = F.linear(rms_norm(x, ln, s.eps), w_gu).chunk(2, dim=-1)
-        return x + F.linear(F.silu(g) * u, wd)
-
-    if compile:
-        pre = torch.compile(pre, dynamic=True)
-        post = torch.compile(post, dynamic=True)
-    return pre, post
-
-
-def lowp_weights(packed: PackedQwen2, dtype: torch.dtype) -> list[tuple[Tensor | None, ...]]:
-    """Per layer ``(ln1, w_qkv, b_qkv, wo, ln2, w_gu, wd)`` in ``dtype``, q/k/v and gate/up concatenated.
-
-    Made once per micro-batch forward (with grad: autograd carries the weight gradients back through
-    the cat and cast to the fp32 master parameters, summed there in fp32) instead of autocast casting
-    every weight at every use; one copy is ~0.7 GB of bf16 for Qwen2-0.5B.
-    """
-    out = []
-    for L in packed.layers:
-        b = None if L.bq is None else torch.cat([L.bq.to(dtype), L.bk.to(dtype), L.bv.to(dtype)])
-        out.append((L.ln1.to(dtype), torch.cat([L.wq.to(dtype), L.wk.to(dtype), L.wv.to(dtype)]), b,
-                    L.wo.to(dtype), L.ln2.to(dtype), torch.cat([L.wg.to(dtype), L.wu.to(dtype)]), L.wd.to(dtype)))
-    return out
-
-
 def _shared_prompt_attend(mb: PackedMicrobatch) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
     """Attention over a ``pack_shared`` stream: prompts (and padding) causally within themselves, then each
     response over its group's prompt rows and its own (gathered keys; backward sums into the prompt's)."""
@@ -343,8 +298,7 @@ class PackedLogp:
     parameters (the optimizer, checkpoints and weight sync keep seeing ordinary HF parameters)."""
 
     def __init__(self, model: torch.nn.Module, *, compute_dtype: torch.dtype, checkpointing: bool = False,
-                 compile: bool = False, cast_once: bool = False, token_bucket: int = 0,
-                 max_tokens: int = 0) -> None:
+                 compile: bool = False, token_bucket: int = 0, max_tokens: int = 0) -> None:
         check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
@@ -362,13 +316,8 @@ class PackedLogp:
         self.compile_dynamic: bool | None = token_bucket <= 0
         self.compile_mode: str | None = None  # bench knob: inductor modes
         self.compile_backend = "inductor"  # tests: "eager" checks the graph count without inductor
-        # cast_once (opt-in): weights cast (q/k/v, gate/up fused) once per micro-batch, activations in the
-        # compute dtype. Off by default: on an H100 it measured the same as autocast eager and 16% slower
-        # compiled (199 vs 172 ms/step, tools/bench/NOTES-train.md); autocast is the default path.
-        self.cast_once = cast_once and compute_dtype != torch.float32
         self._net: PackedQwen2 | None = None
         self._layer_fn: LayerFn | None = None
-        self._lowp_fns: tuple[Callable, Callable] | None = None
 
     def _ensure(self, max_len: int) -> PackedQwen2:
         """Build (or widen) the RoPE tables lazily: only the packed path pays for them."""
@@ -380,7 +329,6 @@ class PackedLogp:
             self._layer_fn = split_layer_fn(self._net, compile=True, dynamic=self.compile_dynamic,
                                             mode=self.compile_mode, backend=self.compile_backend) \
                 if self.compile else None
-            self._lowp_fns = lowp_layer_fns(self._net, compile=self.compile) if self.cast_once else None
         return self._net
 
     def shared_prompts_fast(self) -> bool:
@@ -406,7 +354,7 @@ class PackedLogp:
         no-grad graphs serve only a separate proximal pass (trainer.proximal_logp=recompute).
         Leaves gradients on the parameters: the caller clears them. Returns the buckets compiled.
         """
-        if not (self.compile and self.buckets) or self.cast_once:
+        if not (self.compile and self.buckets):
             return 0
         piece = min(512, self._ensure(0).max_positions)
         vocab = self._net.shape.vocab
@@ -432,26 +380,9 @@ class PackedLogp:
 
         if mb.prefix is not None:
             attend = _shared_prompt_attend(mb)
-        if self.cast_once:
-            return self._lowp_logp(net, mb, attend, temperature)
         with autocast_for(self.device, self.compute_dtype):
             cd = None if self.compute_dtype == torch.float32 else self.compute_dtype
             h = net.hidden(mb.ids, mb.pos, attend, compute_dtype=cd, checkpoint=self.checkpointing,
                            layer_fn=self._layer_fn)
             rows = h.index_select(0, mb.pred_rows).to(cd or h.dtype)  # the final norm's output is fp32
             return response_logprobs(rows, net.lm_head, mb.targets, temperature)
-
-    def _lowp_logp(self, net: PackedQwen2, mb: PackedMicrobatch, attend: Callable, temperature: float) -> Tensor:
-        """The cast-once path: no autocast, every activation in the compute dtype, log-probs in fp32."""
-        cd = self.compute_dtype
-        pre, post = self._lowp_fns
-        weights = lowp_weights(net, cd)
-
-        def layer(i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: Callable) -> Tensor:
-            ln1, w_qkv, b_qkv, wo, ln2, w_gu, wd = weights[i]
-            q, k, v = pre(x, cos, sin, ln1, w_qkv, b_qkv)
-            return post(x, attend(i, q, k, v), wo, ln2, w_gu, wd)
-
-        h = net.hidden(mb.ids, mb.pos, attend, compute_dtype=cd, checkpoint=self.checkpointing, layer_fn=layer)
-        rows = h.index_select(0, mb.pred_rows).to(cd)  # the final norm's fp32 weight promotes its output
-        return response_logprobs(rows, net.lm_head, mb.targets, temperature)

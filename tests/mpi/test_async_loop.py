@@ -156,24 +156,12 @@ def test_tight_eta_rejects_or_bounds(job_root):
 def test_started_by_mpiexec_directly(job_root):
     """``mpiexec -n 3 areal-hpc train ...``: each rank finds its role; no second mpiexec is spawned."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    args = train_args(job_root, "direct", "run.steps=10", "run.final_checkpoint=none",
-                      "cluster.mps_trainer_sm_percent=70", "cluster.mps_trainer_priority=below_normal",
-                      "rollout.stream_priority=high")
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
-                                                            "CUDA_MPS_CLIENT_PRIORITY")}
-    proc = subprocess.run([str(mpiexec), "-n", "3", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env)
+    args = train_args(job_root, "direct", "run.steps=10", "run.final_checkpoint=none")
+    proc = subprocess.run([str(mpiexec), "-n", "3", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rec = check_records(job_root / "direct", eta=4, steps=10)
     assert rec["summary"]["checkpoint"] is None and not (job_root / "direct" / "checkpoints" / "final").exists()
     assert "not saved (run.final_checkpoint: none)" in proc.stdout
-    # The trainer rank capped its own MPS share before its CUDA context; the rollouts did not.
-    ranks = [json.loads(p.read_text()) for p in (job_root / "direct" / "ranks").glob("*.json")]
-    assert sorted((r["role"], r["mps_sm_percent"], r["mps_priority"]) for r in ranks) == [
-        ("rollout", None, None), ("rollout", None, None), ("trainer", "70", "1")]
-    # A rollout rank on a CPU has no stream to prioritise, and says so.
-    assert rec["summary"]["rollout_stream_priority"] == [None, None]
-    assert rec["summary"]["mps_trainer_priority"] == "1"
 
 
 def test_killed_rollout_rank_ends_job_quickly(job_root):

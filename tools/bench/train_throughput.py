@@ -5,11 +5,10 @@ variable-length sequences whose lengths sum to ``row_len`` in every row (log-nor
 Each sequence is a one-token prompt plus a response, so the loss covers every token but the first of
 each sequence. Ours: ``TorchTrainEngine.train_batch`` with the decoupled PPO loss (AdamW, grad clip),
 token budget ``rows x row_len`` (one packed micro-batch), bf16 autocast over fp32 master weights, in
-four variants (activation checkpointing off/on x torch.compile off/on), plus the opt-in cast-once
-path (bf16 weights once per micro-batch, bf16 activations; compile off/on) for comparison;
-forward-only ``compute_logp`` is timed too. Reference: HF ``model(input_ids, labels=input_ids)`` on
-the same rows as 8 padded-free 2048-token rows (cross-entropy loss, gradient checkpointing, the same
-autocast and AdamW).
+four variants (activation checkpointing off/on x torch.compile off/on) and the compiled ones with
+static shapes, token buckets or other inductor modes; forward-only ``compute_logp`` is timed too.
+Reference: HF ``model(input_ids, labels=input_ids)`` on the same rows as 8 padded-free 2048-token
+rows (cross-entropy loss, gradient checkpointing, the same autocast and AdamW).
 
     MFU = (6 * N_matmul * tokens + attention) / step time / peak
     attention = 6 * n_layers * n_heads * head_dim * sum(L^2)     (causal QK^T and PV, fwd + 2x bwd)
@@ -56,7 +55,6 @@ class Variant:
     name: str
     checkpointing: bool = False
     compile: bool = False
-    cast_once: bool = False  # True: PackedLogp(cast_once=True), bf16 weights once per micro-batch (opt-in)
     dynamic: bool = True  # False: compiled graphs specialised to the micro-batch's token count
     mode: str | None = None  # torch.compile mode (e.g. max-autotune-no-cudagraphs)
     bucket: int = 0  # trainer.token_bucket: streams padded to a multiple, static graphs per bucket (the loop's way)
@@ -75,8 +73,7 @@ class Variant:
 
 
 OURS = (Variant("ours packed"), Variant("ours packed", checkpointing=True), Variant("ours packed", compile=True),
-        Variant("ours packed", checkpointing=True, compile=True), Variant("ours cast-once", cast_once=True),
-        Variant("ours cast-once", compile=True, cast_once=True),
+        Variant("ours packed", checkpointing=True, compile=True),
         Variant("ours packed", compile=True, dynamic=False),
         Variant("ours packed", compile=True, bucket=1024),
         Variant("ours packed", compile=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
@@ -174,7 +171,6 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budg
     cfg = TrainerConfig(lr=1e-6, token_budget=budget, packing="packed", compute_dtype=compute_dtype,
                         activation_checkpointing=v.checkpointing, compile=v.compile, token_bucket=v.bucket)
     eng = TorchTrainEngine(model, cfg, pad_id=0, temperature=1.0)
-    eng._packed.cast_once = v.cast_once and eng.compute_dtype != torch.float32
     eng._packed.compile_dynamic = v.dynamic and not v.bucket
     eng._packed.compile_mode = v.mode
     t0 = time.perf_counter()
@@ -347,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         flops = 6 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=False)
         flops_fwd = 2 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=True)
         results.append(dict(variant=v.name, key=v.key, checkpointing=v.checkpointing, compile=v.compile,
-                            cast_once=v.cast_once, dynamic=v.dynamic, mode=v.mode, **r,
+                            dynamic=v.dynamic, mode=v.mode, **r,
                             tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
                             logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
                             wall_s=time.perf_counter() - t0))
