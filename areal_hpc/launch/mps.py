@@ -2,7 +2,7 @@
 
 Without MPS, processes on one GPU run in time slices: while the rollout decodes, the trainer's
 kernels wait, and the other way round. Under MPS their kernels run side by side: the trainer's step
-with a rollout beside it came close to its time alone (tools/bench/NOTES.md), and the rollout then
+with a rollout beside it came close to its time alone (docs/dev/optimizing.md), and the rollout then
 bounds the async loop.
 
 Three ways in: ``areal-hpc train`` wraps its mpiexec (``job_mps``), ``slurm/*.sbatch`` wrap their srun

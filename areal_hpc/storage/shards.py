@@ -79,7 +79,7 @@ class ShardWriter:
     """Writes numbered shards of one (kind, index); a new writer continues a resumed run's numbering.
 
     ``compression`` defaults to lzf: tools/bench/shard_io.py measured it writing about twice as fast as
-    gzip level 1 for files only ~8% larger (neither reaches 0.7 of plain-file speed on a 2-core VM).
+    gzip level 1 for files only ~8% larger (docs/performance.md).
     Construction sets aside (renames, never deletes) ``.partial`` files an earlier, crashed writer of
     the same (kind, index) left behind; their new paths are in :attr:`recovered_partials`.
     """

@@ -1,7 +1,7 @@
 """The loss head's two row-wise passes over the [rows, vocab] logits, as Triton kernels on CUDA.
 
 Why: on a 152k vocabulary these passes move ~10 GB per 16k rows, and inductor's dynamic-shape
-versions of them ran at ~1.1 TB/s on an H100 (8.2 + 4.9 ms per step, tools/bench/NOTES-train.md).
+versions of them ran at a fraction of the copy bandwidth (docs/dev/optimizing-trainer.md).
 Here each is one kernel at the copy bandwidth, and the gradient pass writes in place over the
 logits, so backward needs no second [rows, vocab] buffer.
 

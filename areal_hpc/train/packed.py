@@ -11,7 +11,7 @@ recomputed in backward (a hand-written autograd function), so at most one chunk 
 Mixed precision: parameters and AdamW state stay fp32 ("master weights"); the forward runs under
 ``torch.autocast(bfloat16)`` with a bf16 residual stream, as a bf16 checkpoint would; log-probs and
 the loss are fp32. (Casting the weights to bf16 once per micro-batch, with every activation in bf16,
-measured no faster eager and slower compiled: tools/bench/NOTES-train.md.)
+measured no faster eager and slower compiled: docs/dev/optimizing-trainer.md.)
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ __all__ = ["LOGITS_CHUNK_BYTES", "PackedLogp", "autocast_for", "resolve_compute_
 # Rows of one lm_head chunk: chunk_bytes / (4 x vocab), i.e. its bf16 logits plus their bf16 gradient
 # (~1700 rows, 1 GiB, at a 152k vocabulary; bigger chunks: fuller matmuls, fewer fp32 weight-grad adds).
 LOGITS_CHUNK_BYTES = 1 << 30
-# With grad, the forward's logits are kept for backward (one matmul fewer, ~7 ms per 16k rows of a
-# 0.5B model on an H100) when they take at most this much and a quarter of the free device memory;
+# With grad, the forward's logits are kept for backward (one [rows, hidden] x [hidden, vocab] matmul fewer)
+# when they take at most this much and a quarter of the free device memory;
 # otherwise they are recomputed chunk by chunk.
 LOGITS_KEEP_BYTES = 8 << 30
 
@@ -310,7 +310,7 @@ class PackedLogp:
         self.compile = compile
         # token_bucket > 0: the engine pads every micro-batch to a multiple of it, so the compiled
         # layers specialise to those few stream lengths (dynamic=False: one graph per bucket and grad
-        # mode, faster kernels than the dynamic-length graph: tools/bench/NOTES-train.md).
+        # mode, faster kernels than the dynamic-length graph: docs/dev/optimizing-trainer.md).
         self.buckets = [] if token_bucket <= 0 else list(
             range(token_bucket, bucket_tokens(max(max_tokens, 1), token_bucket) + 1, token_bucket))
         self.compile_dynamic: bool | None = token_bucket <= 0

@@ -48,7 +48,7 @@ def steady_rate(run_dir: Path, skip: int = 2) -> tuple[float, float]:
 
 def trainer_split(run_dir: Path, skip: int = 2) -> tuple[float, float, float]:
     """Mean seconds per steady step the trainer computed (proximal pass, update, weight send) and
-    waited for data: the split the one-GPU model of the ratio needs (tools/bench/NOTES.md); and the
+    waited for data: the split the one-GPU model of the ratio needs (docs/dev/optimizing.md); and the
     tokens its forwards ran on per step (prompts and padding included: what its compute scales with)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["step"] > skip]
