@@ -11,7 +11,7 @@ from areal_hpc.model.build import DTYPES
 from areal_hpc.model.qwen2 import SUPPORTED
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.rollout.engine import TorchEngine
-from areal_hpc.rollout.fast_engine import FastEngine
+from areal_hpc.rollout.fast import FastEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,5 +49,5 @@ def build_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int)
                  common["max_batch"], cfg.model.max_seq_len, r.cuda_graphs)
         return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, cuda_graphs=r.cuda_graphs,
                           compile_decode=r.compile, decode_attention=r.decode_attention,
-                          decode_layer=r.decode_layer, bucket_step=r.batch_bucket_step, **common)
+                          bucket_step=r.batch_bucket_step, warm_up=True, **common)
     return TorchEngine(model, tok, **common)

@@ -16,7 +16,7 @@ a contiguous copy of the value and index kernels to write the new key first: per
   straight out.
 
 An earlier single-kernel version (one program looping over the whole prefix) was latency-bound at
-24 us per layer for 5.6-12 us of bytes (tools/bench/NOTES.md, decode v5). The split-K kernel with
+about twice the time its bytes need. The split-K kernel with
 one tile per program is latency-bound too, differently: ~2.5 waves of short programs per layer at
 batch 256, each paying the position load, RoPE and its stores before the next wave's loads start.
 So a third form sits between them: a program covers CHUNK keys in BLOCK-key tiles, a software-
@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from areal_hpc.model.graphs import capture
+from areal_hpc.rollout.fast.graphs import capture
 
 CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 programs per (slot, KV head)
 # (keys per program, warps[, keys per loop tile]) tried by DecodeAttention.tune: the best split differs
-# between GPUs (an H100 at 3 TB/s, an H200 at 4.3) and with the batch and context, and a wrong one costs
+# between GPUs (with their memory bandwidth) and with the batch and context, and a wrong one costs
 # up to half the kernel. Two numbers: one tile per program; three: a pipelined loop over tiles.
 CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4, 64), (1024, 4, 64),
            (512, 8, 128), (128, 4, 128, 1), (256, 4, 64, 1), (512, 4, 64, 1), (1024, 4, 64, 1),
@@ -41,8 +41,8 @@ CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4
 # A fourth number 1 ("h" in the name) orders the grid head-major: the programs of a slot's KV heads run next
 # to each other. The cache rows interleave the KV heads (one position = Hkv x D values), so slot-major
 # programs read the 128-byte halves of each 256-byte row ~B programs apart, head-major ones at about the
-# same time. On an H200 at batch 512 / context 640 the slot-major kernel read KV at 73% of copy bandwidth
-# (tools/bench/NOTES.md, seventh session); the tuner times both orders. A fourth number 2 ("p") gives one
+# same time. At large batches and contexts the slot-major kernel reads KV well below copy bandwidth; the
+# tuner times both orders. A fourth number 2 ("p") gives one
 # program a slot's pair of KV heads (``_split_pair``): whole rows per tile, one dot for both heads.
 STAGES = 3  # loads in flight in the looped kernel: the tile being used and the next two
 
@@ -173,7 +173,7 @@ if triton is not None:
         """One chunk done. A slot whose prefix fits one chunk writes its output at once. Otherwise the
         chunk stores its (weighted values, max, sum) and counts itself done; the last of the slot's
         chunks to finish merges them all. No second kernel: at batch 256 the separate combine launch
-        cost ~2.4 us per layer (H200 profile), mostly launch and drain.
+        cost a few us per layer, mostly launch and drain.
 
         The barrier makes every thread's partial stores happen before the one thread's release
         (the count), as in a grid-wide sync; the count's acquire orders the merge's reads after the
@@ -477,7 +477,7 @@ class DecodeAttention:
 
         With ``x`` (the residual rows [B, H] the projection read) the input RMSNorm's weight was folded
         into the projection and its row scale is not yet applied: the kernel takes 1 / rms(x) itself
-        and adds ``bias`` after it (``model/folded.py``), so the norm costs no launch of its own.
+        and adds ``bias`` after it (``folded.py``), so the norm costs no launch of its own.
         """
         split, split_loop, split_pair = _kernels()
         B = qkv.shape[0]
