@@ -140,7 +140,7 @@ def test_gpu_cross_program_merge_is_exact_every_time(split):
 
 
 def test_split_choices_in_the_config_are_the_kernels_configs():
-    """``rollout.decode_attention`` offers exactly the splits ``DecodeAttention.tune`` tries."""
+    """``rollout.decode_attention`` offers exactly the splits the tuner (``tuner.py``) tries."""
     from areal_hpc.config.schema import RolloutConfig
     from areal_hpc.rollout.fast.decode_kernel import CONFIGS, config_name
 

@@ -27,6 +27,7 @@ from areal_hpc.rollout.fast.decode_kernel import (
 from areal_hpc.rollout.fast.folded import FoldedWeights, silu_mul, unfold_qkv
 from areal_hpc.rollout.fast.folded import kernel_available as folded_kernel_available
 from areal_hpc.rollout.fast.slots import SlotScheduler
+from areal_hpc.rollout.fast.tuner import tune
 from areal_hpc.rollout.sampling import sample, sample_fused, triton_available
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class DecodeStep:
         self.attn = DecodeAttention(s.n_heads, s.n_kv_heads, s.head_dim, B, L, dev) if self.fused_attn else None
         if self.attn is not None:
             if attention == "auto" and dev.type == "cuda":  # nothing live yet: timing may write layer 0's cache
-                self.attn.tune(runner._cos, runner._sin, slots.k_cache[0], slots.v_cache[0], dtype)
+                tune(self.attn, runner._cos, runner._sin, slots.k_cache[0], slots.v_cache[0], dtype)
                 log.info("decode attention: %s chosen (us per call: %s)", config_name(self.attn.config),
                          {k: round(v, 1) for k, v in self.attn.timings.items()})
             elif attention != "auto":
