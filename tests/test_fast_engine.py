@@ -624,8 +624,8 @@ def test_gpu_shared_group_prefill_agrees_with_separate():
 def test_gpu_step_loop_waits_at_most_once_per_step():
     """With requests admitted and finished nearly every step, the loop's only wait is for the previous
     step's results (an event wait, which torch's sync debug mode does not count): no blocking copy,
-    scalar read or ``t[idx] = scalar`` (a blocking copy of a CPU scalar, 3.5 per step on an H200
-    before it became ``index_fill_``) sneaks in, so the host prepares step k+1 while the GPU runs step k."""
+    scalar read or ``t[idx] = scalar`` (a blocking copy of a CPU scalar, several per step before it
+    became ``index_fill_``) sneaks in, so the host prepares step k+1 while the GPU runs step k."""
     import warnings
 
     m = _model("cuda", torch.bfloat16, vocab=997)

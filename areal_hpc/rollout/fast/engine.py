@@ -2,10 +2,12 @@
 
 ``FastEngine`` wires the parts together and runs the step loop:
 
-* ``slots.py``   which sequence holds which slot, admission, compaction (the slot scheduler);
-* ``prefill.py`` packed prefill of admitted prompts into their slots, shared per group;
-* ``decode.py``  the decode layer: one token for the slots ``[0, n)``, sampled on the GPU;
-* ``graphs.py``  the decode step captured per batch bucket and replayed.
+* ``slots.py``         which sequence holds which slot, admission, compaction (the slot scheduler);
+* ``prefill.py``       packed prefill of admitted prompts into their slots, shared per group;
+* ``decode.py``        the decode layer: one token for the slots ``[0, n)``, sampled on the GPU;
+* ``graphs.py``        the decode step captured per batch bucket and replayed (the graph runner);
+* ``decode_kernel.py`` the Triton decode attention, ``tuner.py`` the choice of its split on this GPU;
+* ``folded.py``        the decode layer's norms folded into its projections.
 
 One ``step()``: prefill newly admitted prompts (a per-step prompt-token budget keeps a burst of
 admissions from stalling decode for long), then one decode step for the slots ``[0, n)``, ``n`` the
@@ -41,6 +43,12 @@ from areal_hpc.rollout.sampling import triton_available
 
 
 class FastEngine:
+    """The rollout engine for the architectures ``PackedQwen2`` implements (the ``fast`` engine).
+
+    ``warm_up()`` (or ``warm_up=True``) does the one-time work of graph capture and compilation before
+    the first step; without it that work lands in the first steps.
+    """
+
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int, max_new_tokens: int,
                  max_seq_len: int, temperature: float, top_p: float, interrupt: str = "recompute", seed: int = 0,
                  version: int = 0, cuda_graphs: bool = True, prefill_token_budget: int = 16384,

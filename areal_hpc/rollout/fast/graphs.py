@@ -17,7 +17,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-FINE_ABOVE = 128  # decode rows above which a GEMM stops being bound by reading the weights (H100/H200)
+FINE_ABOVE = 128  # decode rows above which a GEMM stops being bound by reading the weights (Hopper-class GPUs)
 
 
 def capture(body: Callable[[], object], pool: object | None = None) -> torch.cuda.CUDAGraph:
