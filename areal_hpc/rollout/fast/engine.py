@@ -134,7 +134,7 @@ class FastEngine:
         """Do the one-time work before the first step instead of inside it: capture every decode bucket's
         graph (compiling the layer's compiled pieces with them) and every prefill bucket's graph. Without
         CUDA graphs, run the decode step once per bucket (compiling it where it is compiled). Returns
-        the seconds it took (also in ``stats()['warmup_s']``).
+        the seconds it took (their sum over calls is ``stats()['warmup_s']``).
 
         Why: done lazily, this work lands in the first steps, inside a benchmark's timed window or the
         RL loop's first rollout steps.
@@ -152,8 +152,9 @@ class FastEngine:
                     dst.copy_(src)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.warmup_s += time.perf_counter() - t
-        return self.warmup_s
+        took = time.perf_counter() - t
+        self.warmup_s += took
+        return took
 
     @torch.no_grad()
     def step(self) -> list[Generation]:
