@@ -94,6 +94,11 @@ class InferenceEngine(Protocol):
         """Run ``requests`` to completion on an idle engine (evaluation); sample-id order."""
         ...
 
+    def warm_up(self) -> float:
+        """Do the engine's one-time work (graph capture, compiling) now, before the first step, instead of
+        inside the first rollout steps; returns its seconds."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """The engine's own figures for ``summary.json`` (build and warm-up time, kernel choices)."""
         ...

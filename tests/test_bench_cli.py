@@ -137,7 +137,7 @@ def test_decode_bench_times_partial_batches_in_both_bucket_sets():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(bench_dir().parents[1]))
-    from areal_hpc.rollout.fast_engine import FastEngine
+    from areal_hpc.rollout.fast import FastEngine
     from tools.bench.decode_throughput import _NoEos, partial_batches
 
     cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -147,7 +147,7 @@ def test_decode_bench_times_partial_batches_in_both_bucket_sets():
     rows = partial_batches(eng, ctx=20)
     assert [(r["live"], r["bucket"], r["halves_bucket"]) for r in rows] == [(160, 192, 256)]  # 96 live: 128 either way
     assert rows[0]["ms"] > 0 and rows[0]["halves_ms"] > 0 and rows[0]["speedup"] > 0
-    assert not eng._pos.any(), "the timed slots must be parked again"
+    assert not eng.slots.pos.any(), "the timed slots must be parked again"
 
 
 def test_e2e_vary_line_names_an_earlier_sync_row_by_its_file():

@@ -18,7 +18,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter):
     out = triton_interpreter("-c", textwrap.dedent("""
         import torch
-        from areal_hpc.model.decode_kernel import check_against_reference
+        from areal_hpc.rollout.fast.decode_kernel import check_against_reference
         cpu = torch.device("cpu")
         # Qwen2-0.5B's heads; chunk edges (63, 64, 65, 128), an empty prefix, the last cache row
         print(check_against_reference(cpu, torch.float32, 14, 2, 64, lengths=(0, 1, 63, 64, 65, 128, 200)))
@@ -55,14 +55,14 @@ def test_kernel_matches_rope_write_and_sdpa_under_interpreter(triton_interpreter
 
 
 def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_interpreter):
-    """The whole engine on the fused path: logprobs equal a plain forward, results do not depend on the
-    batch or on the decode layer (the one-slot run folds the norms into the attention and SiLU-mul
-    kernels), and a long tail makes the engine move slots down into a smaller bucket."""
+    """The whole engine on the fused path (the norms folded into the attention and SiLU-mul kernels):
+    logprobs equal a plain forward, results do not depend on the batch, and a long tail makes the
+    engine move slots down into a smaller bucket."""
     out = triton_interpreter("-c", textwrap.dedent("""
         import numpy as np, torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
-        from areal_hpc.rollout.engine import GenRequest
-        from areal_hpc.rollout.fast_engine import FastEngine
+        from areal_hpc.api import GenRequest
+        from areal_hpc.rollout.fast import FastEngine
 
         class _Tok:
             eos_id, pad_id = 2, 0
@@ -86,13 +86,13 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
         # 34 requests: most short, a few long, so the live slots thin out while slots are high
         reqs = [GenRequest(i, i, i // 4, torch.randint(3, 97, (3 + i % 5,), generator=g).tolist(),
                            max_tokens=(16 if i % 11 == 10 else 1 + i % 3)) for i in range(34)]
-        def run(batch, layer):
+        def run(batch):
             eng = FastEngine(m, _Tok(), max_batch=batch, max_new_tokens=16, max_seq_len=32, temperature=1.0,
-                             top_p=1.0, seed=5, cuda_graphs=False, decode_layer=layer)
-            assert eng._fused_attn and eng._fold_kernel
+                             top_p=1.0, seed=5, cuda_graphs=False)
+            assert eng.decode.fused_attn and eng.decode.fold_kernel
             return eng, eng.generate(reqs)
-        big, a = run(32, "inplace")
-        _, b = run(1, "folded")
+        big, a = run(32)
+        _, b = run(1)
         assert big.compactions >= 1 and big.slots_moved >= 1, (big.compactions, big.slots_moved)
         assert min(big.bucket_steps) == 16 and max(big.bucket_steps) == 32, big.bucket_steps
         worst = 0.0
@@ -118,7 +118,7 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
 def test_gpu_fused_decode_attention_matches_reference(heads, kv, dim, lengths, split):
     """bf16, every split the engine may choose: within 2e-2 of RoPE + index write + SDPA; the new
     key/value land in the cache."""
-    from areal_hpc.model.decode_kernel import check_against_reference, parse_config, split_args
+    from areal_hpc.rollout.fast.decode_kernel import check_against_reference, parse_config, split_args
 
     for fold in (False, True):
         assert check_against_reference(torch.device("cuda"), torch.bfloat16, heads, kv, dim, lengths,
@@ -132,20 +132,20 @@ def test_gpu_cross_program_merge_is_exact_every_time(split):
     would show as an occasional wrong row. 256 slots at random contexts (64-2000 keys), 50 launches
     alternating between two inputs, each checked against the reference (a partial read before its
     store would hold the other input's value); the counts are back to zero at the end."""
-    from areal_hpc.model.decode_kernel import check_against_reference, parse_config, split_args
+    from areal_hpc.rollout.fast.decode_kernel import check_against_reference, parse_config, split_args
 
     lengths = tuple(torch.randint(64, 2000, (256,), generator=torch.Generator().manual_seed(7)).tolist())
     assert check_against_reference(torch.device("cuda"), torch.bfloat16, 14, 2, 64, lengths,
                                    **split_args(parse_config(split)), reps=50) < 2e-2
 
 
-def test_split_choices_in_the_config_are_the_kernels_configs():
-    """``rollout.decode_attention`` offers exactly the splits ``DecodeAttention.tune`` tries."""
-    from areal_hpc.config.schema import RolloutConfig
-    from areal_hpc.model.decode_kernel import CONFIGS, config_name
+def test_every_split_name_parses_back_to_its_config():
+    """``FastEngine(decode_attention=NAME)`` (the decode bench's ``--decode-attention``) takes exactly the
+    splits the tuner (``tuner.py``) tries, by the names ``config_name`` gives them."""
+    from areal_hpc.rollout.fast.decode_kernel import CONFIGS, config_name, parse_config
 
-    choices = RolloutConfig.__dataclass_fields__["decode_attention"].metadata["choices"]
-    assert choices == ("auto", *(config_name(c) for c in CONFIGS))
+    assert all(parse_config(config_name(c)) == c for c in CONFIGS)
+    assert len({config_name(c) for c in CONFIGS}) == len(CONFIGS)
 
 
 @cuda
@@ -155,9 +155,9 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
     import numpy as np
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from areal_hpc.model.decode_kernel import CONFIGS, config_name
-    from areal_hpc.rollout.engine import GenRequest
-    from areal_hpc.rollout.fast_engine import FastEngine
+    from areal_hpc.api import GenRequest
+    from areal_hpc.rollout.fast import FastEngine
+    from areal_hpc.rollout.fast.decode_kernel import CONFIGS, config_name
 
     cfg = Qwen2Config(vocab_size=997, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -189,7 +189,7 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
 
 
 def test_split_names_round_trip_and_say_the_grid_order():
-    from areal_hpc.model.decode_kernel import CONFIGS, config_name, parse_config, split_args
+    from areal_hpc.rollout.fast.decode_kernel import CONFIGS, config_name, parse_config, split_args
 
     assert all(parse_config(config_name(c)) == c for c in CONFIGS)
     assert config_name((512, 4, 64)) == "512x4x64" and config_name((64, 4)) == "64x4"

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from areal_hpc.rollout.engine import GenRequest, TorchEngine
-from areal_hpc.rollout.fast_engine import FastEngine
+from areal_hpc.api import GenRequest
+from areal_hpc.rollout.engine import TorchEngine
+from areal_hpc.rollout.fast import FastEngine
 from areal_hpc.rollout.sampling import row_uniform, sample_fused, sample_torch, triton_available
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -224,7 +225,7 @@ def test_group_prompts_share_one_prefill(batch, graphs, monkeypatch):
     prompts = [torch.randint(3, 97, (3 + k,), generator=g).tolist() for k in range(4)]
     reqs = [GenRequest(i, i // 4, i // 4, prompts[i // 4], max_tokens=4 + i % 7) for i in range(16)]
     shared_eng, plain_eng = _engine(m, batch), _engine(m, batch)
-    plain_eng.share_prompts = False
+    plain_eng.slots.share_prompts = False
     if graphs:
         _eager_graphs(shared_eng, monkeypatch)
     shared, plain = shared_eng.generate(reqs), plain_eng.generate(reqs)
@@ -250,20 +251,20 @@ def test_prefill_too_large_for_a_graph_splits_and_keeps_sample_order(monkeypatch
     eng = _engine(m, 8)
     seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
     samples = [(4, 3), (0, 0), (5, 1), (1, 0), (6, 3), (2, 2)]  # out of order, leaders sampled twice
-    eng._seed[:] = torch.arange(100, 108)
-    want = eng._prefill([0, 1, 2, 3], seqs, samples)  # eager, one pass
-    eager = eng._prefill
+    eng.slots.seed[:] = torch.arange(100, 108)
+    want = eng.prefill.run([0, 1, 2, 3], seqs, samples)  # eager, one pass
+    eager = eng.prefill.run
 
     def graphed(slots, seqs_, lens, samples_):
-        eng._use_graph = False
+        eng.mode.graphs = False
         try:
             return eager(slots, seqs_, samples_)
         finally:
-            eng._use_graph = True
+            eng.mode.graphs = True
 
-    monkeypatch.setattr(eng, "_prefill_graphed", graphed)
-    eng._use_graph, eng._prefill_buckets = True, [8]  # 17 tokens: too large, split down to <= 8 each
-    got = eng._prefill([0, 1, 2, 3], seqs, samples)
+    monkeypatch.setattr(eng.prefill, "graphed", graphed)
+    eng.mode.graphs, eng.prefill.buckets = True, [8]  # 17 tokens: too large, split down to <= 8 each
+    got = eng.prefill.run([0, 1, 2, 3], seqs, samples)
     assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-6)
 
 
@@ -272,25 +273,30 @@ def _eager_graphs(eng, monkeypatch):
     the same static buffers (CPU has no CUDA graphs): the host side of the GPU path, tested here."""
     from types import SimpleNamespace
 
+    captured = []
+
     def capture(T, N):
-        entry, body = eng._prefill_static(T, N)
+        entry, body = eng.prefill.static(T, N)
         entry["graph"] = SimpleNamespace(replay=body)
-        eng._prefill_graphs[(T, N)] = entry
+        eng.prefill.graphs[(T, N)] = entry
+        captured.append((T, N))
         return entry
 
     def capture_decode(n):
-        eng._graphs[n] = SimpleNamespace(replay=lambda: eng._decode_body(n))
-        return eng._graphs[n]
+        eng.graphs.graphs[n] = SimpleNamespace(replay=lambda: eng.decode(n))
+        captured.append(n)
+        return eng.graphs.graphs[n]
 
-    monkeypatch.setattr(eng, "_capture_prefill", capture)
-    monkeypatch.setattr(eng, "_capture", capture_decode)
-    eng._use_graph = True
+    monkeypatch.setattr(eng.prefill, "capture", capture)
+    monkeypatch.setattr(eng.graphs, "capture", capture_decode)
+    eng.mode.graphs = True
+    return captured
 
 
 def test_fine_buckets_above_128_slots_give_the_same_sequences(monkeypatch):
     """Above 128 live slots the decode runs in 64-slot steps of batch (192 here, between the halves 128
     and 256), and a thinning batch is moved down into them; the sequences are those of a 5-slot engine."""
-    from areal_hpc.rollout.fast_engine import decode_buckets
+    from areal_hpc.rollout.fast import decode_buckets
 
     assert decode_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
     assert decode_buckets(512, 0) == [16, 32, 64, 128, 256, 512]
@@ -306,7 +312,7 @@ def test_fine_buckets_above_128_slots_give_the_same_sequences(monkeypatch):
     small = FastEngine(m, _Tok(), max_batch=5, max_new_tokens=40, max_seq_len=64, temperature=1.0, top_p=1.0,
                        seed=5, cuda_graphs=False)
     a, b = big.generate(reqs), small.generate(reqs)
-    assert big._buckets == [16, 32, 64, 128, 192, 256]
+    assert big.graphs.buckets == [16, 32, 64, 128, 192, 256]
     assert big.bucket_steps.get(192, 0) > 0 and big.compactions > 0, big.bucket_steps
     for x, y in zip(a, b, strict=True):
         assert x.tokens == y.tokens
@@ -323,17 +329,17 @@ def test_graphed_prefill_buffers_give_the_eager_result(monkeypatch, samples):
     want = {"own": [(0, 0), (1, 1), (2, 2)], "shared": [(3, 2), (0, 0), (4, 0), (1, 1), (5, 2)], None: None}[samples]
     ref, eng = _engine(m, 8), _engine(m, 8)
     for e in (ref, eng):
-        e._seed[:] = torch.arange(40, 48)
-    a = ref._prefill([0, 1, 2], seqs, want)
+        e.slots.seed[:] = torch.arange(40, 48)
+    a = ref.prefill.run([0, 1, 2], seqs, want)
     _eager_graphs(eng, monkeypatch)
-    b = eng._prefill([0, 1, 2], seqs, want)
-    assert eng._prefill_graphs, "the graph path was not taken"
+    b = eng.prefill.run([0, 1, 2], seqs, want)
+    assert eng.prefill.graphs, "the graph path was not taken"
     if samples is None:
         assert a is None and b is None
     else:
         assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
     for slot, seq in enumerate(seqs):
-        for cache_a, cache_b in ((ref.k_cache, eng.k_cache), (ref.v_cache, eng.v_cache)):
+        for cache_a, cache_b in ((ref.slots.k_cache, eng.slots.k_cache), (ref.slots.v_cache, eng.slots.v_cache)):
             torch.testing.assert_close(cache_b[:, slot, :len(seq)], cache_a[:, slot, :len(seq)], atol=1e-5, rtol=0)
 
 
@@ -344,7 +350,7 @@ def test_requests_are_refilled_as_slots_free():
     finished, occupancy = [], []
     while eng.num_active():
         finished += eng.step()
-        occupancy.append(eng._n_live() + len(finished))
+        occupancy.append(eng.slots.live + len(finished))
     assert len(finished) == 6
     assert all(g.finished and g.versions == [0] * len(g.tokens) for g in finished)
 
@@ -425,31 +431,7 @@ def test_gpu_graph_and_eager_decode_agree():
         assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
 
 
-@cuda
-def test_gpu_engine_on_a_high_priority_stream_gives_the_default_streams_results():
-    """``rollout.stream_priority: high`` runs the engine (its build, graph capture and replays, a weight
-    update) on another stream: every copy and event must follow the current stream, or results would race."""
-    from areal_hpc.comm.devices import work_stream
 
-    m = _model("cuda", torch.bfloat16, vocab=997)
-    reqs = _requests(20, vocab=997)
-    new = {k: v * 1.01 for k, v in m.named_parameters()}
-    base_engine = _engine(m, 8)
-    base = base_engine.generate(reqs)
-    base_engine.update_weights(new.items(), version=1)
-    base_after = base_engine.generate(reqs)
-    m2 = _model("cuda", torch.bfloat16, vocab=997)
-    with work_stream("high", torch.cuda.current_device()):
-        assert torch.cuda.current_stream().priority < 0
-        eng = _engine(m2, 8)
-        high = eng.generate(reqs)
-        eng.update_weights(new.items(), version=1)
-        high_after = eng.generate(reqs)
-    torch.cuda.synchronize()
-    for x, y in [*zip(base, high, strict=True), *zip(base_after, high_after, strict=True)]:
-        assert x.tokens == y.tokens
-        assert np.allclose(x.logprobs, y.logprobs, atol=1e-3)
-    assert {v for g in high_after for v in g.versions} == {1}
 
 
 @pytest.mark.parametrize("kind", ["fast", "hf"])
@@ -499,47 +481,85 @@ def test_abort_stops_a_group_where_it_stands_and_the_rest_run_on(kind):
             assert d.tokens == plain[i].tokens and np.allclose(d.logprobs, plain[i].logprobs, atol=1e-5)
 
 
-def test_decode_layers_compute_the_same_function():
-    """``inplace`` (residual adds accumulated by the GEMMs into the residual stream) and ``folded`` (the
-    norms folded into the projections) decode what the ``fused`` layer does, also after a weight
-    update (the folded copies follow it); an unknown layer is refused with the choices."""
-    m, pristine, new = _model(), _model(), _model(seed=1)
+def test_decode_follows_a_weight_update():
+    """The folded copies of the q/k/v and gate/up weights follow an update: what is decoded after it
+    has the new weights' logprobs."""
+    m, new = _model(), _model(seed=1)
     reqs = _requests(16)
-    runs = {}
-    for layer in ("inplace", "folded", "fused"):
-        eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
-                         seed=5, decode_layer=layer)
-        runs[layer] = eng.generate(reqs)
-        eng.update_weights(new.named_parameters(), version=1)
-        runs[layer] += eng.generate(reqs)
-        assert eng.stats()["decode_layer"] == layer
-        eng.update_weights(pristine.named_parameters(), version=2)  # the engine writes into m's parameters
-    for other in ("inplace", "folded"):
-        for a, b in zip(runs[other], runs["fused"], strict=True):
-            assert a.tokens == b.tokens
-            assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
-    assert [a.tokens for a in runs["fused"][:16]] != [a.tokens for a in runs["fused"][16:]]  # the update took
-    with pytest.raises(ValueError, match="inplace"):
-        FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
-                   decode_layer="inplcae")
+    eng = _engine(m, 8)
+    before = eng.generate(reqs)
+    eng.update_weights(new.named_parameters(), version=1)
+    after = eng.generate(reqs)
+    assert [a.tokens for a in before] != [a.tokens for a in after]  # the update took
+    for g in after:
+        assert g.versions == [1] * len(g.tokens)
+        assert np.allclose(g.logprobs, _reference_logprobs(new, g), atol=1e-4)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_warm_up_prepares_every_bucket_before_the_first_step(graphs, monkeypatch):
+    """``warm_up()`` does the one-time work up front: with graphs, every decode bucket and every prefill
+    (tokens, rows) bucket is captured (replayed eagerly here: CPU has no CUDA graphs) and no capture is
+    left for the steps; without, each decode bucket runs once. Either way the decode inputs it advanced
+    are restored, so the results are those of an engine that did no warm-up."""
+    m = _model()
+    reqs = _requests(40)
+    plain = FastEngine(m, _Tok(), max_batch=256, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                       seed=5, prefill_token_budget=600).generate(reqs)
+    eng = FastEngine(m, _Tok(), max_batch=256, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
+                     seed=5, prefill_token_budget=600)
+    captured = _eager_graphs(eng, monkeypatch) if graphs else []
+    eng.warm_up()
+    st = eng.stats()
+    assert st["warmup_s"] > 0
+    if graphs:
+        assert eng.prefill.buckets == [256, 512, 1024] and eng.graphs.buckets == [16, 32, 64, 128, 192, 256]
+        assert eng.prefill.all_buckets() == [(T, N) for T in (256, 512, 1024) for N in (8, 32, 128, 512)]
+        assert sorted(eng.graphs.graphs) == eng.graphs.buckets and st["decode_graphs"] == 6
+        assert sorted(eng.prefill.graphs) == eng.prefill.all_buckets() and st["prefill_graphs"] == 12
+        n_warm = len(captured)
+    assert not eng.slots.pos.any() and not eng.slots.ctr.any() and not eng.slots.tok.any()
+    out = eng.generate(reqs)
+    if graphs:
+        assert len(captured) == n_warm, "a step captured a graph after the warm-up"
+    assert eng.stats()["capture_s_in_steps"] == 0
+    for a, b in zip(out, plain, strict=True):
+        assert a.tokens == b.tokens and np.allclose(a.logprobs, b.logprobs, atol=1e-6)
 
 
 @cuda
-@pytest.mark.parametrize("layer", ["inplace", "folded", "fused"])
-def test_gpu_decode_layers_agree_with_a_plain_forward(layer):
-    """On the GPU (compiled, CUDA graphs, bf16): every decode layer's logprobs within 0.05 of an fp32
-    forward over the tokens it sampled. (Token-by-token agreement between two bf16 layers is not a
-    test of either: on this tiny model with large logits, a rounding difference flips a sample and
-    the rest of that sequence differs.) The split is fixed so that only the layer varies."""
+def test_gpu_decode_agrees_with_a_plain_forward():
+    """On the GPU (compiled, CUDA graphs, bf16): the decode layer's logprobs within 0.05 of an fp32
+    forward over the tokens it sampled. (Token-by-token agreement between two bf16 runs is not a
+    test: on this tiny model with large logits, a rounding difference flips a sample and the rest of
+    that sequence differs.) The split is fixed so that only the layer is tested."""
     m = _model("cuda", torch.bfloat16, vocab=997, layers=3)
     ref_model = _model("cuda", torch.float32, vocab=997, layers=3)
     reqs = _requests(20, vocab=997)
     eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
-                     seed=5, decode_layer=layer, decode_attention="64x4")
+                     seed=5, decode_attention="64x4")
     out = eng.generate(reqs)
-    assert eng.stats()["decode_layer"] == layer and sum(len(g.tokens) for g in out) > 100
+    assert sum(len(g.tokens) for g in out) > 100
     worst = max(float(np.max(np.abs(np.array(g.logprobs) - _reference_logprobs(ref_model, g)))) for g in out)
     assert worst < 0.05, worst
+
+
+@cuda
+def test_gpu_warm_up_captures_every_bucket_and_changes_no_result():
+    """On the GPU the warm-up captures every decode and prefill graph before the first step; a run after
+    it captures nothing more and samples what an engine without the warm-up does."""
+    m = _model("cuda", torch.bfloat16, vocab=997)
+    reqs = _requests(40, vocab=997)
+    plain = _engine(m, 64).generate(reqs)
+    eng = _engine(m, 64)
+    eng.warm_up()
+    st = eng.stats()
+    assert st["decode_graphs"] == len(eng.graphs.buckets) and st["prefill_graphs"] == len(eng.prefill.all_buckets())
+    assert st["warmup_s"] > 0
+    out = eng.generate(reqs)
+    assert eng.stats()["capture_s_in_steps"] == 0 and eng.stats()["prefill_graphs"] == st["prefill_graphs"]
+    for a, b in zip(out, plain, strict=True):
+        assert a.tokens == b.tokens and np.allclose(a.logprobs, b.logprobs, atol=1e-3)
 
 
 @cuda
@@ -554,7 +574,7 @@ def test_gpu_fine_buckets_replay_their_graphs_and_agree_with_a_plain_forward():
     eng = FastEngine(m, _Tok(), max_batch=256, max_new_tokens=40, max_seq_len=64, temperature=1.0, top_p=1.0,
                      seed=5, decode_attention="64x4")
     out = eng.generate(reqs)
-    assert set(eng._graphs) == {16, 32, 64, 128, 192, 256}
+    assert set(eng.graphs.graphs) == {16, 32, 64, 128, 192, 256}
     assert eng.bucket_steps.get(192, 0) > 0 and eng.compactions > 0, eng.bucket_steps
     worst = max(float(np.max(np.abs(np.array(x.logprobs) - _reference_logprobs(ref_model, x)))) for x in out[::7])
     assert worst < 0.05, worst
@@ -568,7 +588,7 @@ def test_gpu_shared_group_prefill_agrees_with_separate():
     prompts = [torch.randint(3, 997, (5 + k,), generator=g).tolist() for k in range(6)]
     reqs = [GenRequest(i, i // 8, i // 8, prompts[i // 8], max_tokens=6 + i % 5) for i in range(48)]
     a_eng, b_eng = _engine(m, 16), _engine(m, 16)
-    b_eng.share_prompts = False
+    b_eng.slots.share_prompts = False
     a, b = a_eng.generate(reqs), b_eng.generate(reqs)
     assert a_eng.prefill_tokens_shared > 0
     assert sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) >= 0.9 * len(reqs)
@@ -581,8 +601,8 @@ def test_gpu_shared_group_prefill_agrees_with_separate():
 def test_gpu_step_loop_waits_at_most_once_per_step():
     """With requests admitted and finished nearly every step, the loop's only wait is for the previous
     step's results (an event wait, which torch's sync debug mode does not count): no blocking copy,
-    scalar read or ``t[idx] = scalar`` (a blocking copy of a CPU scalar, 3.5 per step on an H200
-    before it became ``index_fill_``) sneaks in, so the host prepares step k+1 while the GPU runs step k."""
+    scalar read or ``t[idx] = scalar`` (a blocking copy of a CPU scalar, several per step before it
+    became ``index_fill_``) sneaks in, so the host prepares step k+1 while the GPU runs step k."""
     import warnings
 
     m = _model("cuda", torch.bfloat16, vocab=997)
@@ -611,7 +631,7 @@ def test_gpu_decode_reads_only_valid_cache_through_flash():
     assert flash_decode_works(torch.device("cuda"), torch.bfloat16, 14, 2, 64)
     m = _model("cuda", torch.bfloat16, vocab=997)
     eng = _engine(m, 8)
-    assert eng._fused_attn
+    assert eng.decode.fused_attn
     out = eng.generate(_requests(8, vocab=997))
     assert all(np.isfinite(g.logprobs).all() for g in out)
 

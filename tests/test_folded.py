@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from areal_hpc.model.folded import FoldedWeights, silu_mul, silu_mul_torch, unfold_qkv
 from areal_hpc.model.qwen2 import rms_norm
+from areal_hpc.rollout.fast.folded import FoldedWeights, silu_mul, silu_mul_torch, unfold_qkv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

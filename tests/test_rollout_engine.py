@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from areal_hpc.api import GenRequest
 from areal_hpc.model.build import build_tiny_model
 from areal_hpc.model.tokenizer import CharTokenizer
-from areal_hpc.rollout.engine import GenRequest, TorchEngine, sample_tokens
+from areal_hpc.rollout.engine import TorchEngine, sample_tokens
 
 TOK = CharTokenizer("0123456789+-*= ")
 ATOL = 1e-4

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from areal_hpc.api import GenRequest
 from areal_hpc.config import ConfigError, load_config
 from areal_hpc.model.build import build_tiny_model, load_policy
 from areal_hpc.model.tokenizer import IdTokenizer, initial_tokenizer, load_tokenizer
-from areal_hpc.rollout.engine import GenRequest, TorchEngine
+from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.rollout.evaluate import evaluate
 from areal_hpc.rollout.reward import even_token_reward, problem_reward
 from areal_hpc.tasks import Problem, SyntheticTask, build_task, prompt_ids

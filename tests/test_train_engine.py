@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from areal_hpc.api import TrainBatch
+from areal_hpc.api import GenRequest, TrainBatch
 from areal_hpc.config.schema import TrainerConfig
 from areal_hpc.model.build import build_tiny_model
 from areal_hpc.model.tokenizer import CharTokenizer
-from areal_hpc.rollout.engine import GenRequest, TorchEngine
+from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.train.engine import TorchTrainEngine
 from areal_hpc.train.loss import ppo_loss
 from areal_hpc.trajectory import Trajectory

@@ -121,8 +121,10 @@ def _run_rollout(cfg: Config, ctx: MPIContext, groups, files: RunFiles, policy: 
                  phases: Phases) -> None:
     from areal_hpc.rollout.worker import RolloutWorker
 
-    with phases.time("build"):  # model load, engine (on CUDA: split tuning, warm-up), weight receiver, ring
+    with phases.time("build"):  # model load, engine (on CUDA: split tuning), weight receiver, ring
         worker = RolloutWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
+    with phases.time("warm_up"):  # the engine's graph capture and compiling, out of the first steps
+        worker.engine.warm_up()
     with phases.time("wait_peers"):
         ctx.world.Barrier()  # trainer 0 evaluates the initial policy meanwhile
     with phases.time("run"):

@@ -57,7 +57,7 @@ def hf_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) ->
 
 
 def fast_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> InferenceEngine:
-    from areal_hpc.rollout.fast_engine import FastEngine
+    from areal_hpc.rollout.fast import FastEngine
 
     r, common = cfg.rollout, _common(cfg, seed)
     log.info("rollout engine: fast (%s, batch %d, cache %d tokens)", model.dtype, common["max_batch"],

@@ -181,6 +181,9 @@ class TorchEngine:
         self._decode(tok)
         return finished
 
+    def warm_up(self) -> float:
+        return 0.0  # an eager HF forward: nothing is captured or compiled ahead
+
     def stats(self) -> dict[str, Any]:
         return {"engine": "hf", "prefill_tokens": self.prefill_tokens, "interrupt": self.interrupt}
 

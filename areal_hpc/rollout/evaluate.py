@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from areal_hpc.api import GenRequest
 from areal_hpc.model.tokenizer import Tokenizer
-from areal_hpc.rollout.engine import GenRequest, TorchEngine
+from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.tasks.base import prompt_ids
 

@@ -30,7 +30,7 @@ for s in $stages; do
       python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests --ignore=tests/mpi --ignore=tests/slurm \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     decode) python3 tools/bench/decode_throughput.py --batch ${DECODE_BATCH:-64 256} --prompt "${DECODE_PROMPT:-128}" \
-              --new "${DECODE_NEW:-256}" --profile --decode-layer ${DECODE_LAYERS:-folded inplace} ${DECODE_EXTRA:-} \
+              --new "${DECODE_NEW:-256}" --profile ${DECODE_EXTRA:-} \
               --out "$OUT/${DECODE_OUT:-decode}.json" 2>&1 | tee "$OUT/${DECODE_OUT:-decode}.log" ;;
     train) python3 tools/bench/train_throughput.py --no-hf ${TRAIN_PROFILE:+--profile} --steps ${TRAIN_STEPS:-5} ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
              --out "$OUT/train.json" ;;

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from areal_hpc.rollout.engine import GenRequest  # noqa: E402
-from areal_hpc.rollout.fast_engine import FastEngine  # noqa: E402
+from areal_hpc.api import GenRequest  # noqa: E402
+from areal_hpc.rollout.fast import FastEngine  # noqa: E402
 
 
 def count_syncs(fn) -> tuple[collections.Counter, str]:

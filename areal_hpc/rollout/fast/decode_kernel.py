@@ -16,7 +16,7 @@ a contiguous copy of the value and index kernels to write the new key first: per
   straight out.
 
 An earlier single-kernel version (one program looping over the whole prefix) was latency-bound at
-24 us per layer for 5.6-12 us of bytes (tools/bench/NOTES.md, decode v5). The split-K kernel with
+about twice the time its bytes need. The split-K kernel with
 one tile per program is latency-bound too, differently: ~2.5 waves of short programs per layer at
 batch 256, each paying the position load, RoPE and its stores before the next wave's loads start.
 So a third form sits between them: a program covers CHUNK keys in BLOCK-key tiles, a software-
@@ -29,11 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from areal_hpc.model.graphs import capture
-
 CHUNK = 64  # keys per program by default: one tile; a 256-token prefix is 4 programs per (slot, KV head)
-# (keys per program, warps[, keys per loop tile]) tried by DecodeAttention.tune: the best split differs
-# between GPUs (an H100 at 3 TB/s, an H200 at 4.3) and with the batch and context, and a wrong one costs
+# (keys per program, warps[, keys per loop tile]) tried by the tuner (tuner.py): the best split differs
+# between GPUs (with their memory bandwidth) and with the batch and context, and a wrong one costs
 # up to half the kernel. Two numbers: one tile per program; three: a pipelined loop over tiles.
 CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4, 64), (1024, 4, 64),
            (512, 8, 128), (128, 4, 128, 1), (256, 4, 64, 1), (512, 4, 64, 1), (1024, 4, 64, 1),
@@ -41,8 +39,8 @@ CONFIGS = ((64, 4), (32, 2), (128, 4), (128, 8), (256, 8), (256, 4, 64), (512, 4
 # A fourth number 1 ("h" in the name) orders the grid head-major: the programs of a slot's KV heads run next
 # to each other. The cache rows interleave the KV heads (one position = Hkv x D values), so slot-major
 # programs read the 128-byte halves of each 256-byte row ~B programs apart, head-major ones at about the
-# same time. On an H200 at batch 512 / context 640 the slot-major kernel read KV at 73% of copy bandwidth
-# (tools/bench/NOTES.md, seventh session); the tuner times both orders. A fourth number 2 ("p") gives one
+# same time. At large batches and contexts the slot-major kernel reads KV well below copy bandwidth; the
+# tuner times both orders. A fourth number 2 ("p") gives one
 # program a slot's pair of KV heads (``_split_pair``): whole rows per tile, one dot for both heads.
 STAGES = 3  # loads in flight in the looped kernel: the tile being used and the next two
 
@@ -173,7 +171,7 @@ if triton is not None:
         """One chunk done. A slot whose prefix fits one chunk writes its output at once. Otherwise the
         chunk stores its (weighted values, max, sum) and counts itself done; the last of the slot's
         chunks to finish merges them all. No second kernel: at batch 256 the separate combine launch
-        cost ~2.4 us per layer (H200 profile), mostly launch and drain.
+        cost a few us per layer, mostly launch and drain.
 
         The barrier makes every thread's partial stores happen before the one thread's release
         (the count), as in a grid-wide sync; the count's acquire orders the merge's reads after the
@@ -438,7 +436,7 @@ class DecodeAttention:
         self.hq, self.hkv, self.d = n_heads, n_kv, head_dim
         self.g = n_heads // n_kv
         self.max_batch, self.cache_len, self.device = max_batch, cache_len, device
-        self.timings: dict[str, float] = {}  # us per call of each config tune() tried
+        self.timings: dict[str, float] = {}  # us per call of each config the tuner tried (tuner.py)
         self.configure(chunk, num_warps, block, head_major, pairs)
 
     @property
@@ -477,7 +475,7 @@ class DecodeAttention:
 
         With ``x`` (the residual rows [B, H] the projection read) the input RMSNorm's weight was folded
         into the projection and its row scale is not yet applied: the kernel takes 1 / rms(x) itself
-        and adds ``bias`` after it (``model/folded.py``), so the norm costs no launch of its own.
+        and adds ``bias`` after it (``folded.py``), so the norm costs no launch of its own.
         """
         split, split_loop, split_pair = _kernels()
         B = qkv.shape[0]
@@ -508,56 +506,6 @@ class DecodeAttention:
         else:
             split_loop[grid](*args, **shape, BLK=self.block, STAGES=STAGES)
         return out
-
-    def tune(self, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype,
-             max_context: int = 1024, reps: int = 20) -> tuple[int, ...]:
-        """Time every correct config of ``CONFIGS`` on a full batch and keep the fastest.
-
-        ``k_cache``/``v_cache`` are one layer's caches [B', L, Hkv, D] with nothing live in them: the
-        timed calls write keys at random positions (contexts uniform up to ``max_context``, the
-        range most decode steps see). A config whose kernel fails to build or disagrees with the
-        reference is skipped, so tuning never trades correctness for speed.
-        """
-        g = torch.Generator(device="cpu").manual_seed(0)
-        B = self.max_batch
-        qkv = torch.randn(B, (self.hq + 2 * self.hkv) * self.d, generator=g).to(self.device, dtype)
-        hi = max(2, min(self.cache_len - 1, max_context))
-        pos = torch.randint(1, hi, (B,), generator=g).to(self.device)
-        best, best_us = self.config, float("inf")
-        for cfg in CONFIGS:
-            try:
-                if check_against_reference(self.device, dtype, self.hq, self.hkv, self.d, **split_args(cfg)) >= 2e-2:
-                    continue
-                self.configure(**split_args(cfg))
-                us = self._graph_time(lambda: self(qkv, cos, sin, k_cache, v_cache, pos), reps)
-            except Exception:  # noqa: BLE001 - a config this GPU cannot build is simply not a candidate
-                continue
-            self.timings[config_name(cfg)] = us
-            if us < best_us:
-                best, best_us = cfg, us
-        self.configure(**split_args(best))
-        return best
-
-    @staticmethod
-    def _graph_time(call, reps: int) -> float:
-        """Device microseconds per ``call``, replayed from a CUDA graph as the engine runs it. Timed
-        from Python instead, each call costs two Triton launches of ~20-30 us of host time, more
-        than the kernels themselves: the first version of this tuner ranked launch overhead."""
-        call()  # compiles this split's kernels outside the capture
-
-        def body() -> None:
-            for _ in range(reps):
-                call()
-
-        graph = capture(body)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        del graph
-        return 1e3 * start.elapsed_time(end) / reps
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, n_heads: int, n_kv: int,

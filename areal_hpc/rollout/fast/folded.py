@@ -4,13 +4,12 @@
 So the norm weight is folded into a copy of the q/k/v and gate/up weights once per weight version,
 and the row scale is applied by the kernel that reads the projection's output anyway: the decode
 attention (``decode_kernel.py``, with the q/k/v bias after it) and the SiLU-mul below. Each takes
-``r`` from the residual row itself (H values, a few KB per program). At batch 256 the 48 norm
-launches per step cost ~80 us of an ~1.56 ms step on the H200 (profile in tools/bench/NOTES.md),
-almost all launch and drain, not bytes.
+``r`` from the residual row itself (H values, a few KB per program). This is the engine's only
+decode layer because it has the fewest launches per step: two norm launches per layer cost about 5%
+of a large-batch step, almost all launch and drain, not bytes.
 
 The price is memory: a second copy of the q/k/v and gate/up weights (two thirds of each Qwen2
 layer's, half of the 0.5B model's bytes).
-``rollout.decode_layer: inplace`` keeps the plain norms for a GPU that cannot spare it.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ if triton is not None:
 
 def kernel_available(device: torch.device) -> bool:
     """The Triton SiLU-mul runs on CUDA, or on CPU tensors under Triton's interpreter (tests)."""
-    from areal_hpc.model.decode_kernel import interpreting
+    from areal_hpc.rollout.fast.decode_kernel import interpreting
 
     return triton is not None and (device.type == "cuda" or interpreting())
 
