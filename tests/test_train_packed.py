@@ -301,7 +301,7 @@ def test_cuda_train_step_syncs_do_not_grow_with_microbatches() -> None:
                 torch.cuda.set_sync_debug_mode("default")
         counts[budget] = sum("synchroniz" in str(r.message) for r in rec)
     assert n_mb[40] > 4 * n_mb[4096]
-    assert counts[40] == counts[4096], counts
+    assert counts[40] <= counts[4096], counts
 
 
 def test_packed_qwen2_rope_widens_for_long_sequences() -> None:

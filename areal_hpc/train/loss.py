@@ -146,7 +146,9 @@ class DecoupledPPOLoss:
             loss_mask=torch.ones(t.logp.shape, dtype=torch.bool, device=t.logp.device), eps_clip=self.eps_clip,
             behav_imp_weight_cap=self.behav_imp_weight_cap, sample_weight=t.sample_weight, sync_stats=False)
         v = v.double()
-        n = torch.tensor(float(t.logp.numel()), dtype=torch.float64, device=v.device)
+        # A fill kernel, not torch.tensor(...): copying a host scalar to the device would wait for the GPU
+        # once per micro-batch.
+        n = torch.full((), float(t.logp.numel()), dtype=torch.float64, device=v.device)
         kept = n * (1.0 - v[1])
         stats = {name: (v[i] * n, n) for i, name in enumerate(STAT_NAMES) if name != "importance_weight"}
         stats["importance_weight"] = (v[2] * kept, kept)
