@@ -16,6 +16,7 @@ import yaml
 
 from areal_hpc.analysis import plot_runs, summarize
 from areal_hpc.analysis.cli import main
+from areal_hpc.analysis.plots import COMPARE_FILE, PLOT_FILES
 from areal_hpc.storage.shards import ShardWriter
 
 N_ROLLOUT, SHARDS_PER_RANK, PER_SHARD = 2, 2, 200
@@ -211,7 +212,7 @@ def test_default_out_is_run_analysis(runs: dict[str, dict[str, Any]], tmp_path: 
 def test_several_runs_share_figures(runs: dict[str, dict[str, Any]], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     paths = plot_runs([runs["a"]["dir"], runs["b"]["dir"]], tmp_path / "sweep")
-    assert len(paths) == 4
+    assert [p.name for p in paths] == [*PLOT_FILES, COMPARE_FILE]
     for p in paths:
         _check_png(p)
     obj = _json(capsys, [str(runs["a"]["dir"]), str(runs["b"]["dir"]), "--format", "json", "--no-plots"])
@@ -231,14 +232,21 @@ def test_damaged_shard_is_skipped_not_touched(runs: dict[str, dict[str, Any]], t
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     digest = hashlib.sha256(bad.read_bytes()).hexdigest()
     with caplog.at_level(logging.WARNING):
-        obj = _json(capsys, [str(run), "--format", "json", "--no-plots"])
-    info = obj["runs"][0]["info"]
+        capsys.readouterr()
+        assert main([str(run), "--format", "json", "--no-plots"]) == 0
+        captured = capsys.readouterr()
+    info = json.loads(captured.out)["runs"][0]["info"]
     assert [Path(x["path"]).name for x in info["skipped"]] == [bad.name]
     assert info["samples_generated"] == 800 - PER_SHARD
-    assert any(bad.name in m for m in caplog.messages)
-    assert main([str(run), "--no-plots"]) == 0
-    out = capsys.readouterr().out
-    assert "damaged shards skipped: 1" in out and "WARNING: skipped damaged shard" in out
+    # said exactly once: on stderr (stdout is JSON), not also through the log reader's logger
+    said = (captured.err + "\n".join(caplog.messages)).splitlines()
+    assert sum(bad.name in line for line in said) == 1, said
+    with caplog.at_level(logging.WARNING):
+        assert main([str(run), "--no-plots"]) == 0
+        captured = capsys.readouterr()
+    assert "damaged shards skipped: 1" in captured.out and "WARNING: skipped damaged shard" in captured.out
+    said = (captured.out + captured.err + "\n".join(caplog.messages)).splitlines()
+    assert sum(bad.name in line for line in said) == 1, said
     assert main([str(run), "--no-plots", "--strict"]) == 1
     assert bad.name in capsys.readouterr().err
     assert hashlib.sha256(bad.read_bytes()).hexdigest() == digest

@@ -1,7 +1,11 @@
 """``areal-hpc analyze``: tables and plots of finished, crashed or running runs from their rollout log.
 
+A sweep folder (``areal-hpc submit --sweep``), its ``sweep.json`` or a glob over it (``SWEEP_DIR/*``) stands for
+the sweep's runs: they are labelled by their swept values and compared in one more table and figure. A point
+of a sweep that has no log yet is left out with a note; a run folder named on its own must be readable.
+
 Exit codes: 0 ok (damaged shards are skipped with a warning); 1 a damaged shard under ``--strict`` or an output
-folder that cannot be written; 2 a RUN_DIR that is missing, empty or not a run folder.
+folder that cannot be written; 2 a RUN_DIR that is missing, empty or not a run folder, or an unreadable sweep.json.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ def _positive_int(s: str) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path, help="run folder(s), e.g. runs/quickstart")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR|SWEEP_DIR", type=Path,
+                   help="run folder(s), e.g. runs/quickstart, or a sweep folder (or its contents: SWEEP_DIR/*)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for CSV files and plots (default RUN_DIR/analysis, or ./analysis for several runs)")
+                   help="folder for CSV files and plots (default RUN_DIR/analysis, SWEEP_DIR/analysis for a sweep, "
+                        "or ./analysis for several runs)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table",
                    help="table: aligned text; json: one object on stdout; csv: one file per table in --out")
     p.add_argument("--bins", type=_positive_int, default=10, help="step ranges and time buckets per table")
@@ -47,10 +53,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
+def _out_dir(args: argparse.Namespace, runs: list[Any], sweep_dir: Path | None) -> Path:
     if args.out is not None:
         return args.out
-    return args.run_dirs[0] / "analysis" if len(args.run_dirs) == 1 else Path("analysis")
+    if sweep_dir is not None:
+        return sweep_dir / "analysis"
+    return runs[0].path / "analysis" if len(runs) == 1 else Path("analysis")
 
 
 def _prefixes(runs: list[Any]) -> list[str]:
@@ -72,40 +80,87 @@ def _write_csv(df: Any, path: Path) -> Path:
     return path
 
 
+def _load(args: argparse.Namespace) -> tuple[list[Any], Path | None]:
+    """The runs named on the command line, each once; raises what ``run`` turns into exit codes."""
+    from areal_hpc.analysis.sweep import common_sweep, expand
+    from areal_hpc.analysis.tables import RunFolderError, load_run
+
+    targets = expand(args.run_dirs)
+    runs = []
+    for t in targets:
+        try:
+            runs.append(load_run(t.run_dir, strict=args.strict, point=t.point))
+        except RunFolderError as e:
+            if not t.in_sweep:
+                raise
+            # a point that failed early or has not started: the other points are still worth comparing
+            print(f"areal-hpc analyze: sweep point left out: {e}", file=sys.stderr)
+    if not runs:
+        raise RunFolderError(f"{common_sweep(targets) or args.run_dirs[0]}: no point of the sweep has a readable "
+                             f"log yet; see `areal-hpc status` for their state")
+    return runs, common_sweep(targets)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load every run first (so a bad RUN_DIR fails before any output), then report and plot."""
     from areal_hpc.analysis.plots import plot_loaded
-    from areal_hpc.analysis.tables import RunFolderError, load_run, render_run, run_to_json, tables_of
+    from areal_hpc.analysis.sweep import SweepFileError
+    from areal_hpc.analysis.tables import (
+        RunFolderError,
+        comparison_table,
+        format_table,
+        jsonable,
+        render_run,
+        run_to_json,
+        tables_of,
+    )
     from areal_hpc.storage.shards import ShardError
 
     try:
-        runs = [load_run(d, strict=args.strict) for d in args.run_dirs]
-    except RunFolderError as e:
+        runs, sweep_dir = _load(args)
+    except (RunFolderError, SweepFileError) as e:
         print(f"areal-hpc analyze: {e}", file=sys.stderr)
         return 2
     except ShardError as e:
         print(f"areal-hpc analyze: damaged shard (--strict): {e}", file=sys.stderr)
         return 1
     tables = [tables_of(r, args.bins) for r in runs]
-    out = _out_dir(args)
+    compare = comparison_table(runs) if len(runs) > 1 else None
+    out = _out_dir(args, runs, sweep_dir)
     try:
         written: list[Path] = []
         if args.format == "csv":
             out.mkdir(parents=True, exist_ok=True)
             for prefix, ts in zip(_prefixes(runs), tables):
                 written += [_write_csv(df, out / f"{prefix}{name}.csv") for name, df in ts.items()]
+            if compare is not None:
+                written.append(_write_csv(compare, out / "compare.csv"))
         plots = [] if args.no_plots else plot_loaded(runs, out, args.bins)
     except OSError as e:
         print(f"areal-hpc analyze: cannot write to {out}: {e}", file=sys.stderr)
         return 1
+    if args.format != "table":
+        # stdout is for machines here; each left-out file is said once, on stderr (the table mode's header says it)
+        for r in runs:
+            for line in r.problems():
+                print(f"areal-hpc analyze: WARNING: {line}", file=sys.stderr)
     if args.format == "json":
-        obj = {"runs": [run_to_json(r, t) for r, t in zip(runs, tables)], "plots": [str(p) for p in plots]}
+        obj: dict[str, Any] = {"runs": [run_to_json(r, t) for r, t in zip(runs, tables)],
+                               "plots": [str(p) for p in plots]}
+        if compare is not None:
+            obj["compare"] = jsonable(compare.astype(object).to_dict("records"))
+        if sweep_dir is not None:
+            obj["sweep_dir"] = str(sweep_dir)
         print(json.dumps(obj, indent=2, allow_nan=False))
     elif args.format == "csv":
         for p in [*written, *plots]:
             print(p)
     else:
-        print("\n\n\n".join(render_run(r, t) for r, t in zip(runs, tables)))
+        parts = [render_run(r, t) for r, t in zip(runs, tables)]
+        if compare is not None:
+            title = f"Runs compared ({'sweep ' + str(sweep_dir) if sweep_dir else 'one row per run'})"
+            parts.append(format_table(compare, title))
+        print("\n\n\n".join(parts))
         if plots:
             print("\nplots:\n" + "\n".join(f"  {p}" for p in plots))
     return 0

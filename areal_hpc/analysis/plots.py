@@ -1,13 +1,16 @@
 """PNG figures of one or several runs; several runs share each figure (one series per run, e.g. an η sweep).
 
 Figures are built with ``matplotlib.figure.Figure`` and its Agg canvas directly, not pyplot, so plotting
-changes no process-wide backend or figure registry.
+changes no process-wide backend or figure registry. Each ``figure_*`` function builds a figure from numbers a
+``*_data`` function computes (what the tests check); ``plot_*`` saves it. Legends sit right of the axes, never
+over the data: a sweep's labels are long and a 2-token answer's curve runs along the axes' edge.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +18,27 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from areal_hpc.analysis.tables import RunData, load_run, per_step, split_steps, time_origin, trained_samples
+from areal_hpc.analysis.tables import (
+    RunData,
+    comparison_table,
+    load_run,
+    per_step,
+    split_steps,
+    time_origin,
+    trained_samples,
+)
 
 log = logging.getLogger(__name__)
 
 DPI = 120
 PLOT_FILES = ("reward_accuracy.png", "staleness.png", "response_length.png", "throughput.png")
+COMPARE_FILE = "compare.png"  # several runs only: one row of numbers per run, side by side
 
 
-def _figure(nrows: int = 1, height: float = 4.2) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=(9.0, height * nrows), dpi=DPI)
+def _figure(nrows: int = 1, height: float = 4.2, width: float = 11.0) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width, height * nrows), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
     return fig, axes
@@ -33,7 +46,7 @@ def _figure(nrows: int = 1, height: float = 4.2) -> tuple[Figure, list[Axes]]:
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # "tight" keeps the legends outside the axes in the file
     log.info("wrote %s", path)
     return path
 
@@ -44,9 +57,10 @@ def _no_data(ax: Axes, what: str) -> None:
 
 
 def _legend(ax: Axes, what: str, **kwargs: object) -> None:
-    """A legend where there are series, else a note saying which data is missing."""
+    """A legend right of the axes where there are series, else a note saying which data is missing."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(**{"loc": "best", "fontsize": 8, **kwargs})
+        ax.legend(**{"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0, "fontsize": 8,
+                     **kwargs})
     else:
         _no_data(ax, what)
 
@@ -66,27 +80,93 @@ def _colors(n: int) -> list[tuple[float, ...]]:
     return [cmap(i % 10) for i in range(n)]
 
 
-def plot_reward_accuracy(runs: Sequence[RunData], out: Path) -> Path:
-    """Learning curves: faint per-step values, a rolling mean on top."""
-    fig, (ax_r, ax_a) = _figure(2, 3.4)
-    for run, label, color in zip(runs, _labels(runs), _colors(len(runs))):
+@dataclass
+class Curves:
+    """One run's learning curves: per-step reward and accuracy of trained samples, and the held-out accuracy
+    before and after training (``summary.json``; NaN when the run has not reached that evaluation)."""
+
+    label: str
+    steps: pd.DataFrame  # step, reward, accuracy
+    window: int  # rolling-mean window, in steps
+    heldout_before: float
+    heldout_after: float
+    last_step: int
+
+
+def _num(v: object) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else float("nan")
+
+
+def reward_accuracy_data(runs: Sequence[RunData]) -> tuple[list[Curves], bool]:
+    """Each run's curves, and whether reward and accuracy are one series in every run.
+
+    They are with a 0/1 verifier (reward 1 exactly when the answer is correct, as for math tasks): two panels
+    would then show the same curve twice, so the figure draws one.
+    """
+    out = []
+    for run, label in zip(runs, _labels(runs)):
         ps = per_step(run).sort_values("step")
-        if len(ps) == 0:
+        s = run.summary or {}
+        final = _num(s.get("final_version"))
+        last = max(int(ps["step"].max()) if len(ps) else 0, 0 if np.isnan(final) else int(final))
+        out.append(Curves(label, ps, max(1, len(ps) // 25), _num(s.get("accuracy_before")),
+                          _num(s.get("accuracy_after")), last))
+    same = all(np.allclose(c.steps["reward"].to_numpy(float), c.steps["accuracy"].to_numpy(float), equal_nan=True)
+               for c in out if len(c.steps))
+    return out, same
+
+
+def _heldout(ax: Axes, c: Curves, color: tuple[float, ...]) -> None:
+    """Held-out accuracy as two marked points, before (step 0) and after (last step), joined by a dotted line."""
+    before, after = c.heldout_before, c.heldout_after
+    if np.isnan(before) and np.isnan(after):
+        return
+    text = f"{c.label}: held-out accuracy {before:.3f} → " + ("(not evaluated)" if np.isnan(after) else f"{after:.3f}")
+    if not np.isnan(before) and not np.isnan(after):
+        ax.plot([0, c.last_step], [before, after], color=color, linestyle=":", linewidth=1.0)
+    if not np.isnan(before):
+        ax.plot([0], [before], color=color, marker="D", markersize=7, markeredgecolor="black", linestyle="none",
+                label=text)
+    if not np.isnan(after):
+        ax.plot([c.last_step], [after], color=color, marker="*", markersize=13, markeredgecolor="black",
+                linestyle="none", label=None if not np.isnan(before) else text)
+
+
+def figure_reward_accuracy(runs: Sequence[RunData]) -> Figure:
+    """Learning curves (faint per-step values, a rolling mean on top) with the held-out accuracy marked."""
+    curves, same = reward_accuracy_data(runs)
+    fig, axes = _figure(1 if same else 2, 4.2 if same else 3.6)
+    ax_r, ax_a = axes[0], axes[-1]
+    for c, color in zip(curves, _colors(len(curves))):
+        if len(c.steps) == 0:
+            _heldout(ax_a, c, color)
             continue
-        w = max(1, len(ps) // 25)
-        for ax, col in ((ax_r, "reward"), (ax_a, "accuracy")):
-            y = ps[col].astype(float)
-            ax.plot(ps["step"], y, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(ps["step"], y.rolling(w, center=True, min_periods=1).mean(), color=color, linewidth=1.8,
-                    label=label + (f", mean of {w} steps" if w > 1 else ""))
-    for ax, what in ((ax_r, "mean reward"), (ax_a, "accuracy (answer_ok)")):
+        cols = [(ax_r, "reward")] if same else [(ax_r, "reward"), (ax_a, "accuracy")]
+        for ax, col in cols:
+            y = c.steps[col].astype(float)
+            ax.plot(c.steps["step"], y, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(c.steps["step"], y.rolling(c.window, center=True, min_periods=1).mean(), color=color,
+                    linewidth=1.8, label=c.label + (f", mean of {c.window} steps" if c.window > 1 else ""))
+        _heldout(ax_a, c, color)
+    if same:
+        ax_r.set_ylabel("reward = accuracy")
+        ax_r.set_title("Reward (= accuracy: the verifier gives 1 for a correct answer, else 0) of trained samples "
+                       "per step\n◆ held-out accuracy before training, ★ after", fontsize=10)
+    else:
+        ax_r.set_ylabel("mean reward")
+        ax_a.set_ylabel("accuracy (answer_ok)")
+        ax_r.set_title("Reward of trained samples per step", fontsize=10)
+        ax_a.set_title("Accuracy of trained samples per step; ◆ held-out accuracy before training, ★ after",
+                       fontsize=10)
+    for ax in axes:
         ax.set_xlabel("training step")
-        ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         _legend(ax, "trained steps")
-    ax_r.set_title("Reward of trained samples per step")
-    ax_a.set_title("Accuracy of trained samples per step")
-    return _save(fig, out / "reward_accuracy.png")
+    return fig
+
+
+def plot_reward_accuracy(runs: Sequence[RunData], out: Path) -> Path:
+    return _save(figure_reward_accuracy(runs), out / "reward_accuracy.png")
 
 
 def plot_staleness(runs: Sequence[RunData], out: Path) -> Path:
@@ -113,7 +193,7 @@ def plot_staleness(runs: Sequence[RunData], out: Path) -> Path:
         if runs[i].eta is not None:
             ax.axvline(runs[i].eta + 0.5, color=color, linestyle=":", linewidth=1.2)
     ax.set_xticks(xs)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # headroom: the legend sits above the bars, not on them
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
     ax.set_xlabel("staleness (policy versions behind the trained one); dotted line: η bound")
     ax.set_ylabel("fraction of samples reaching the trainer")
     ax.set_title("Staleness of samples at training time")
@@ -122,21 +202,35 @@ def plot_staleness(runs: Sequence[RunData], out: Path) -> Path:
     return _save(fig, out / "staleness.png")
 
 
-def plot_response_length(runs: Sequence[RunData], out: Path, bins: int = 10) -> Path:
+def response_length_data(run: RunData, bins: int = 10) -> pd.DataFrame:
+    """Percentiles of the trained samples' response length per step range: x, p10, p25, p50, p75, p90, mean."""
+    cols = ["x", "p10", "p25", "p50", "p75", "p90", "mean"]
+    ts = trained_samples(run)
+    used = ts[(ts["fate"] == "used") & ts["response_len"].notna()] if len(ts) else ts
+    if len(used) == 0:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for lo, hi in split_steps(used["step"].to_numpy(), max(bins, 20)):
+        lens = used[(used["step"] >= lo) & (used["step"] <= hi)]["response_len"].to_numpy(float)
+        rows.append(((lo + hi) / 2, *np.percentile(lens, [10, 25, 50, 75, 90]), lens.mean()))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def figure_response_length(runs: Sequence[RunData], bins: int = 10) -> Figure:
     """Median response length of trained samples per step range, with its p25-p75 band (and p10-p90 for one run;
-    several runs' wide bands would hide each other)."""
+    several runs' wide bands would hide each other).
+
+    The y axis starts at 0 with headroom above the p90 and whole-token ticks, so 2-token answers read as
+    clearly as 3000-token ones; the legend sits outside the axes.
+    """
     fig, (ax,) = _figure(1, 4.6)
     single = len(runs) == 1
+    top = 0.0
     for run, label, color in zip(runs, _labels(runs), _colors(len(runs))):
-        ts = trained_samples(run)
-        used = ts[(ts["fate"] == "used") & ts["response_len"].notna()] if len(ts) else ts
-        if len(used) == 0:
+        d = response_length_data(run, bins)
+        if len(d) == 0:
             continue
-        rows = []
-        for lo, hi in split_steps(used["step"].to_numpy(), max(bins, 20)):
-            lens = used[(used["step"] >= lo) & (used["step"] <= hi)]["response_len"].to_numpy(float)
-            rows.append(((lo + hi) / 2, *np.percentile(lens, [10, 25, 50, 75, 90]), lens.mean()))
-        d = pd.DataFrame(rows, columns=["x", "p10", "p25", "p50", "p75", "p90", "mean"])
+        top = max(top, float(d["p90" if single else "p75"].max()), float(d["p50"].max()))
         if single:
             ax.fill_between(d["x"], d["p10"], d["p90"], color=color, alpha=0.12, linewidth=0, label="p10–p90")
         ax.fill_between(d["x"], d["p25"], d["p75"], color=color, alpha=0.25, linewidth=0,
@@ -144,12 +238,18 @@ def plot_response_length(runs: Sequence[RunData], out: Path, bins: int = 10) -> 
         ax.plot(d["x"], d["p50"], color=color, marker="o", markersize=3, linewidth=1.8, label=f"{label}: median")
         if single:
             ax.plot(d["x"], d["mean"], color=color, linestyle="--", linewidth=1.0, label=f"{label}: mean")
+    ax.set_ylim(0, max(1.0, top * 1.15 + 0.5))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step (middle of step range)")
     ax.set_ylabel("response length (tokens)")
     ax.set_title("Response length of trained samples over training (band: p25–p75)")
     ax.grid(alpha=0.3)
     _legend(ax, "trained samples")
-    return _save(fig, out / "response_length.png")
+    return fig
+
+
+def plot_response_length(runs: Sequence[RunData], out: Path, bins: int = 10) -> Path:
+    return _save(figure_response_length(runs, bins), out / "response_length.png")
 
 
 def _rate(times: np.ndarray, weights: np.ndarray, span: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,17 +291,64 @@ def plot_throughput(runs: Sequence[RunData], out: Path) -> Path:
     for ax in (ax_s, ax_t):
         ax.set_xlabel("seconds since the run's first sample")
         ax.grid(alpha=0.3)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # room for the legend above the lines
-        _legend(ax, "samples", loc="upper center", ncols=min(3, len(runs)))
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+        _legend(ax, "samples")
     return _save(fig, out / "throughput.png")
 
 
+def figure_compare(runs: Sequence[RunData]) -> Figure:
+    """Several runs side by side, labelled by their swept values: the reward curves, samples/s, and the
+    held-out accuracy before and after (a panel only when some run has it). Its numbers are
+    :func:`comparison_table`'s."""
+    table = comparison_table(runs)
+    has_acc = bool(table[["accuracy_before", "accuracy_after"]].notna().to_numpy().any())
+    fig, axes = _figure(3 if has_acc else 2, 3.6)
+    labels, colors = _labels(runs), _colors(len(runs))
+    ax = axes[0]
+    for run, label, color in zip(runs, labels, colors):
+        ps = per_step(run).sort_values("step")
+        if len(ps):
+            w = max(1, len(ps) // 25)
+            ax.plot(ps["step"], ps["reward"].astype(float).rolling(w, center=True, min_periods=1).mean(),
+                    color=color, linewidth=1.8, label=label + (f" (mean of {w} steps)" if w > 1 else ""))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Reward of trained samples per step, per run", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax, "trained steps")
+    x = np.arange(len(runs))
+    pairs = [(axes[1], ("generated_per_s", "trained_per_s"), "samples / s", "Samples per second over the run")]
+    if has_acc:
+        pairs.append((axes[2], ("accuracy_before", "accuracy_after"), "held-out accuracy",
+                      "Held-out accuracy before and after training"))
+    for ax, cols, ylabel, title in pairs:
+        for k, (col, hatch) in enumerate(zip(cols, ("", "//"))):
+            vals = table[col].to_numpy(float)
+            bars = ax.bar(x + (k - 0.5) * 0.4, np.nan_to_num(vals), 0.4, color=colors, hatch=hatch,
+                          edgecolor="black", linewidth=0.5, alpha=1.0 if k else 0.55, label=col.replace("_", " "))
+            ax.bar_label(bars, labels=["-" if np.isnan(v) else f"{v:.3g}" for v in vals], fontsize=7)
+        ax.set_xticks(x, labels, rotation=15 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center",
+                      fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        _legend(ax, ylabel)
+    return fig
+
+
+def plot_compare(runs: Sequence[RunData], out: Path) -> Path:
+    return _save(figure_compare(runs), out / COMPARE_FILE)
+
+
 def plot_loaded(runs: Sequence[RunData], out_dir: str | Path, bins: int = 10) -> list[Path]:
-    """All figures for runs already in memory (the CLI loads each run once for tables and plots)."""
+    """All figures for runs already in memory (the CLI loads each run once for tables and plots); several runs
+    also get ``compare.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [plot_reward_accuracy(runs, out), plot_staleness(runs, out), plot_response_length(runs, out, bins),
-            plot_throughput(runs, out)]
+    paths = [plot_reward_accuracy(runs, out), plot_staleness(runs, out), plot_response_length(runs, out, bins),
+             plot_throughput(runs, out)]
+    return paths + ([plot_compare(runs, out)] if len(runs) > 1 else [])
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, bins: int = 10,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ SAMPLE_FIELDS = ["sample_id", "rank", "reward", "answer_ok", "t_start", "t_end",
 MAX_STALE_COLUMNS = 8
 TABLES = ("step_ranges", "throughput", "rollout_ranks")
 # Columns kept for machines (JSON/CSV) but not worth terminal width.
-_HIDDEN = {"step_first", "step_last", "version_first", "version_last"}
+_HIDDEN = {"step_first", "step_last", "version_first", "version_last", "missing"}
 
 
 class RunFolderError(Exception):
@@ -54,6 +56,9 @@ class RunData:
     summary: dict[str, Any] | None = None
     n_rollout_shards: int = 0
     n_trainer_shards: int = 0
+    set_aside: list[Path] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+    point: tuple[tuple[str, str], ...] | None = None  # (key, value) pairs of a sweep point
     _trained: pd.DataFrame | None = field(default=None, repr=False)  # cache of trained_samples()
 
     @property
@@ -76,7 +81,9 @@ class RunData:
 
     @property
     def label(self) -> str:
-        """Legend text: a sweep is told apart by its name and staleness bound."""
+        """Legend text: a sweep's point by its swept values, any other run by its name and staleness bound."""
+        if self.point:
+            return ", ".join(f"{k}={v}" for k, v in self.point)
         mode = "" if self.is_async is not False else ", sync"
         return f"{self.name} (η={self.eta if self.eta is not None else '?'}{mode})"
 
@@ -104,6 +111,7 @@ class RunData:
             "config": self.essentials(),
             "finished": self.finished,
             "steps_done": int(self.steps["step"].max()) if len(self.steps) else 0,
+            "steps_logged": int(self.steps["step"].nunique()) if len(self.steps) else 0,
             "samples_generated": len(self.samples),
             "samples_trained": len(used),
             "samples_rejected": int((self.step_samples["fate"] == "rejected").sum()) if len(self.step_samples) else 0,
@@ -112,12 +120,24 @@ class RunData:
             "trainer_shards": self.n_trainer_shards,
             "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
             "partials": [str(p) for p in self.partials],
+            "missing": coverage(self).as_dict(),
+            "warnings": self.problems(),
         }
+        if self.point:
+            out["sweep_point"] = dict(self.point)
         if self.summary:
             for k in ("accuracy_before", "accuracy_after", "train_seconds", "samples_per_s", "tokens_per_s"):
                 if k in self.summary:
                     out[k] = self.summary[k]
         return out
+
+
+    def problems(self) -> list[str]:
+        """Each file the log reader left out, one line each: the report's only mention of them."""
+        return ([f"skipped damaged shard {r if str(p) in r else f'{p}: {r}'}" for p, r in self.skipped]
+                + [f"partial file (writer running or crashed), not read: {p}" for p in self.partials]
+                + [f"leftover of a crashed writer set aside by a resume, not read: {p}" for p in self.set_aside]
+                + [f"not a shard of its log folder, ignored: {p}" for p in self.ignored])
 
 
 def _get(cfg: dict[str, Any], section: str, key: str, default: Any = None) -> Any:
@@ -178,15 +198,36 @@ def _read_extras(path: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None
     return metrics, summary
 
 
-def load_run(run_dir: str | Path, *, strict: bool = False) -> RunData:
-    """Read a run folder without changing it; damaged shards are skipped (raised with ``strict``)."""
+@contextmanager
+def _reader_quiet() -> Iterator[None]:
+    """Silence the log reader's own warnings while loading.
+
+    Every file it leaves out is kept in ``RunLog.skipped``/``partials``/``set_aside``/``ignored``, and the report
+    lists them (``RunData.problems``): the reader's warning as well would show each one twice.
+    """
+    from areal_hpc.storage import runlog
+
+    logger = logging.getLogger(runlog.__name__)
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def load_run(run_dir: str | Path, *, strict: bool = False,
+             point: tuple[tuple[str, str], ...] | None = None) -> RunData:
+    """Read a run folder without changing it; damaged shards are skipped (raised with ``strict``) and listed in
+    ``RunData.problems()``. ``point``: the swept values when the run is a point of a sweep."""
     from areal_hpc.storage.runlog import RunLog
 
     path = check_run_dir(run_dir)
-    rl = RunLog(path, strict=strict)
-    samples = rl.samples(fields=SAMPLE_FIELDS)
-    steps = rl.steps()
-    step_samples = rl.step_samples()
+    with _reader_quiet():
+        rl = RunLog(path, strict=strict)
+        samples = rl.samples(fields=SAMPLE_FIELDS)
+        steps = rl.steps()
+        step_samples = rl.step_samples()
     if len(samples) == 0 and len(steps) == 0:
         raise RunFolderError(f"{path}: no readable shards ({len(rl.skipped)} damaged shard(s) skipped)")
     if "shard" in samples.columns:
@@ -200,7 +241,7 @@ def load_run(run_dir: str | Path, *, strict: bool = False) -> RunData:
     return RunData(
         path=path, config=_read_config(path, rl), samples=samples, steps=steps, step_samples=step_samples,
         finished=bool(rl.finished), skipped=list(rl.skipped), partials=list(rl.partials), leftover=leftover,
-        metrics=metrics, summary=summary,
+        metrics=metrics, summary=summary, set_aside=list(rl.set_aside), ignored=list(rl.ignored), point=point,
         n_rollout_shards=_count_shards(path / LOG_DIRS[ROLLOUT]),
         n_trainer_shards=_count_shards(path / LOG_DIRS[TRAINER]),
     )
@@ -224,6 +265,137 @@ def trained_samples(run: RunData) -> pd.DataFrame:
         out = ss.merge(s, on="sample_id", how="left")
     run._trained = out
     return out
+
+
+def _ranges(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as runs of consecutive values: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
+
+
+def _ranges_text(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}-{b}" if b != a else str(a) for a, b in ranges)
+
+
+@dataclass
+class Coverage:
+    """What the log lacks, so the report never shows counts that contradict each other.
+
+    ``steps_reached``: the last step any record of the run shows (trainer log, metrics.jsonl, summary.json);
+    the trainer log should hold every step up to it. ``unmatched``: samples the trainer log names (trained or
+    rejected) that no rollout shard holds, whose reward and length are therefore unknown.
+    """
+
+    steps_planned: int | None
+    steps_reached: int
+    steps_logged: int
+    missing_steps: list[tuple[int, int]]
+    trainer_damaged: int
+    trainer_absent: list[str]
+    rollout_damaged: int
+    rollout_absent: list[str]
+    rollout_deleted: bool
+    seen_by_trainer: int
+    unmatched: int
+    finished: bool = True
+
+    @property
+    def n_missing_steps(self) -> int:
+        return sum(b - a + 1 for a, b in self.missing_steps)
+
+    def lines(self) -> list[str]:
+        """One sentence per log that lacks something, naming what and why (empty when the log is whole)."""
+        out = []
+        if self.missing_steps:
+            of = self.steps_planned or self.steps_reached
+            out.append(f"trainer log: step{'s' if self.n_missing_steps > 1 else ''} "
+                       f"{_ranges_text(self.missing_steps)} of {of} missing ("
+                       + _causes(self.trainer_damaged, self.trainer_absent, "trainer") + ")")
+        if self.unmatched:
+            if self.rollout_deleted:
+                cause = "rollout shards are deleted once read (transport.retain_shards=false)"
+            elif self.rollout_damaged or self.rollout_absent or self.finished:
+                cause = _causes(self.rollout_damaged, self.rollout_absent, "rollout")
+            else:
+                cause = "not written yet: a rollout writer keeps a shard's worth of samples in memory while it runs"
+            out.append(f"rollout log: {self.unmatched} of the {self.seen_by_trainer} samples the trainer received "
+                       f"have no rollout record ({cause}); reward, accuracy and length cover the other "
+                       f"{self.seen_by_trainer - self.unmatched}")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trainer_steps": _ranges_text(self.missing_steps), "trainer_steps_count": self.n_missing_steps,
+                "steps_reached": self.steps_reached, "steps_logged": self.steps_logged,
+                "trainer_shards_damaged": self.trainer_damaged, "trainer_shards_absent": self.trainer_absent,
+                "rollout_samples_without_record": self.unmatched, "rollout_shards_damaged": self.rollout_damaged,
+                "rollout_shards_absent": self.rollout_absent, "rollout_shards_deleted": self.rollout_deleted,
+                "lines": self.lines()}
+
+
+def _causes(damaged: int, absent: list[str], kind: str) -> str:
+    parts = []
+    if damaged:
+        parts.append(f"{damaged} damaged {kind} shard{'s' if damaged > 1 else ''} skipped")
+    if absent:
+        parts.append("absent: " + "; ".join(absent))
+    return ", ".join(parts) or f"no damaged or absent {kind} shard found: the shards were removed or never written"
+
+
+def _absent_shards(log_dir: Path) -> list[str]:
+    """Gaps in each writer's shard numbers (``seq`` counts from 0 without gaps), e.g. 'trainer rank 0: shards 0-1'.
+
+    Damaged and partial files keep their names, so they count as present here: a gap is a file that is gone.
+    """
+    if not log_dir.is_dir():
+        return []
+    seqs: dict[tuple[str, int], set[int]] = {}
+    for f in log_dir.iterdir():
+        parsed = parse_shard_name(f.name) or parse_leftover_name(f.name)
+        if parsed:
+            seqs.setdefault((parsed[0], parsed[1]), set()).add(parsed[2])
+    out = []
+    for (kind, index), have in sorted(seqs.items()):
+        gone = sorted(set(range(max(have) + 1)) - have)
+        if gone:
+            who = "trainer rank" if kind == TRAINER else "rollout index"
+            out.append(f"{who} {index}: shard{'s' if len(gone) > 1 else ''} {_ranges_text(_ranges(gone))}")
+    return out
+
+
+def coverage(run: RunData) -> Coverage:
+    """Compare the log with the other records of the run (metrics.jsonl, summary.json) and with itself."""
+    logged = sorted(int(x) for x in run.steps["step"].unique()) if len(run.steps) else []
+    reached = [logged[-1] if logged else 0]
+    if run.metrics is not None and "step" in run.metrics.columns and len(run.metrics):
+        reached.append(int(pd.to_numeric(run.metrics["step"], errors="coerce").max()))
+    if run.summary and isinstance(run.summary.get("final_version"), int | float):
+        reached.append(int(run.summary["final_version"]))
+    steps_reached = max(reached)
+    planned = _get(run.config, "run", "steps", default=(run.summary or {}).get("steps"))
+    if run.finished and planned and not (run.summary or {}).get("preempted"):
+        steps_reached = max(steps_reached, int(planned))  # a normal stop ran every planned step
+    missing = _ranges(sorted(set(range(1, steps_reached + 1)) - set(logged)))
+    kinds = [parse_shard_name(p.name) for p, _ in run.skipped]
+    ss = run.step_samples
+    seen = int(ss["sample_id"].nunique()) if len(ss) else 0
+    unmatched = 0
+    if seen:
+        have = run.samples["sample_id"] if len(run.samples) else pd.Series(dtype=np.int64)
+        unmatched = int((~pd.Series(ss["sample_id"].unique()).isin(have)).sum())
+    retain = _get(run.config, "transport", "retain_shards")
+    return Coverage(
+        steps_planned=int(planned) if planned else None, steps_reached=steps_reached, steps_logged=len(logged),
+        missing_steps=missing,
+        trainer_damaged=sum(1 for k in kinds if k and k[0] == TRAINER),
+        trainer_absent=_absent_shards(run.path / LOG_DIRS[TRAINER]),
+        rollout_damaged=sum(1 for k in kinds if k and k[0] == ROLLOUT),
+        rollout_absent=[] if retain is False else _absent_shards(run.path / LOG_DIRS[ROLLOUT]),
+        rollout_deleted=retain is False, seen_by_trainer=seen, unmatched=unmatched, finished=run.finished)
 
 
 def _stale_cap(run: RunData, staleness: pd.Series) -> int:
@@ -368,6 +540,42 @@ def per_step(run: RunData) -> pd.DataFrame:
     return pd.DataFrame(columns=["step", "reward", "accuracy", "trained"])
 
 
+def comparison_table(runs: list[RunData] | tuple[RunData, ...]) -> pd.DataFrame:
+    """One row per run, to compare a sweep's points: how far each got, how fast, how well.
+
+    Rates come from the log for every run alike (trained samples over the span of the steps, generated ones over
+    the span of the samples), so runs with and without ``summary.json`` compare fairly; the held-out accuracy
+    comes from ``summary.json`` (NaN until the run has evaluated).
+    """
+    cols = ["run", "finished", "steps", "trained", "generated", "trained_per_s", "generated_per_s",
+            "reward_first", "reward_last", "accuracy_before", "accuracy_after", "missing"]
+    rows = []
+    for run in runs:
+        t0 = time_origin(run)
+        ps = per_step(run).sort_values("step")
+        tenth = max(1, len(ps) // 10)
+        n_used = float(run.steps["n_used"].sum()) if len(run.steps) and "n_used" in run.steps else math.nan
+        t_steps = float(run.steps["time"].max()) - t0 if len(run.steps) else math.nan
+        t_gen = float(run.samples["t_end"].max()) - t0 if len(run.samples) else math.nan
+        s = run.summary or {}
+        cov = coverage(run)
+        rows.append({
+            "run": run.label, "finished": run.finished,
+            "steps": int(run.steps["step"].max()) if len(run.steps) else 0,
+            "trained": int(n_used) if not math.isnan(n_used) else 0, "generated": len(run.samples),
+            "trained_per_s": n_used / t_steps if t_steps and t_steps > 0 else math.nan,
+            "generated_per_s": len(run.samples) / t_gen if t_gen and t_gen > 0 else math.nan,
+            "reward_first": _mean(ps.head(tenth), "reward"), "reward_last": _mean(ps.tail(tenth), "reward"),
+            "accuracy_before": _float(s.get("accuracy_before")), "accuracy_after": _float(s.get("accuracy_after")),
+            "missing": "; ".join(cov.lines()),
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _float(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+
+
 def tables_of(run: RunData, bins: int = 10) -> dict[str, pd.DataFrame]:
     return {"step_ranges": step_range_table(run, bins), "throughput": throughput_table(run, bins),
             "rollout_ranks": rollout_rank_table(run)}
@@ -427,23 +635,30 @@ def _is_num(s: str) -> bool:
 
 
 def format_header(run: RunData) -> list[str]:
+    """The run's facts in a few lines; where the log lacks something, a MISSING line says what instead of
+    counts that would contradict each other (steps N/N with steps gone, more trained than generated)."""
     info = run.info()
     cfg = run.essentials()
-    lines = [f"== run {run.path}",
+    cov = coverage(run)
+    lines = [f"== run {run.path}" + (f"  [{run.label}]" if run.point else ""),
              "config: " + (" ".join(f"{k}={v}" for k, v in cfg.items()) or "(no config.yaml or shard config)")]
     planned = cfg.get("steps_planned")
     state = "finished" if run.finished else "NOT finished (no final trainer shard: still running or crashed)"
-    lines.append(f"status: {state}; {info['steps_done']}" + (f"/{planned}" if planned else "") + " steps; "
-                 f"{info['samples_generated']} samples generated, {info['samples_trained']} trained, "
+    if cov.missing_steps:
+        steps = f"{cov.steps_logged} of {planned or cov.steps_reached} steps in the trainer log"
+    else:
+        steps = f"{info['steps_done']}" + (f"/{planned}" if planned else "") + " steps"
+    generated = f"{info['samples_generated']} samples generated" + (" (in the rollout log)" if cov.unmatched else "")
+    lines.append(f"status: {state}; {steps}; {generated}, {info['samples_trained']} trained, "
                  f"{info['samples_rejected']} rejected as stale" + (f", {run.leftover} left over at stop"
                                                                     if run.finished else ""))
+    lines += [f"MISSING {line}" for line in cov.lines()]
     if "accuracy_before" in info and "accuracy_after" in info:
         lines.append(f"held-out accuracy (summary.json): {_cell(info['accuracy_before'])} -> "
                      f"{_cell(info['accuracy_after'])} in {_cell(info.get('train_seconds'), 1)} s of training")
     lines.append(f"log: {run.n_rollout_shards} rollout + {run.n_trainer_shards} trainer shards; "
                  f"damaged shards skipped: {len(run.skipped)}; partial files: {len(run.partials)}")
-    lines += [f"WARNING: skipped damaged shard {p}: {r}" for p, r in run.skipped]
-    lines += [f"partial file (writer running or crashed): {p}" for p in run.partials]
+    lines += [f"WARNING: {p}" for p in run.problems()]
     return lines
 
 
