@@ -31,9 +31,12 @@ def _config(name: str, eta: int) -> dict[str, Any]:
             "transport": {"kind": "hdf5"}}
 
 
-def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = True) -> dict[str, Any]:
+def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = True, graded: bool = False,
+             resp_len: tuple[int, int] = (1, 9)) -> dict[str, Any]:
     """A run folder: 2 rollout indexes x 2 shards x 200 samples, 1 trainer with 30 steps in 2 shards.
 
+    ``graded``: rewards in [0, 1] with ``answer_ok`` only for reward 1 (a partial-credit verifier), else 0/1
+    rewards equal to ``answer_ok`` (a math verifier). ``resp_len``: [low, high) of the response lengths.
     Returns what the tables should find: per-sample arrays and each step's used/rejected sample ids.
     """
     rng = np.random.default_rng(seed)
@@ -45,10 +48,10 @@ def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = Tru
     n = N_ROLLOUT * SHARDS_PER_RANK * PER_SHARD
     s: dict[str, np.ndarray] = {
         "sample_id": np.arange(n, dtype=np.int64),
-        "reward": rng.choice([0.0, 1.0], n).astype(np.float32),
+        "reward": (rng.choice([0.0, 0.25, 0.5, 1.0], n) if graded else rng.choice([0.0, 1.0], n)).astype(np.float32),
         "t_start": T0 + np.sort(rng.uniform(0, 60, n)),
         "interruptions": rng.choice([0, 0, 0, 1, 2], n).astype(np.int32),
-        "response_len": rng.integers(1, 9, n).astype(np.int32),
+        "response_len": rng.integers(*resp_len, n).astype(np.int32),
     }
     s["t_end"] = s["t_start"] + rng.uniform(0.1, 2.0, n)
     s["index"] = np.repeat(np.arange(N_ROLLOUT), SHARDS_PER_RANK * PER_SHARD)
@@ -61,7 +64,7 @@ def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = Tru
             rows = {
                 "sample_id": s["sample_id"][part], "prompt_id": s["sample_id"][part] // 8,
                 "group_id": s["sample_id"][part] // 8, "rank": np.full(len(part), idx + 1, np.int32),
-                "reward": s["reward"][part], "answer_ok": s["reward"][part].astype(np.uint8),
+                "reward": s["reward"][part], "answer_ok": (s["reward"][part] >= 1.0).astype(np.uint8),
                 "t_start": s["t_start"][part], "t_end": s["t_end"][part], "interruptions": s["interruptions"][part],
                 "prompt_len": np.full(len(part), 3, np.int32), "response_len": s["response_len"][part],
                 "response_text": [f"{i} ok" for i in part], "answer": [str(i) for i in part],

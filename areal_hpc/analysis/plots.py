@@ -327,7 +327,8 @@ def figure_compare(runs: Sequence[RunData]) -> Figure:
             bars = ax.bar(x + (k - 0.5) * 0.4, np.nan_to_num(vals), 0.4, color=colors, hatch=hatch,
                           edgecolor="black", linewidth=0.5, alpha=1.0 if k else 0.55, label=col.replace("_", " "))
             ax.bar_label(bars, labels=["-" if np.isnan(v) else f"{v:.3g}" for v in vals], fontsize=7)
-        ax.set_xticks(x, labels, rotation=15 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center",
+        ticks = [lab + (f"\n(log lacks {m})" if m != "none" else "") for lab, m in zip(labels, table["missing"])]
+        ax.set_xticks(x, ticks, rotation=15 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center",
                       fontsize=8)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)

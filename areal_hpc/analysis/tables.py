@@ -32,7 +32,7 @@ SAMPLE_FIELDS = ["sample_id", "rank", "reward", "answer_ok", "t_start", "t_end",
 MAX_STALE_COLUMNS = 8
 TABLES = ("step_ranges", "throughput", "rollout_ranks")
 # Columns kept for machines (JSON/CSV) but not worth terminal width.
-_HIDDEN = {"step_first", "step_last", "version_first", "version_last", "missing"}
+_HIDDEN = {"step_first", "step_last", "version_first", "version_last"}
 
 
 class RunFolderError(Exception):
@@ -328,6 +328,15 @@ class Coverage:
                        f"{self.seen_by_trainer - self.unmatched}")
         return out
 
+    def short(self) -> str:
+        """A table cell: '' for a whole log, else what lacks, e.g. 'steps 1-15; 120 samples without record'."""
+        parts = []
+        if self.missing_steps:
+            parts.append(f"steps {_ranges_text(self.missing_steps)}")
+        if self.unmatched:
+            parts.append(f"{self.unmatched} samples without record")
+        return "; ".join(parts)
+
     def as_dict(self) -> dict[str, Any]:
         return {"trainer_steps": _ranges_text(self.missing_steps), "trainer_steps_count": self.n_missing_steps,
                 "steps_reached": self.steps_reached, "steps_logged": self.steps_logged,
@@ -524,24 +533,30 @@ def rollout_rank_table(run: RunData) -> pd.DataFrame:
 
 
 def per_step(run: RunData) -> pd.DataFrame:
-    """Reward and accuracy of the samples each step trained on (metrics.jsonl when the trainer log has none)."""
+    """Reward and accuracy of the samples each step trained on, from the log; steps the log lacks (a damaged
+    or lost trainer shard) come from metrics.jsonl, which trainer 0 writes at every step, when it has them."""
+    cols = ["step", "reward", "accuracy", "trained"]
     ts = trained_samples(run)
     used = ts[ts["fate"] == "used"] if len(ts) else ts
+    out = pd.DataFrame(columns=cols)
     if len(used):
-        g = used.groupby("step")
-        return pd.DataFrame({"reward": g["reward"].mean(), "accuracy": g["answer_ok"].mean().astype(float),
-                             "trained": g.size()}).reset_index()
+        g = used.assign(answer_ok=used["answer_ok"].astype(float)).groupby("step")
+        out = pd.DataFrame({"reward": g["reward"].mean(), "accuracy": g["answer_ok"].mean(),
+                            "trained": g.size()}).reset_index()
     m = run.metrics
     if m is not None and len(m) and {"step", "reward"} <= set(m.columns):
-        out = m[["step", "reward"]].copy()
-        out["accuracy"] = m["accuracy"] if "accuracy" in m.columns else math.nan
-        out["trained"] = m["samples"] if "samples" in m.columns else math.nan
-        return out
-    return pd.DataFrame(columns=["step", "reward", "accuracy", "trained"])
+        extra = m[~m["step"].isin(out["step"])]
+        if len(extra):
+            fill = pd.DataFrame({"step": extra["step"], "reward": extra["reward"],
+                                 "accuracy": extra["accuracy"] if "accuracy" in extra.columns else math.nan,
+                                 "trained": extra["samples"] if "samples" in extra.columns else math.nan})
+            out = fill if len(out) == 0 else pd.concat([out, fill], ignore_index=True)
+    return out.sort_values("step").reset_index(drop=True)
 
 
 def comparison_table(runs: list[RunData] | tuple[RunData, ...]) -> pd.DataFrame:
-    """One row per run, to compare a sweep's points: how far each got, how fast, how well.
+    """One row per run, to compare a sweep's points: how far each got, how fast, how well; ``missing`` says
+    what its log lacks (the rates count only what the log holds).
 
     Rates come from the log for every run alike (trained samples over the span of the steps, generated ones over
     the span of the samples), so runs with and without ``summary.json`` compare fairly; the held-out accuracy
@@ -567,7 +582,7 @@ def comparison_table(runs: list[RunData] | tuple[RunData, ...]) -> pd.DataFrame:
             "generated_per_s": len(run.samples) / t_gen if t_gen and t_gen > 0 else math.nan,
             "reward_first": _mean(ps.head(tenth), "reward"), "reward_last": _mean(ps.tail(tenth), "reward"),
             "accuracy_before": _float(s.get("accuracy_before")), "accuracy_after": _float(s.get("accuracy_after")),
-            "missing": "; ".join(cov.lines()),
+            "missing": cov.short() or "none",
         })
     return pd.DataFrame(rows, columns=cols)
 
