@@ -239,3 +239,23 @@ def test_reward_curve_fills_lost_steps_from_metrics(tmp_path: Path) -> None:
     assert list(ps["step"]) == list(range(1, N_STEPS + 1))
     assert list(ps["reward"][:15]) == pytest.approx([0.01 * s for s in range(1, 16)])  # from metrics.jsonl
     assert list(ps["trained"][15:]) == [PER_STEP] * 15  # from the log
+
+
+def test_one_point_of_a_sweep_keeps_its_label_and_not_the_sweep_output(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = _make_sweep(tmp_path, dead_point=False)
+    obj, _ = _analyze_json(capsys, [str(sweep / "rollout.eta=4")])
+    assert obj["runs"][0]["info"]["sweep_point"] == {"rollout.eta": "4"}
+    assert "sweep_dir" not in obj  # a part of the sweep: its figures go to the run's folder, not the sweep's
+    assert {Path(p).parent for p in obj["plots"]} == {sweep / "rollout.eta=4" / "analysis"}
+    assert not (sweep / "analysis").exists()
+
+
+def test_running_run_steps_not_yet_written_are_not_called_lost(tmp_path: Path) -> None:
+    r = make_run(tmp_path, "running", 3, seed=3, finished=False)  # trainer log: steps 1-15
+    with open(r["dir"] / "metrics.jsonl", "w") as f:
+        for step in range(1, 19):
+            f.write(json.dumps({"step": step, "reward": 0.5}) + "\n")
+    cov = coverage(load_run(r["dir"]))
+    assert cov.missing_steps == [] and cov.pending_steps == (16, 18)
+    assert cov.lines()[0].startswith("trainer log: steps 16-18 not written yet")

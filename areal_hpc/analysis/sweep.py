@@ -65,8 +65,8 @@ def expand(paths: list[Path]) -> list[Target]:
     """The runs named by ``paths``, in order, each once.
 
     A sweep folder or its ``sweep.json`` gives the sweep's runs; an entry of a sweep folder that is not one of
-    its runs (``submitit/``) is skipped when that sweep is analysed too; anything else is a run folder, left for
-    ``load_run`` to accept or refuse.
+    its runs (``submitit/``, ``analysis/``) is skipped when that sweep is analysed too; a run folder inside a
+    sweep keeps its swept values; anything else is a run folder, left for ``load_run`` to accept or refuse.
     """
     sweeps: dict[Path, list[Target]] = {}
     for p in paths:
@@ -94,13 +94,28 @@ def expand(paths: list[Path]) -> list[Target]:
         elif p.exists() and p.resolve() in sweep_runs:
             add(sweep_runs[p.resolve()])
         elif p.exists() and p.resolve().parent in sweeps and not _is_run_like(p):
-            continue  # the sweep's job logs or notes, not a run
+            continue  # the sweep's job logs, its analysis/ or notes: not a run
+        elif p.is_dir() and (p.parent / SWEEP_FILE).is_file():
+            add(_as_point(p))
         else:
             add(Target(p))
     return out
 
 
+def _as_point(run_dir: Path) -> Target:
+    """A run folder named alone that is a point of a sweep still gets its swept values as its label."""
+    try:
+        found = [t for t in _read_sweep(run_dir.parent) if t.run_dir.resolve() == run_dir.resolve()]
+    except SweepFileError:
+        found = []  # the run itself may still be readable: analyse it unlabelled
+    return found[0] if found else Target(run_dir)
+
+
 def common_sweep(targets: list[Target]) -> Path | None:
-    """The sweep folder when every target is a point of the same sweep (its ``analysis/`` is the default output)."""
+    """The sweep folder when the targets are exactly one sweep's runs: its ``analysis/`` is then the default
+    output (a subset of its runs writes elsewhere, so that it does not replace the whole sweep's figures)."""
     dirs = {t.sweep_dir.resolve() if t.sweep_dir else None for t in targets}
-    return targets[0].sweep_dir if len(dirs) == 1 and None not in dirs else None
+    if len(dirs) != 1 or None in dirs or targets[0].sweep_dir is None:
+        return None
+    whole = {t.run_dir.resolve() for t in _read_sweep(targets[0].sweep_dir)}
+    return targets[0].sweep_dir if whole == {t.run_dir.resolve() for t in targets} else None

@@ -303,6 +303,8 @@ class Coverage:
     seen_by_trainer: int
     unmatched: int
     finished: bool = True
+    pending_steps: tuple[int, int] | None = None  # after the last logged step of an unfinished run
+
 
     @property
     def n_missing_steps(self) -> int:
@@ -316,6 +318,9 @@ class Coverage:
             out.append(f"trainer log: step{'s' if self.n_missing_steps > 1 else ''} "
                        f"{_ranges_text(self.missing_steps)} of {of} missing ("
                        + _causes(self.trainer_damaged, self.trainer_absent, "trainer") + ")")
+        if self.pending_steps:
+            out.append(f"trainer log: steps {_ranges_text([self.pending_steps])} not written yet (the trainer writes "
+                       f"a shard's worth of steps at a time; the run is going, or crashed before writing them)")
         if self.unmatched:
             if self.rollout_deleted:
                 cause = "rollout shards are deleted once read (transport.retain_shards=false)"
@@ -333,12 +338,15 @@ class Coverage:
         parts = []
         if self.missing_steps:
             parts.append(f"steps {_ranges_text(self.missing_steps)}")
+        if self.pending_steps:
+            parts.append(f"steps {_ranges_text([self.pending_steps])} not written yet")
         if self.unmatched:
             parts.append(f"{self.unmatched} samples without record")
         return "; ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
         return {"trainer_steps": _ranges_text(self.missing_steps), "trainer_steps_count": self.n_missing_steps,
+                "trainer_steps_pending": _ranges_text([self.pending_steps]) if self.pending_steps else "",
                 "steps_reached": self.steps_reached, "steps_logged": self.steps_logged,
                 "trainer_shards_damaged": self.trainer_damaged, "trainer_shards_absent": self.trainer_absent,
                 "rollout_samples_without_record": self.unmatched, "rollout_shards_damaged": self.rollout_damaged,
@@ -389,6 +397,8 @@ def coverage(run: RunData) -> Coverage:
     if run.finished and planned and not (run.summary or {}).get("preempted"):
         steps_reached = max(steps_reached, int(planned))  # a normal stop ran every planned step
     missing = _ranges(sorted(set(range(1, steps_reached + 1)) - set(logged)))
+    pending = missing.pop() if missing and not run.finished and missing[-1][0] > (logged[-1] if logged else 0) \
+        else None
     kinds = [parse_shard_name(p.name) for p, _ in run.skipped]
     ss = run.step_samples
     seen = int(ss["sample_id"].nunique()) if len(ss) else 0
@@ -404,7 +414,8 @@ def coverage(run: RunData) -> Coverage:
         trainer_absent=_absent_shards(run.path / LOG_DIRS[TRAINER]),
         rollout_damaged=sum(1 for k in kinds if k and k[0] == ROLLOUT),
         rollout_absent=[] if retain is False else _absent_shards(run.path / LOG_DIRS[ROLLOUT]),
-        rollout_deleted=retain is False, seen_by_trainer=seen, unmatched=unmatched, finished=run.finished)
+        rollout_deleted=retain is False, seen_by_trainer=seen, unmatched=unmatched, finished=run.finished,
+        pending_steps=pending)
 
 
 def _stale_cap(run: RunData, staleness: pd.Series) -> int:
