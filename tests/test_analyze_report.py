@@ -79,6 +79,9 @@ def test_sweep_folder_and_its_glob_give_its_runs_once(tmp_path: Path, capsys: py
     assert [r["info"]["name"] for r in by_glob["runs"]] == ["rollout.eta=2", "rollout.eta=4"]
     by_file, _ = _analyze_json(capsys, [str(sweep / SWEEP_FILE), "--no-plots"])
     assert by_file["compare"] == by_folder["compare"]
+    # the dead point named on its own is what the user asked for: refused, not silently left out
+    assert main([str(sweep / "rollout.eta=8"), "--no-plots"]) == 2
+    assert "rollout.eta=8" in capsys.readouterr().err
 
 
 def test_sweep_figures_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

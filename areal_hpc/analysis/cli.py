@@ -91,7 +91,7 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Path | None]:
         try:
             runs.append(load_run(t.run_dir, strict=args.strict, point=t.point))
         except RunFolderError as e:
-            if not t.in_sweep:
+            if not t.by_sweep:
                 raise
             # a point that failed early or has not started: the other points are still worth comparing
             print(f"areal-hpc analyze: sweep point left out: {e}", file=sys.stderr)

@@ -121,7 +121,10 @@ def _heldout(ax: Axes, c: Curves, color: tuple[float, ...]) -> None:
     before, after = c.heldout_before, c.heldout_after
     if np.isnan(before) and np.isnan(after):
         return
-    text = f"{c.label}: held-out accuracy {before:.3f} → " + ("(not evaluated)" if np.isnan(after) else f"{after:.3f}")
+    def fmt(v: float) -> str:
+        return "(not evaluated)" if np.isnan(v) else f"{v:.3f}"
+
+    text = f"{c.label}: held-out accuracy {fmt(before)} → {fmt(after)}"
     if not np.isnan(before) and not np.isnan(after):
         ax.plot([0, c.last_step], [before, after], color=color, linestyle=":", linewidth=1.0)
     if not np.isnan(before):

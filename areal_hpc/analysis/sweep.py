@@ -27,15 +27,16 @@ class SweepFileError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """One run folder to analyse; ``point`` and ``sweep_dir`` are set when it is a point of a sweep."""
+    """One run folder to analyse; ``point`` and ``sweep_dir`` are set when it is a point of a sweep.
+
+    ``by_sweep``: named through a sweep (its folder or sweep.json) rather than on its own, so a point without a
+    log yet is left out instead of failing the whole analysis.
+    """
 
     run_dir: Path
     point: tuple[tuple[str, str], ...] | None = None
     sweep_dir: Path | None = None
-
-    @property
-    def in_sweep(self) -> bool:
-        return self.sweep_dir is not None
+    by_sweep: bool = False
 
 
 def _read_sweep(sweep_dir: Path) -> list[Target]:
@@ -50,7 +51,7 @@ def _read_sweep(sweep_dir: Path) -> list[Target]:
             run_dir = recorded if recorded.is_dir() and not (sweep_dir / recorded.name).is_dir() \
                 else sweep_dir / recorded.name
             point = tuple((str(k), str(v)) for k, v in (r.get("point") or {}).items())
-            out.append(Target(run_dir, point, sweep_dir))
+            out.append(Target(run_dir, point, sweep_dir, by_sweep=True))
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SweepFileError(f"{path}: not a sweep record written by `areal-hpc submit --sweep` ({e}); "
@@ -108,7 +109,7 @@ def _as_point(run_dir: Path) -> Target:
         found = [t for t in _read_sweep(run_dir.parent) if t.run_dir.resolve() == run_dir.resolve()]
     except SweepFileError:
         found = []  # the run itself may still be readable: analyse it unlabelled
-    return found[0] if found else Target(run_dir)
+    return Target(run_dir, found[0].point, found[0].sweep_dir) if found else Target(run_dir)
 
 
 def common_sweep(targets: list[Target]) -> Path | None:
