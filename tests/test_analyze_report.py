@@ -262,3 +262,34 @@ def test_running_run_steps_not_yet_written_are_not_called_lost(tmp_path: Path) -
     cov = coverage(load_run(r["dir"]))
     assert cov.missing_steps == [] and cov.pending_steps == (16, 18)
     assert cov.lines()[0].startswith("trainer log: steps 16-18 not written yet")
+
+
+def _add_trainer_rank(run: Path, rank: int) -> None:
+    """A second trainer rank's log over the same steps (in two shards, the last final), with empty shares."""
+    from areal_hpc.storage.shards import ShardWriter
+
+    w = ShardWriter(run / "trainer_log", "trainer", rank, attrs={"run_id": "x", "config_yaml": "", "rank": rank})
+    for steps in (range(1, 16), range(16, N_STEPS + 1)):
+        k = len(steps)
+        rows = {"step": np.array(steps, np.int64), "trained_version": np.array(steps, np.int64) - 1,
+                "time": np.full(k, 1.7e9)}
+        for f in ("loss", "grad_norm", "clip_frac", "cap_frac", "importance_weight", "ratio", "approx_kl"):
+            rows[f] = np.zeros(k, np.float32)
+        empty = [np.zeros(0, np.int64) for _ in steps]
+        ragged = {"used": {"used_sample_id": empty, "used_staleness": [e.astype(np.int32) for e in empty],
+                           "used_weight": [e.astype(np.float32) for e in empty]},
+                  "rejected": {"rejected_sample_id": empty, "rejected_staleness": [e.astype(np.int32) for e in empty]}}
+        last = steps[-1] == N_STEPS
+        w.write(rows, ragged, extra_attrs={"final": int(last)},
+                extra_datasets={"leftover_sample_id": np.zeros(0, np.int64)} if last else None)
+
+
+def test_one_trainer_rank_losing_a_shard_is_named(tmp_path: Path) -> None:
+    run = _copy(tmp_path, "two-trainers")
+    _add_trainer_rank(run, 1)
+    assert coverage(load_run(run)).lines() == []
+    _truncate(run / "trainer_log" / "trainer-t001-000000.h5")
+    cov = coverage(load_run(run))
+    assert cov.missing_steps == [] and cov.partial_ranks == ["rank 1: steps 1-15"]
+    assert cov.lines() == ["trainer log: rank 1: steps 1-15 missing for that trainer rank only, so those steps lack "
+                           "its share of samples (1 damaged trainer shard skipped)"]

@@ -304,6 +304,7 @@ class Coverage:
     unmatched: int
     finished: bool = True
     pending_steps: tuple[int, int] | None = None  # after the last logged step of an unfinished run
+    partial_ranks: list[str] = field(default_factory=list)  # 'rank 1: steps 1-15': steps other ranks did log
 
 
     @property
@@ -317,6 +318,10 @@ class Coverage:
             of = self.steps_planned or self.steps_reached
             out.append(f"trainer log: step{'s' if self.n_missing_steps > 1 else ''} "
                        f"{_ranges_text(self.missing_steps)} of {of} missing ("
+                       + _causes(self.trainer_damaged, self.trainer_absent, "trainer") + ")")
+        if self.partial_ranks:
+            out.append(f"trainer log: {'; '.join(self.partial_ranks)} missing for that trainer rank only, so those "
+                       f"steps lack its share of samples ("
                        + _causes(self.trainer_damaged, self.trainer_absent, "trainer") + ")")
         if self.pending_steps:
             out.append(f"trainer log: steps {_ranges_text([self.pending_steps])} not written yet (the trainer writes "
@@ -338,6 +343,8 @@ class Coverage:
         parts = []
         if self.missing_steps:
             parts.append(f"steps {_ranges_text(self.missing_steps)}")
+        if self.partial_ranks:
+            parts.append("trainer " + "; ".join(self.partial_ranks))
         if self.pending_steps:
             parts.append(f"steps {_ranges_text([self.pending_steps])} not written yet")
         if self.unmatched:
@@ -348,7 +355,8 @@ class Coverage:
         return {"trainer_steps": _ranges_text(self.missing_steps), "trainer_steps_count": self.n_missing_steps,
                 "trainer_steps_pending": _ranges_text([self.pending_steps]) if self.pending_steps else "",
                 "steps_reached": self.steps_reached, "steps_logged": self.steps_logged,
-                "trainer_shards_damaged": self.trainer_damaged, "trainer_shards_absent": self.trainer_absent,
+                "trainer_ranks_partial": self.partial_ranks, "trainer_shards_damaged": self.trainer_damaged,
+                "trainer_shards_absent": self.trainer_absent,
                 "rollout_samples_without_record": self.unmatched, "rollout_shards_damaged": self.rollout_damaged,
                 "rollout_shards_absent": self.rollout_absent, "rollout_shards_deleted": self.rollout_deleted,
                 "lines": self.lines()}
@@ -389,17 +397,32 @@ def coverage(run: RunData) -> Coverage:
     logged = sorted(int(x) for x in run.steps["step"].unique()) if len(run.steps) else []
     reached = [logged[-1] if logged else 0]
     if run.metrics is not None and "step" in run.metrics.columns and len(run.metrics):
-        reached.append(int(pd.to_numeric(run.metrics["step"], errors="coerce").max()))
+        top = pd.to_numeric(run.metrics["step"], errors="coerce").max()
+        reached.append(0 if pd.isna(top) else int(top))
     if run.summary and isinstance(run.summary.get("final_version"), int | float):
         reached.append(int(run.summary["final_version"]))
     steps_reached = max(reached)
     planned = _get(run.config, "run", "steps", default=(run.summary or {}).get("steps"))
     if run.finished and planned and not (run.summary or {}).get("preempted"):
         steps_reached = max(steps_reached, int(planned))  # a normal stop ran every planned step
-    missing = _ranges(sorted(set(range(1, steps_reached + 1)) - set(logged)))
-    pending = missing.pop() if missing and not run.finished and missing[-1][0] > (logged[-1] if logged else 0) \
-        else None
+    expected = set(range(1, steps_reached + 1))
+    missing = _ranges(sorted(expected - set(logged)))
     kinds = [parse_shard_name(p.name) for p, _ in run.skipped]
+    trainer_damaged = sum(1 for k in kinds if k and k[0] == TRAINER)
+    trainer_absent = _absent_shards(run.path / LOG_DIRS[TRAINER])
+    # the tail of an unfinished run with nothing damaged or gone is in the trainer's memory, not lost
+    quiet_tail = not run.finished and not trainer_damaged and not trainer_absent
+    pending = missing.pop() if missing and quiet_tail and missing[-1][0] > (logged[-1] if logged else 0) else None
+    # with several trainer ranks, one rank's lost shard leaves the step in the log with part of its samples
+    ranks = {int(r) for r in run.steps["rank"].unique()} if len(run.steps) else set()
+    ranks |= {k[1] for k in kinds if k and k[0] == TRAINER}
+    partial_ranks = []
+    if len(ranks) > 1:
+        for r in sorted(ranks):
+            mine = set(run.steps.loc[run.steps["rank"] == r, "step"].astype(int))
+            lacks = _ranges(sorted((expected - mine) & set(logged)))
+            if lacks:
+                partial_ranks.append(f"rank {r}: steps {_ranges_text(lacks)}")
     ss = run.step_samples
     seen = int(ss["sample_id"].nunique()) if len(ss) else 0
     unmatched = 0
@@ -410,8 +433,7 @@ def coverage(run: RunData) -> Coverage:
     return Coverage(
         steps_planned=int(planned) if planned else None, steps_reached=steps_reached, steps_logged=len(logged),
         missing_steps=missing,
-        trainer_damaged=sum(1 for k in kinds if k and k[0] == TRAINER),
-        trainer_absent=_absent_shards(run.path / LOG_DIRS[TRAINER]),
+        trainer_damaged=trainer_damaged, trainer_absent=trainer_absent, partial_ranks=partial_ranks,
         rollout_damaged=sum(1 for k in kinds if k and k[0] == ROLLOUT),
         rollout_absent=[] if retain is False else _absent_shards(run.path / LOG_DIRS[ROLLOUT]),
         rollout_deleted=retain is False, seen_by_trainer=seen, unmatched=unmatched, finished=run.finished,
