@@ -1,4 +1,4 @@
-"""scripts/test.sh as a new user meets it: the apt install of Slurm stays off the console."""
+"""The scripts as a new user meets them: the apt install of Slurm stays off the console, job logs stay out of git."""
 
 from __future__ import annotations
 
@@ -64,3 +64,11 @@ def test_test_sh_leaves_the_system_alone_with_install_slurm_0(tmp_path):
     out = _run(repo, {**env, "INSTALL_SLURM": "0"})
     assert out.returncode == 0 and "python -m pytest" in out.stdout, out.stderr
     assert not (tmp_path / "areal-hpc-slurm-install.log").exists()
+
+
+def test_the_sbatch_templates_job_logs_are_not_offered_to_git():
+    """run.sbatch writes slurm-%x-%j.out into the submit directory, usually the checkout."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "check-ignore", "-q", "slurm-areal-hpc-1234.out"], cwd=REPO, timeout=30)
+    assert out.returncode == 0, "slurm-*.out is not in .gitignore"
