@@ -171,3 +171,17 @@ def test_e2e_trainer_split_reads_compute_wait_and_stream_tokens(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "t_step": 2.0, "t_data": 1.0}) + "\n")
     train, wait, stream = trainer_split(tmp_path, skip=1)  # an older run's metrics: no stream tokens
     assert (train, wait) == (1.0, 1.0) and stream != stream
+
+
+def test_bench_writes_its_json_into_the_current_folder(tmp_path):
+    """Without --out a benchmark writes where the user stands, not over the checkout's cited results."""
+    results = bench_dir() / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    r = subprocess.run([sys.executable, "-m", "areal_hpc.cli", "bench", "shard-io", "--samples", "600",
+                        "--repeats", "1", "--compressions", "none"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "shard_io_cpu.json"
+    assert json.loads(out.read_text())["results"], "no results written"
+    assert str(out) in r.stdout, r.stdout  # the path a user can open
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before

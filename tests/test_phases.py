@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from areal_hpc.launch.phases import LAUNCH_TIME_ENV, process_age_s, since_launch_s
+from areal_hpc.launch.phases import EXEC_TIME_ENV, LAUNCH_TIME_ENV, process_age_s, since_launch_s
 from areal_hpc.phases import Phases, outside_steps
 
 
@@ -41,3 +44,31 @@ def test_since_launch_reads_the_launchers_stamp():
     assert since_launch_s({}) is None
     assert since_launch_s({LAUNCH_TIME_ENV: "not a time"}) is None
     assert 4.9 <= since_launch_s({LAUNCH_TIME_ENV: str(time.time() - 5.0)}) < 6.0
+
+
+def test_process_age_counts_from_a_wrappers_exec_stamp_of_this_pid_only():
+    assert 4.9 <= process_age_s({EXEC_TIME_ENV: f"{os.getpid()}:{time.time() - 5.0}"}) < 6.0
+    own = process_age_s({})
+    assert process_age_s({EXEC_TIME_ENV: f"{os.getpid() + 1}:{time.time()}"}) >= own  # another process's stamp
+    assert process_age_s({EXEC_TIME_ENV: f"{os.getpid()}:1733000000.N"}) >= own  # `date` without %N
+
+
+def test_quickstart_launch_clock_starts_after_the_install(tmp_path):
+    """scripts/quickstart.sh installs, then execs the launcher (same pid, same start time): the launch the
+    closing table reports must not include the install."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "quickstart.sh", tmp_path / "scripts" / "quickstart.sh")
+    (tmp_path / "scripts" / "install.sh").write_text("sleep 1.5\ndate +%s.%N > installed_at\n")
+    launcher = tmp_path / ".venv" / "bin" / "areal-hpc"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(f"#!{sys.executable}\nimport time\nfrom areal_hpc.launch.phases import process_age_s\n"
+                        f"print(time.time() - process_age_s())\n")
+    launcher.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop(EXEC_TIME_ENV, None)
+    out = subprocess.run(["bash", str(tmp_path / "scripts" / "quickstart.sh")], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    installed_at = float((tmp_path / "installed_at").read_text())
+    assert float(out.stdout) >= installed_at - 0.01, (float(out.stdout), installed_at)

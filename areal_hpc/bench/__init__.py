@@ -1,8 +1,9 @@
 """``areal-hpc bench NAME``: run one of the benchmark scripts of the source checkout's ``tools/bench``.
 
 The scripts stay plain files (readable, runnable with ``python tools/bench/X.py``); this only finds
-them, so a user on a cluster types one command whatever their working directory. They are not part of
-the installed package (they write results into the checkout and import ``tools.bench``), so an
+them, so a user on a cluster types one command whatever their working directory; each writes its JSON
+into that directory (or ``--out``), never into the checkout, whose ``tools/bench/results`` holds the
+figures the docs cite. They are not part of the installed package (they import ``tools.bench``), so an
 installation made from a wheel or a non-editable ``pip install .`` has none: the command then says in one
 line that it needs the source checkout and exits with 2.
 """

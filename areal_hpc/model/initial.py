@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -53,8 +54,14 @@ def prepare_initial_policy(cfg, task) -> str:
         log.info("no warm-up for task.kind=synthetic: its prompts have no answer format to teach")
     elif cfg.warmup.enabled:
         log.info("supervised warm-up: %d steps (cached afterwards in %s)", cfg.warmup.steps, target)
+        # The ranks' console shows warnings only; this one-time wait (minutes on CPU) is said there too.
+        console = sys.stderr if cfg.run.progress else None
+        if console is not None:
+            console.write(f"warm-up: {cfg.warmup.steps} supervised steps on the answer format before RL "
+                          f"(once: cached in {target})\n")
+            console.flush()
         losses = supervised_warmup(model, tok, task, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
-                                   lr=cfg.warmup.lr, seed=cfg.run.seed, flaw=cfg.warmup.flaw)
+                                   lr=cfg.warmup.lr, seed=cfg.run.seed, flaw=cfg.warmup.flaw, console=console)
     model.to(torch.float32)
     save_policy(model, tok, target, replace=False)  # concurrent jobs may share the cache
     (target / "warmup.json").write_text(json.dumps({"losses": losses}))
@@ -80,6 +87,9 @@ def _random_policy(cfg, task) -> str:
         log.info("initial policy from cache %s", target)
         return str(target)
     log.info("building random-weight %s (cached afterwards in %s)", m.preset, target)
+    if cfg.run.progress:  # a billion-parameter build takes a while: say so where the user looks
+        print(f"initial policy: building random-weight {m.preset} (once: cached in {target})", file=sys.stderr,
+              flush=True)
     model = build_random(m.preset, seed=cfg.run.seed, dtype=DTYPES[m.dtype], device="cpu", max_positions=m.max_seq_len)
     save_policy(model, initial_tokenizer(m, task.alphabet), target, replace=False)  # concurrent jobs share it
     return str(target)

@@ -7,6 +7,9 @@ right sometimes, which is where RL with verifiable rewards starts in practice (f
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import TextIO
 
 import torch
 
@@ -16,15 +19,19 @@ log = logging.getLogger(__name__)
 
 
 def supervised_warmup(model: torch.nn.Module, tokenizer: Tokenizer, task, *, steps: int, batch_size: int,
-                      lr: float, seed: int, flaw: float = 0.0) -> list[float]:
+                      lr: float, seed: int, flaw: float = 0.0, console: TextIO | None = None,
+                      every_s: float = 15.0, clock: Callable[[], float] = time.monotonic) -> list[float]:
     """Train on (prompt, answer<eos>) pairs with the loss on answer tokens only; returns the loss curve.
 
     With ``flaw`` > 0 the teacher gives the task's flawed answer (e.g. forgotten carries) that often,
     as an imperfect SFT dataset would; the verifier-driven RL that follows has to correct it.
+    ``console`` (the user's terminal or job output) gets a line every ``every_s`` seconds and one at
+    the end: on CPU the first warm-up takes minutes, which must not look like a hang.
     """
     import random
 
     rng = random.Random(seed)
+    t0 = last_line = clock()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
@@ -60,5 +67,15 @@ def supervised_warmup(model: torch.nn.Module, tokenizer: Tokenizer, task, *, ste
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log.info("warm-up step %d/%d loss %.4f", step + 1, steps, losses[-1])
+        if console is not None and step < steps - 1:
+            now = clock()
+            if now - last_line >= every_s:
+                last_line = now
+                console.write(f"warm-up: step {step + 1}/{steps}, loss {losses[-1]:.3f}, {now - t0:.0f} s\n")
+                console.flush()
+    if console is not None:
+        final = f", loss {losses[-1]:.3f}" if losses else ""
+        console.write(f"warm-up: done, {steps} steps in {clock() - t0:.0f} s{final}\n")
+        console.flush()
     model.eval()
     return losses

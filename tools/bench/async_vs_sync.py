@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eta", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "async_vs_sync_cpu.json"))
+    ap.add_argument("--out", default="async_vs_sync_cpu.json", help="result JSON (default: in the current folder)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +57,7 @@ def main() -> None:
               "python": platform.python_version(), "steps": args.steps, "overrides": args.overrides, "runs": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {Path(args.out).resolve()}")
 
 
 if __name__ == "__main__":

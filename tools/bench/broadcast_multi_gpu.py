@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--versions", type=int, default=5)
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="CPU/gloo, 2-layer small-vocab slices")
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "broadcast_multi_gpu.json"))
+    ap.add_argument("--out", default="broadcast_multi_gpu.json", help="result JSON (default: in the current folder)")
     args = ap.parse_args(argv)
     if world_size() < 2:
         raise SystemExit("start at least 2 ranks: mpiexec -n 2 python tools/bench/broadcast_multi_gpu.py")

@@ -65,4 +65,4 @@ def write_result(path: str | Path, result: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {p}")
+    print(f"wrote {p.resolve()}")

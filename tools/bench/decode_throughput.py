@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny sizes")
     ap.add_argument("--decode-attention", default="auto",
                     help="split of the fused decode attention: auto (timed at engine start) or CHUNKxWARPS, e.g. 64x4")
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "decode.json"))
+    ap.add_argument("--out", default="decode.json", help="result JSON (default: in the current folder)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "first value), e.g. rollout.batch_bucket_step=64,0: an A/B of one setting in the same call; "
                          "given more than once, once per combination of the values")
     ap.add_argument("--cache-dir", default=None, help="shared run.cache_dir (the random checkpoint is built once)")
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "e2e_one_gpu.json"))
+    ap.add_argument("--out", default="e2e_one_gpu.json", help="result JSON (default: in the current folder)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
     combos = vary_combos(ap, args.vary)

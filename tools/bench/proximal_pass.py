@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eta", type=int, nargs="*", default=[4])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "proximal_pass_cpu.json"))
+    ap.add_argument("--out", default="proximal_pass_cpu.json", help="result JSON (default: in the current folder)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
     modes = [("sync", 0, ["async=false", "rollout.eta=0"])] + [("async", e, [f"rollout.eta={e}"]) for e in args.eta]

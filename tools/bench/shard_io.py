@@ -33,7 +33,6 @@ import numpy as np
 
 from areal_hpc.storage.shards import ShardWriter, list_shards, read_shard
 
-REPO = Path(__file__).resolve().parents[2]
 MB = 1e6
 GOAL = 0.7
 
@@ -179,7 +178,7 @@ def main() -> None:
     ap.add_argument("--compressions", nargs="+", default=["gzip", "lzf", "none"])
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: system temp)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "shard_io_cpu.json"))
+    ap.add_argument("--out", default="shard_io_cpu.json", help="result JSON (default: in the current folder)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     load_before = os.getloadavg()
@@ -256,7 +255,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({result['total_s']:.0f} s)")
+    print(f"wrote {Path(args.out).resolve()} ({result['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,6 @@ from areal_hpc.trajectory import Trajectory  # noqa: E402
 from tools.bench.common import device_info, write_result  # noqa: E402
 from tools.bench.train_throughput import profiled_step, timed, tiny_qwen2  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def grouped_batch(groups: int, group_size: int, prompt_len: int, len_median: float, max_len: int, vocab: int,
                   seed: int) -> list[Trajectory]:
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed rounds, one profiled step per engine: where the step's time goes "
                          "(CUDA kernels by device time; ATen ops by CPU time on CPU)")
-    ap.add_argument("--out", default=str(REPO / "tools" / "bench" / "results" / "shared_prompts.json"))
+    ap.add_argument("--out", default="shared_prompts.json", help="result JSON (default: in the current folder)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")

@@ -47,8 +47,6 @@ from areal_hpc.train.loss import ppo_loss
 from areal_hpc.train.packed import autocast_for, set_hf_checkpointing
 from areal_hpc.trajectory import Trajectory
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -299,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="",
+                    help="result JSON (default: train_throughput_<device>.json in the current folder)")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="only these of our variants, by key (e.g. packed+compile packed+compile+static)")
     ap.add_argument("--profile", action="store_true",
@@ -387,8 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss="ours: decoupled PPO over all tokens but each sequence's first; hf: next-token cross-entropy",
         flops_formula="6*matmul_params*tokens + 6*n_layers*n_heads*head_dim*sum(L^2) (fwd-only: 2x, 2x)",
         runs=results, failed=failed, **({"profiles": profiles} if profiles else {}))
-    out = Path(args.out) if args.out else (
-        REPO / "tools" / "bench" / "results" / f"train_throughput_{'cpu_quick' if args.quick else device.type}.json")
+    out = Path(args.out or f"train_throughput_{'cpu_quick' if args.quick else device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

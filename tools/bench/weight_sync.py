@@ -10,7 +10,7 @@ parameters, through:
 - gloo broadcast between two processes (CPU tensors), and NCCL broadcast when two GPUs exist,
   through the same ``WeightSender``/``WeightReceiver`` the job uses.
 
-Prints a table, writes JSON (default tools/bench/results/weight_sync_<device>.json).
+Prints a table, writes JSON (default weight_sync_<device>.json in the current folder).
 
     python tools/bench/weight_sync.py                 # GPU: IPC + copy + gloo (+ NCCL with 2 GPUs)
     python tools/bench/weight_sync.py --quick         # CPU, a 2-layer slice of the shape: runs anywhere
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="trainer parameters (float32: master weights converted during the fill)")
     ap.add_argument("--bucket-mb", type=int, default=64, help="broadcast bucket size")
     ap.add_argument("--no-broadcast", action="store_true", help="skip the gloo/NCCL comparison")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default: weight_sync_<device>.json in the current folder)")
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
               "preset": args.preset, "quick": args.quick, "trainer_dtype": args.trainer_dtype,
               "versions": args.versions, "goal_ms": 50.0, "rows": rows}
-    out = Path(args.out or REPO / "tools" / "bench" / "results" / f"weight_sync_{'cuda' if cuda else 'cpu'}.json")
+    out = Path(args.out or f"weight_sync_{'cuda' if cuda else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
