@@ -18,7 +18,8 @@ class RunConfig:
     steps: int = setting(40, "number of RL training steps")
     cache_dir: str = setting("runs/.cache", "where warm-up checkpoints are cached across runs")
     log_level: str = setting("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
-    progress: bool = setting(True, "show a progress line per training step")
+    progress: bool = setting(True, "show progress on the console: the first warm-up's and the training's (in place "
+                                   "on a terminal, else a line per 15 s)")
     timeout_s: float = setting(1800.0, "whole-job watchdog in seconds; the job aborts after this")
     resume: str = setting(
         "auto",
