@@ -339,6 +339,23 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _OverridesAnywhere(argparse.ArgumentParser):
+    """Takes ``key=value`` overrides anywhere on the line: ``submit CONFIG --local run.steps=20``.
+
+    argparse fills every positional at the first run of plain words, so words after an option would be
+    "unrecognized arguments"; those left over (any that do not start with '-') are more overrides, kept in
+    the order given. An unknown option is still an argparse error.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = super().parse_known_args(args, namespace)
+        late = [a for a in extras if not a.startswith("-")]
+        if late and hasattr(ns, "overrides"):
+            ns.overrides = [*(ns.overrides or []), *late]
+            extras = [a for a in extras if a.startswith("-")]
+        return ns, extras
+
+
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.lr=2e-5, applied to every run")
@@ -367,6 +384,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``submit`` on the top-level ``areal-hpc`` parser."""
     p = subparsers.add_parser("submit", help=HELP, description=__doc__.split("\n\n")[0])
+    p.__class__ = _OverridesAnywhere  # subparsers build plain parsers; this one also takes late overrides
     configure(p)
     p.set_defaults(func=run)
     return p
