@@ -36,6 +36,13 @@ def world_barrier() -> None:
     MPI.COMM_WORLD.Barrier()
 
 
+def world_bcast(obj: Any, root: int = 0) -> Any:
+    """``root``'s ``obj`` on every rank of COMM_WORLD, before the role communicators exist."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(obj, root=root)
+
+
 @dataclass(frozen=True)
 class Topology:
     """Who is who: ranks [0, n_trainer) train, the next n_rollout ranks generate.

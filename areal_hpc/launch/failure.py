@@ -8,6 +8,8 @@ death makes its peers fail, the console showed the same story several times and 
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,3 +62,11 @@ def failure_line(rc: int, run_dir: Path) -> str:
     note = f" ({', '.join(empty)} in {run_dir}/errors/ empty: killed while reporting)" if empty else ""
     return (f"areal-hpc: the MPI job ended with exit code {rc} and no rank reported an exception{note}: a rank was "
             f"killed (out of memory, a signal, or a node failure); see the mpiexec message above and {run_dir}/logs/")
+
+
+def errors_aside(run_dir: Path, tag: str = "earlier") -> None:
+    """Move an earlier attempt's error files aside when a run resumes: this attempt reports its own failure
+    (``errors/first`` would still name the earlier one) and a finished resume is not shown as failed."""
+    errors = run_dir / "errors"
+    if errors.is_dir():
+        errors.rename(errors.with_name(f"errors.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
