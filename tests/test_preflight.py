@@ -67,3 +67,12 @@ def test_train_says_it_in_one_line_and_leaves_the_run_folder(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "has no config.json" in lines[0], proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["quickstart"]
+
+
+def test_jsonl_row_that_is_not_utf8(tmp_path):
+    good = json.dumps({"prompt": "1+1=", "answer": "2"}).encode() + b"\n"
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(good + b'{"prompt": "\xff", "answer": "1"}\n')
+    message = _message(load_config(QUICKSTART, ["task.kind=jsonl", f"task.train_path={train}",
+                                                f"task.eval_path={train}", "warmup.flaw=0"]))
+    assert message.startswith(f"task.train_path: {train}:2: expected") and "UnicodeDecodeError" in message

@@ -12,14 +12,14 @@ def read_jsonl(path: str | Path, key: str | None = None) -> list[tuple[str, str]
     """The file's (prompt, answer) rows; errors name the config ``key`` that points at it, and the line."""
     where = f"{key}: {path}" if key else str(path)
     rows: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so a byte that is not UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 rows.append((str(obj["prompt"]), str(obj["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{where}:{lineno}: expected a JSON object with 'prompt' and 'answer' "
                     f"({type(e).__name__}: {e}); fix or remove that line"
