@@ -14,7 +14,7 @@ import pytest
 from areal_hpc.comm import mpi
 from areal_hpc.config import Config
 from areal_hpc.launch import local
-from areal_hpc.launch.failure import failure_line, first_failure
+from areal_hpc.launch.failure import errors_aside, failure_line, first_failure
 
 
 def _fail(rank: int, error_dir: Path, message: str = "bad row") -> None:
@@ -89,3 +89,14 @@ def test_the_first_failure_is_reported(tmp_path, monkeypatch):
 ])
 def test_summary_is_one_line(exc, summary):
     assert mpi.failure_summary(3, exc) == summary
+
+
+def test_a_resumed_attempt_reports_its_own_failure(tmp_path, monkeypatch):
+    """The earlier attempt's claim would otherwise name its cause for this attempt's failure."""
+    monkeypatch.setenv(mpi.LAUNCHER_REPORTS_ENV, "1")
+    _fail(1, tmp_path / "errors", "the earlier attempt")
+    errors_aside(tmp_path)
+    assert first_failure(tmp_path) is None
+    _fail(0, tmp_path / "errors", "this attempt")
+    assert first_failure(tmp_path).summary == "rank 0 failed: ValueError: this attempt"
+    assert len(list(tmp_path.glob("errors.earlier-*"))) == 1
