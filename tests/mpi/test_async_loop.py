@@ -287,6 +287,28 @@ def test_missing_model_path_is_explained(job_root, tmp_path, make):
     assert not (job_root / "nomodel").exists()
 
 
+@pytest.mark.parametrize("case", ["jsonl_row", "cuda"])
+def test_inputs_are_checked_before_the_ranks_start(job_root, tmp_path, case):
+    """What every rank would meet after MPI start-up (and, for the device, after the warm-up) is one line at once."""
+    if case == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        overrides, expect = ["model.device=cuda"], "model.device=auto"
+    else:
+        data = tmp_path / "train.jsonl"
+        data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + "{'prompt': '2+2='}\n")
+        overrides = ["task.kind=jsonl", f"task.train_path={data}", f"task.eval_path={data}", "warmup.flaw=0"]
+        expect = f"task.train_path: {data}:2:"
+    t0 = time.monotonic()
+    proc = subprocess.run(train_args(job_root, f"inputs_{case}", *overrides), cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 30 and not (job_root / f"inputs_{case}").exists()
+
+
 def _console_failure(output: str) -> str:
     """The job's output holds one failure line and no traceback (those are in RUN/errors/ and the logs)."""
     assert "Traceback" not in output and "MPI_Abort" not in output, output[-3000:]
