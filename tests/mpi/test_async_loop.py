@@ -317,21 +317,28 @@ def _console_failure(output: str) -> str:
     return failures[0]
 
 
-def test_error_inside_the_ranks_is_one_line(job_root, tmp_path):
+@pytest.mark.parametrize("started_by", ["areal-hpc", "mpiexec"])
+def test_error_inside_the_ranks_is_one_line(job_root, tmp_path, started_by):
     """A checkpoint that passes the launcher's check (config.json exists) but that no rank can load: every
-    rank fails; the console gets the first cause once, the traceback stays in errors/ and the rank logs."""
+    rank fails; the console gets the first cause once (from the launcher, or without one from the first rank
+    to fail), the traceback stays in errors/ and the rank logs."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    job = run_train(job_root, "broken", "model.kind=hf", f"model.path={broken}", timeout=180)
-    assert job.rc != 0
-    line = _console_failure(job.output)
-    errors = job.run_dir / "errors"
+    name = f"broken_{started_by}"
+    args = train_args(job_root, name, "model.kind=hf", f"model.path={broken}")
+    if started_by == "mpiexec":
+        args = [str(Path(sys.executable).parent / "mpiexec"), "-n", "3", *args]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode != 0
+    line = _console_failure(proc.stdout + proc.stderr)
+    errors = job_root / name / "errors"
     first = errors / (errors / "first").read_text().strip()
     assert line.startswith("areal-hpc: rank ") and line.endswith(f"; full traceback in {first}"), line
     assert "Traceback" in first.read_text()
     rank = first.name.removeprefix("rank").removesuffix(".txt")
-    assert "Traceback" in (job.run_dir / "logs" / f"rank{rank}.log").read_text()
+    assert "Traceback" in (job_root / name / "logs" / f"rank{rank}.log").read_text()
 
 
 def test_world_size_mismatch_is_one_line(job_root):
