@@ -98,9 +98,15 @@ def test_override_string_is_split() -> None:
     assert cfg.async_ is False and cfg.trainer.lr == pytest.approx(2e-5)
 
 
-def test_empty_file_and_empty_section_use_defaults(tmp_path: Path) -> None:
-    assert load_config(_write(tmp_path, "")) == Config()
+def test_empty_section_uses_defaults(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, "trainer:\n", "b.yaml")) == Config()
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# all commented out\n# trainer:\n#   lr: 1e-4\n", "---\n"])
+def test_empty_file_is_an_error_naming_it(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text, "empty.yaml")
+    message = _error(path)
+    assert str(path) in message and "empty" in message and "quickstart.yaml" in message
 
 
 def test_round_trip(tmp_path: Path) -> None:

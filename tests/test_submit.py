@@ -7,6 +7,7 @@ marked ``slurm``, which runs only against ``slurm/local-cluster.sh``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -124,6 +125,43 @@ def test_run_task_pickles_and_requeues_itself(tmp_path):
 
 
 # --------------------------------------------------------------------------- the command line
+
+
+def _parse_submit(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="areal-hpc")
+    submit.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["submit", *argv])
+
+
+@pytest.mark.parametrize("argv", [
+    ["C", "a.b=1", "c.d=2", "--local"],
+    ["C", "--local", "a.b=1", "c.d=2"],
+    ["--local", "C", "a.b=1", "--time", "5", "c.d=2"],
+    ["C", "a.b=1", "--sweep", "x.y=1,2", "c.d=2", "--local"],
+])
+def test_overrides_are_taken_anywhere_on_the_line(argv):
+    args = _parse_submit(*argv)
+    assert args.config == "C" and args.overrides == ["a.b=1", "c.d=2"] and args.local
+
+
+def test_unknown_option_after_overrides_is_still_an_error(capsys):
+    with pytest.raises(SystemExit):
+        _parse_submit("C", "--local", "a.b=1", "--no-such-option")
+    assert "--no-such-option" in capsys.readouterr().err
+
+
+def test_override_after_an_option_reaches_the_run(tmp_path, fake_slurm):
+    """The issue's line, ``submit CONFIG --local run.steps=20``, shape-checked without starting a job: a late
+    override is applied to the run (Slurm) and validated like any other (--local)."""
+    proc = _cli("submit", str(QUICKSTART), "--time", "15", f"run.output_dir={tmp_path}", "run.steps=20",
+                "run.name=late", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert load_config(tmp_path / "late" / "config.yaml").run.steps == 20
+    proc = _cli("submit", str(QUICKSTART), "--local", f"run.output_dir={tmp_path / 'out'}", "trainer.lrr=1e-5",
+                timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "unknown config key 'trainer.lrr'" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("sweep, message", [

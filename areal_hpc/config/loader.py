@@ -204,7 +204,12 @@ def _read_yaml(path: Path) -> Any:
 def _apply_file(raw: _Raw, path: Path) -> None:
     data = _read_yaml(path)
     if data is None:
-        return
+        # Running the defaults here would start a run the user did not describe (and move aside the
+        # run folder of the default name): a file given but saying nothing is a mistake.
+        raise ConfigError(
+            f"config file '{path}' is empty (or only comments); put the settings in it "
+            f"(start from configs/quickstart.yaml) or omit the file to run the defaults"
+        )
     where = f"in {path}"
     if not isinstance(data, dict):
         raise ConfigError(

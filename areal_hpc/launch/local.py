@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from areal_hpc.comm.mpi import LAUNCHER_REPORTS_ENV
 from areal_hpc.config import Config
+from areal_hpc.launch.failure import failure_line
 from areal_hpc.launch.mps import job_mps
 from areal_hpc.launch.phases import LAUNCH_TIME_ENV, process_age_s
 
@@ -42,11 +44,12 @@ def mpiexec_command(cfg: Config, config_path: Path) -> list[str]:
 
 
 def launch_local(cfg: Config, config_path: Path, run_dir: Path) -> int:
-    """Run the job under mpiexec, forward Ctrl-C, and explain a failure from the ranks' error files."""
+    """Run the job under mpiexec, forward Ctrl-C, and explain a failure in one line from the ranks' error files."""
     cmd = mpiexec_command(cfg, config_path)
     started = time.time() - (process_age_s() or 0.0)  # this command's start: the ranks count their setup from it
     with job_mps(cfg.cluster.cuda_mps, cfg.cluster.n_trainer + cfg.cluster.n_rollout) as mps_env:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **mps_env, **{LAUNCH_TIME_ENV: f"{started:.3f}"})
+        env[LAUNCHER_REPORTS_ENV] = "1"  # the ranks leave the console to this launcher's one line (failure_line)
         return _run_job(cfg, cmd, env, run_dir)
 
 
@@ -88,12 +91,5 @@ def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path,
     finally:
         signal.signal(signal.SIGTERM, previous)
     if rc != 0:
-        errors = sorted((run_dir / "errors").glob("rank*.txt"))
-        if errors:
-            for e in errors:
-                print("areal-hpc: " + e.read_text().splitlines()[0], file=sys.stderr)
-        else:
-            print(f"areal-hpc: the MPI job ended with exit code {rc} and no rank reported an exception: a rank was "
-                  f"killed (out of memory, a signal, or a node failure); see the mpiexec message above and "
-                  f"{run_dir}/logs/", file=sys.stderr)
+        print(failure_line(rc, run_dir), file=sys.stderr)
     return rc

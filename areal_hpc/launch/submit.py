@@ -31,6 +31,7 @@ from typing import Any
 
 from areal_hpc.config import Config, ConfigError, load_config, save_config
 from areal_hpc.launch.mps import shell_lines
+from areal_hpc.launch.preflight import PreflightError, check_inputs
 from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE, fresh_run_dir, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,20 @@ class RunTask(_checkpointable_base()):  # type: ignore[misc]
         self.resumed = resumed
 
     def __call__(self) -> dict[str, Any] | None:
-        from areal_hpc.comm.mpi import world_barrier, world_rank, world_size
-        from areal_hpc.launch.environment import check_world_matches_launcher
+        from areal_hpc.comm.mpi import world_barrier, world_rank
+        from areal_hpc.launch.failure import errors_aside
         from areal_hpc.launch.job import main as job_main
+        from areal_hpc.launch.preflight import check_in_job
 
-        check_world_matches_launcher(world_size())  # srun without --mpi=...: say so clearly
+        # srun without --mpi=..., a missing checkpoint, a bad dataset row: one line from rank 0, all ranks stop
+        problem = check_in_job(load_config(self.config_path))
+        if problem is not None:
+            if world_rank() == 0:
+                print(f"areal-hpc: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         run_dir = Path(self.config_path).parent
         if self.resumed and world_rank() == 0:
-            _move_aside(run_dir / "errors", "preempted")  # the interrupted start's SystemExit is not a failure
+            errors_aside(run_dir, "preempted")  # the interrupted start's SystemExit is not a failure
         world_barrier()
         job_main(self.config_path)
         summary = run_dir / "summary.json"
@@ -99,11 +106,6 @@ class RunTask(_checkpointable_base()):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"RunTask({self.config_path!r}, resumed={self.resumed})"
-
-
-def _move_aside(path: Path, tag: str) -> None:
-    if path.exists():
-        path.rename(path.with_name(f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -265,6 +267,14 @@ def plan(config_path: str, overrides: list[str], sweeps: list[str] | None,
     return sweep_dir, runs
 
 
+def _check_inputs(run: Planned) -> None:
+    """``launch.preflight.check_inputs`` for a run of this machine, as a usage error naming its sweep point."""
+    try:
+        check_inputs(run.cfg)
+    except PreflightError as e:
+        raise UsageError(f"sweep point {point_label(run.point)}: {e}" if run.point else str(e)) from None
+
+
 def _prepare_run_dir(run: Planned) -> Path:
     """Write the resolved config into a fresh run folder (an earlier run there is moved aside, never deleted)."""
     fresh_run_dir(run.run_dir)
@@ -339,6 +349,23 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _OverridesAnywhere(argparse.ArgumentParser):
+    """Takes ``key=value`` overrides anywhere on the line: ``submit CONFIG --local run.steps=20``.
+
+    argparse fills every positional at the first run of plain words, so words after an option would be
+    "unrecognized arguments"; those left over (any that do not start with '-') are more overrides, kept in
+    the order given. An unknown option is still an argparse error.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = super().parse_known_args(args, namespace)
+        late = [a for a in extras if not a.startswith("-")]
+        if late and hasattr(ns, "overrides"):
+            ns.overrides = [*(ns.overrides or []), *late]
+            extras = [a for a in extras if a.startswith("-")]
+        return ns, extras
+
+
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.lr=2e-5, applied to every run")
@@ -367,6 +394,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``submit`` on the top-level ``areal-hpc`` parser."""
     p = subparsers.add_parser("submit", help=HELP, description=__doc__.split("\n\n")[0])
+    p.__class__ = _OverridesAnywhere  # subparsers build plain parsers; this one also takes late overrides
     configure(p)
     p.set_defaults(func=run)
     return p
@@ -382,8 +410,10 @@ def run(args: argparse.Namespace) -> int:
                             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task, job_name=name,
                             srun_mpi=args.srun_mpi, signal_delay_s=args.signal_delay, max_requeue=args.max_requeue,
                             extra=dict(args.sbatch))
-        if not args.local:
-            for r in runs:
+        for r in runs:
+            if args.local:  # the inputs as the ranks will see them, before anything is written
+                _check_inputs(r)
+            else:  # the ranks' node may see other paths and GPUs than this one: they check (RunTask)
                 slurm_parameters(r.cfg, opts)  # shape errors (ranks vs nodes) before anything is written
     except (ConfigError, UsageError) as e:
         print(f"areal-hpc: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)

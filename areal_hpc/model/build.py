@@ -21,9 +21,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device; ``cuda`` where there is none is an error now, not at the first
+    tensor moved (a torch assertion deep in model loading, after the warm-up)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"model.device={name} but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False); use model.device=auto (CUDA where present, else CPU) or cpu"
+        )
     return torch.device(name)
+
+
+def check_checkpoint(path: str | Path, key: str | None = None) -> Path:
+    """``path`` as a loadable HF checkpoint folder, else a one-line error naming ``key`` (e.g. model.path)."""
+    p = Path(path).expanduser()
+    what = f"{key} '{path}'" if key else f"model checkpoint '{path}'"
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} is not a folder; point it at a local HF checkpoint directory "
+                                f"(config.json + weights) or use model.kind=tiny")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{what} has no config.json, so it is not a HF checkpoint directory; point it at "
+                                f"the folder that holds config.json and the weights, or use model.kind=tiny")
+    return p
 
 
 def build_tiny_model(hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int,
@@ -62,11 +82,7 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    p = Path(path)
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(
-            f"model checkpoint {p} has no config.json; point model.path at a local HF checkpoint directory"
-        )
+    p = check_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], attn_implementation="sdpa")
     model.to(resolve_device(device))
     return model, load_tokenizer(p)

@@ -8,21 +8,24 @@ from pathlib import Path
 from areal_hpc.tasks.base import Problem
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
+def read_jsonl(path: str | Path, key: str | None = None) -> list[tuple[str, str]]:
+    """The file's (prompt, answer) rows; errors name the config ``key`` that points at it, and the line."""
+    where = f"{key}: {path}" if key else str(path)
     rows: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so a byte that is not UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 rows.append((str(obj["prompt"]), str(obj["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with 'prompt' and 'answer' ({e}); fix or remove that line"
+                    f"{where}:{lineno}: expected a JSON object with 'prompt' and 'answer' "
+                    f"({type(e).__name__}: {e}); fix or remove that line"
                 ) from None
     if not rows:
-        raise ValueError(f"{path}: no problems found; a JSONL dataset needs one {{prompt, answer}} object per line")
+        raise ValueError(f"{where}: no problems found; a JSONL dataset needs one {{prompt, answer}} object per line")
     return rows
 
 
@@ -30,8 +33,8 @@ class JsonlTask:
     """Training problems cycle through the file in order; problem ``i`` is row ``i mod n``."""
 
     def __init__(self, train_path: str, eval_path: str, n_eval: int) -> None:
-        self._train = read_jsonl(train_path)
-        held = read_jsonl(eval_path)[:n_eval]
+        self._train = read_jsonl(train_path, "task.train_path")
+        held = read_jsonl(eval_path, "task.eval_path")[:n_eval]
         self.eval_problems = [Problem(-(i + 1), p, a) for i, (p, a) in enumerate(held)]
 
     def train_problem(self, index: int) -> Problem:

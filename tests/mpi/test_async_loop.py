@@ -212,6 +212,20 @@ def test_config_error_is_one_line(job_root):
     assert len(lines) == 1 and "trainer.lr" in lines[0] and "trainer.lrr" in lines[0]
 
 
+def test_empty_config_file_is_one_line_and_moves_nothing(tmp_path):
+    """Not a silent run of the defaults that moves the user's runs/quickstart aside."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    earlier = tmp_path / "runs" / "quickstart"
+    earlier.mkdir(parents=True)
+    (earlier / "summary.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "areal_hpc.cli", "train", str(empty)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and str(empty) in lines[0] and "empty" in lines[0], proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["quickstart"]
+
+
 def test_missing_mpiexec_is_explained(job_root):
     proc = subprocess.run(train_args(job_root, "nompi", "cluster.mpiexec=no-such-mpiexec"), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
@@ -258,11 +272,84 @@ def test_hf_checkpoint_and_jsonl_dataset(job_root, tmp_path):
     assert 0.0 <= rec["summary"]["accuracy_before"] <= 1.0
 
 
-def test_missing_model_path_is_explained(job_root):
-    proc = subprocess.run(train_args(job_root, "nomodel", "model.kind=hf", "model.path=/no/such/checkpoint"),
+@pytest.mark.parametrize("make", [None, "folder"])
+def test_missing_model_path_is_explained(job_root, tmp_path, make):
+    """A path that does not exist (the config loader) or a folder without config.json (the launcher's check,
+    before any rank starts): one line naming model.path."""
+    path = tmp_path / "checkpoint"
+    if make:
+        path.mkdir()
+    proc = subprocess.run(train_args(job_root, "nomodel", "model.kind=hf", f"model.path={path}"),
                           cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "model.path" in proc.stderr and "/no/such/checkpoint" in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "model.path" in lines[0] and str(path) in lines[0]
+    assert not (job_root / "nomodel").exists()
+
+
+@pytest.mark.parametrize("case", ["jsonl_row", "cuda"])
+def test_inputs_are_checked_before_the_ranks_start(job_root, tmp_path, case):
+    """What every rank would meet after MPI start-up (and, for the device, after the warm-up) is one line at once."""
+    if case == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        overrides, expect = ["model.device=cuda"], "model.device=auto"
+    else:
+        data = tmp_path / "train.jsonl"
+        data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + "{'prompt': '2+2='}\n")
+        overrides = ["task.kind=jsonl", f"task.train_path={data}", f"task.eval_path={data}", "warmup.flaw=0"]
+        expect = f"task.train_path: {data}:2:"
+    t0 = time.monotonic()
+    proc = subprocess.run(train_args(job_root, f"inputs_{case}", *overrides), cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 30 and not (job_root / f"inputs_{case}").exists()
+
+
+def _console_failure(output: str) -> str:
+    """The job's output holds one failure line and no traceback (those are in RUN/errors/ and the logs)."""
+    assert "Traceback" not in output and "MPI_Abort" not in output, output[-3000:]
+    failures = [ln for ln in output.splitlines() if " failed: " in ln or "Error" in ln]
+    assert len(failures) == 1, output[-3000:]
+    return failures[0]
+
+
+@pytest.mark.parametrize("started_by", ["areal-hpc", "mpiexec"])
+def test_error_inside_the_ranks_is_one_line(job_root, tmp_path, started_by):
+    """A checkpoint that passes the launcher's check (config.json exists) but that no rank can load: every
+    rank fails; the console gets the first cause once (from the launcher, or without one from the first rank
+    to fail), the traceback stays in errors/ and the rank logs."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    name = f"broken_{started_by}"
+    args = train_args(job_root, name, "model.kind=hf", f"model.path={broken}")
+    if started_by == "mpiexec":
+        args = [str(Path(sys.executable).parent / "mpiexec"), "-n", "3", *args]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode != 0
+    line = _console_failure(proc.stdout + proc.stderr)
+    errors = job_root / name / "errors"
+    first = errors / (errors / "first").read_text().strip()
+    assert line.startswith("areal-hpc: rank ") and line.endswith(f"; full traceback in {first}"), line
+    assert "Traceback" in first.read_text()
+    rank = first.name.removeprefix("rank").removesuffix(".txt")
+    assert "Traceback" in (job_root / name / "logs" / f"rank{rank}.log").read_text()
+
+
+def test_world_size_mismatch_is_one_line(job_root):
+    """``mpiexec -n 3 areal-hpc train ... cluster.n_trainer=2``: rank 0 says it once, every rank stops."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    args = train_args(job_root, "mismatch", "cluster.n_trainer=2")
+    proc = subprocess.run([str(mpiexec), "-n", "3", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "MPI world has 3 ranks" in lines[0] and "mpiexec -n 4" in lines[0], lines
+    assert not (job_root / "mismatch").exists()
 
 
 def test_hdf5_transport_two_trainers_two_rollouts(job_root):
