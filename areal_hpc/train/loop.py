@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,11 +104,23 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
                            acc_after=acc_after, train_seconds=train_seconds, totals=totals,
                            leftover=sum(s["leftover"] for s in stops), rollouts=rs, ckpt=ckpt, phases=phases)
         summary.update(launcher)
-        files.summary.write_text(json.dumps(summary, indent=2))
+        files.summary.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if not preempted:
             print(summary_table(summary), flush=True)
     ctx.world.Barrier()
     return preempted
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: ``json.dumps`` would write ``NaN``, which strict
+    parsers (jq, JavaScript, most languages' JSON) reject. A missing accuracy is null, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _summary(cfg: Config, files: RunFiles, worker: TrainerWorker, *, preempted: bool, attempt: int,
