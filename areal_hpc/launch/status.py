@@ -172,8 +172,9 @@ def folder_state(run_dir: Path) -> FolderState:
             return FolderState("PREEMPTED", f"stopped {step}, but no checkpoint is left: the run starts over")
         return FolderState("PREEMPTED", f"stopped {step}; resume with: {resume_command(run_dir)}")
     if started_t or (run_dir / "metrics.jsonl").exists() or any((run_dir / "logs").glob("*.log")):
-        return FolderState("FAILED", "the ranks are gone without a summary or an error record: killed (out of "
-                                     f"memory, a signal, a node failure); see {run_dir / 'logs'}{resume}")
+        return FolderState("FAILED", "the ranks are gone without a summary or an error record: killed (a "
+                                     "second Ctrl-C, out of memory, a signal, a node failure); see "
+                                     f"{run_dir / 'logs'}{resume}")
     return FolderState("PENDING")
 
 
