@@ -74,12 +74,14 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     run_id = run_id_of(files.root)
     task = build_task(cfg)
     policy, resume = None, None
-    if ctx.rank == 0:
+    if ctx.hosts.index(ctx.hostname()) == ctx.rank:  # the first rank on each node
         # Any run's (and MPI job's) whose processes are gone, not only this run's earlier start: a killed
-        # job elsewhere on this node leaves its memory in /dev/shm until someone removes it.
+        # job on this node leaves its memory in /dev/shm until someone removes it. Live ones are kept, the
+        # segments this job's other ranks may be creating meanwhile included.
         removed = remove_dead_segments()
         if removed:
             log.warning("removed %d shared-memory segments left in /dev/shm by killed jobs: %s", len(removed), removed)
+    if ctx.rank == 0:
         if cfg.run.resume == "auto":
             resume = load_latest(files.checkpoints)
         if resume is not None:
