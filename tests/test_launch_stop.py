@@ -75,6 +75,16 @@ def _rank_pids(run: Path, timeout: float = 60) -> list[int]:
     pytest.fail("the ranks did not start")
 
 
+def _segments_of(pids: list[int]) -> set[str]:
+    """The /dev/shm files the ranks map (MPICH's own segments here)."""
+    found = set()
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if "/dev/shm/" in line:
+                found.add(line[line.index("/dev/shm/"):].removesuffix(" (deleted)"))
+    return found
+
+
 def test_closed_output_pipe_does_not_kill_the_job(tmp_path):
     proc = _launch(tmp_path / "run", lines=30)
     try:
@@ -93,6 +103,7 @@ def test_ctrl_c_is_forwarded_once_and_a_second_kills_every_rank(tmp_path):
     proc = _launch(run, lines=10**6)  # ranks that ignore the stop flag: only a kill ends them
     try:
         pids = _rank_pids(run)
+        segments = _segments_of(pids)
         os.kill(proc.pid, signal.SIGINT)
         time.sleep(1.0)
         assert proc.poll() is None and all(os.path.exists(f"/proc/{p}") for p in pids)  # waiting for the step
@@ -104,3 +115,4 @@ def test_ctrl_c_is_forwarded_once_and_a_second_kills_every_rank(tmp_path):
     assert proc.returncode == 130, out[-2000:]
     assert "Traceback" not in out and "the ranks were killed (a second Ctrl-C)" in out, out[-2000:]
     assert wait_gone(pids), "a rank outlived the launcher"
+    assert segments and not [s for s in segments if os.path.exists(s)], "the killed job's segments were left"
