@@ -98,6 +98,19 @@ def test_closed_output_pipe_does_not_kill_the_job(tmp_path):
     assert (tmp_path / "run" / "done0").exists() and (tmp_path / "run" / "done1").exists()
 
 
+def test_closed_terminal_does_not_kill_the_job(tmp_path):
+    proc = _launch(tmp_path / "run", lines=30)
+    try:
+        _rank_pids(tmp_path / "run")
+        proc.send_signal(signal.SIGHUP)  # the terminal window was closed
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0
+    assert (tmp_path / "run" / "done0").exists() and (tmp_path / "run" / "done1").exists()
+
+
 def test_ctrl_c_is_forwarded_once_and_a_second_kills_every_rank(tmp_path):
     run = tmp_path / "run"
     proc = _launch(run, lines=10**6)  # ranks that ignore the stop flag: only a kill ends them

@@ -77,6 +77,8 @@ def _run_job(cfg: Config, cmd: list[str], env: dict[str, str], run_dir: Path,
     # The job runs in its own session, so a SIGTERM or Ctrl-C reaches this launcher alone; stopping here
     # would orphan the ranks (still on the GPU) and skip the MPS daemon's stop: pass them on instead.
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A closed terminal (SIGHUP) ends only the output, as with nohup: the job has no terminal of its own.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _detach)
     relays = [_relay(proc.stdout, 1), _relay(proc.stderr, 2)]
     try:
         try:
@@ -222,6 +224,14 @@ def _silence(fd: int) -> None:
                     os.dup2(null, other)
     finally:
         os.close(null)
+
+
+def _detach(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """The terminal is gone: what the job and this launcher still print goes to /dev/null."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _say(message: str) -> None:
