@@ -62,8 +62,6 @@ def test_closing_table_shows_generated_and_trained_tokens_per_second():
     assert "1200 trained" in summary_table(_summary())  # a summary written before the generated figure
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py _summary must add generated_tokens_per_s (rollout stats' "
-                                       "tokens_generated over the training seconds)")
 def test_summary_has_the_generated_tokens_per_second_the_table_shows(tmp_path):
     from areal_hpc.train.loop import _summary as make_summary
 

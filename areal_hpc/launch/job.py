@@ -6,12 +6,10 @@ Started as ``python -m areal_hpc.launch.job RUN_DIR/config.yaml`` by mpiexec/sru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -19,24 +17,19 @@ from areal_hpc.comm.devices import bind_gpu
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
 from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
 from areal_hpc.config import Config, load_config
+from areal_hpc.launch.clean import remove_dead_segments, run_id_of
 from areal_hpc.launch.environment import check_world_matches_launcher
 from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.phases import process_age_s, since_launch_s
-from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job
+from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job, resume_command
 from areal_hpc.launch.run_dir import run_dir_of
 from areal_hpc.model.initial import prepare_initial_policy
 from areal_hpc.phases import Phases
 from areal_hpc.storage.checkpoint import load_latest
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.tasks import build_task
-from areal_hpc.transport.shm_ring import cleanup_stale
 
 log = logging.getLogger("areal_hpc")
-
-
-def run_id_of(run_dir: Path) -> str:
-    """Stable across restarts of the same run, so the next start finds a crashed run's segments."""
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
 
 
 def setup_logging(files: RunFiles, rank: int, role: str, level: str) -> None:
@@ -81,10 +74,14 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
     run_id = run_id_of(files.root)
     task = build_task(cfg)
     policy, resume = None, None
-    if ctx.rank == 0:
-        removed = cleanup_stale(f"areal_{run_id}_")
+    if ctx.hosts.index(ctx.hostname()) == ctx.rank:  # the first rank on each node
+        # Any run's (and MPI job's) whose processes are gone, not only this run's earlier start: a killed
+        # job on this node leaves its memory in /dev/shm until someone removes it. Live ones are kept, the
+        # segments this job's other ranks may be creating meanwhile included.
+        removed = remove_dead_segments()
         if removed:
-            log.warning("removed %d shared-memory segments left by a crashed earlier start: %s", len(removed), removed)
+            log.warning("removed %d shared-memory segments left in /dev/shm by killed jobs: %s", len(removed), removed)
+    if ctx.rank == 0:
         if cfg.run.resume == "auto":
             resume = load_latest(files.checkpoints)
         if resume is not None:
@@ -110,8 +107,12 @@ def _run(cfg: Config, ctx: MPIContext, files: RunFiles) -> None:
         launcher = {"cuda_mps": os.environ.get(MPS_STATE_ENV, "off (not started by areal-hpc)")}
         preempted = run_trainer(cfg, ctx, groups, files, policy, run_id, task, resume, lambda: preempt.raised,
                                 phases, launcher)
-        if preempted and ctx.rank == 0 and cfg.run.requeue:
-            requeue_this_job()
+        if preempted and ctx.rank == 0:
+            # A person's Ctrl-C ends the job; the scheduler's signals requeue it where it can be.
+            requeued = cfg.run.requeue and not preempt.by_user and requeue_this_job()
+            if not requeued:
+                how = "Ctrl-C" if preempt.by_user else "a signal"
+                log.warning("stopped by %s: checkpoint written; resume with: %s", how, resume_command(files.root))
     else:
         _run_rollout(cfg, ctx, groups, files, policy, run_id, resume, phases)
     shutdown_distributed()

@@ -1,9 +1,14 @@
 """``areal-hpc status SWEEP_DIR|RUN_DIR``: where each submitted run stands, as a table.
 
 The state comes from the scheduler when it can tell (submitit's ``job.state``, i.e. ``sacct``; then
-``squeue -j``, since many small clusters run without accounting), else from the run folder itself:
-summary.json -> DONE, errors/ -> FAILED, metrics.jsonl -> RUNNING, a config only -> PENDING. Runs started
-with ``submit --local`` have no scheduler, so their state is always the folder's.
+``squeue -j``, since many small clusters run without accounting), else from the run folder itself (runs
+started with ``train`` or ``submit --local`` have no scheduler, so their state is always the folder's):
+
+- RUNNING: a rank of the run is alive (``ranks/rank*.json``: its pid on this host; on another host, the
+  run's files written within ``HEARTBEAT_S``);
+- PREEMPTED: stopped by a signal or Ctrl-C after a checkpoint; the detail gives the command that resumes it;
+- FAILED: a rank recorded an error (``errors/``), or the ranks are gone without a summary; the detail says why;
+- DONE: ``summary.json`` of a finished run; PENDING: nothing started yet.
 
 Exit codes: 0 shown; 2 the path is not a sweep or run folder.
 """
@@ -17,13 +22,17 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from areal_hpc.launch.failure import first_failure
+from areal_hpc.launch.preempt import resume_command
 from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE
 
 log = logging.getLogger(__name__)
@@ -35,6 +44,8 @@ _UNINFORMATIVE = {"", "UNKNOWN", "NA", "N/A"}
 # Scheduler states of a job that is queued or still running.
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
            "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING"}
+# A run whose ranks are on other hosts (no pid to ask) counts as alive while its files changed this recently.
+HEARTBEAT_S = 900.0
 
 
 @dataclass
@@ -47,6 +58,7 @@ class RunStatus:
     step: int | None
     accuracy: float | None
     run_dir: str
+    detail: str = ""  # RUNNING: which ranks; PREEMPTED: the resume command; FAILED: the cause
 
 
 def _load_json(path: Path) -> Any:
@@ -71,18 +83,107 @@ def latest_step(run_dir: Path) -> int | None:
     return None
 
 
-def file_state(run_dir: Path) -> str:
-    """The state the run folder shows, for runs without (reachable) scheduler accounting."""
-    if (run_dir / "summary.json").exists():
-        return "DONE"
-    errors = run_dir / "errors"
-    if errors.is_dir() and any(errors.iterdir()):
-        return "FAILED"
-    if (run_dir / "metrics.jsonl").exists():
-        return "RUNNING"
+@dataclass
+class FolderState:
+    state: str
+    detail: str = ""
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _short(host: str) -> str:
+    return host.split(".")[0]
+
+
+def _is_rank(pid: int) -> bool:
+    """Whether ``pid`` lives and is one of ours (a recycled pid of another program is not the rank)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return b"areal_hpc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not os.path.isdir("/proc")  # no /proc to ask: the pid's existence must do
+
+
+def alive(run_dir: Path) -> str | None:
+    """Why the run counts as alive ("ranks 0, 1 alive (pids ...)"), or None when nothing of it runs."""
+    ranks = [r for r in (_load_json(p) for p in sorted((run_dir / "ranks").glob("rank*.json"))) if isinstance(r, dict)]
+    here = _short(socket.gethostname())
+    local = [r for r in ranks if _short(str(r.get("host", ""))) == here and isinstance(r.get("pid"), int)]
+    if local:  # every rank of an MPI job lives as long as the job: a dead one here means a dead job
+        live = [r for r in local if _is_rank(r["pid"])]
+        if not live:
+            return None
+        pids = ", ".join(str(r["pid"]) for r in live)
+        return f"{len(live)} rank(s) alive on this host (pids {pids})"
+    beats = [run_dir / "metrics.jsonl", *(run_dir / "ranks").glob("rank*.json"), *(run_dir / "logs").glob("*.log")]
+    last = max((_mtime(p) for p in beats), default=0.0)
+    age = time.time() - last
+    if last and age < HEARTBEAT_S:
+        where = f"on {', '.join(sorted({str(r.get('host')) for r in ranks}))}" if ranks else "starting"
+        return f"{where}; last write {age:.0f} s ago"
+    return None
+
+
+def _first_error(run_dir: Path) -> tuple[str, float] | None:
+    """The first failure (the rank that claimed it, whose abort the others follow; ``launch.failure``, which
+    the launcher's one line also reads) and the newest error's time."""
+    errors = [p for p in (run_dir / "errors").glob("rank*.txt") if p.is_file()]
+    if not errors:
+        return None
+    errors.sort(key=_mtime)
+    failure = first_failure(run_dir)
+    cause = failure.summary if failure is not None else \
+        f"{errors[0].stem} failed; its error file is empty (killed while writing it)"
+    if len(errors) > 1:
+        cause += f" (+{len(errors) - 1} more in {run_dir / 'errors'})"
+    return cause, _mtime(errors[-1])
+
+
+def folder_state(run_dir: Path) -> FolderState:
+    """The state the run folder (and this host's processes) show, for runs without scheduler accounting."""
     if not run_dir.exists():
-        return "MISSING"
-    return "PENDING"
+        return FolderState("MISSING")
+    started_t = max((_mtime(p) for p in (run_dir / "ranks").glob("rank*.json")), default=0.0)
+    summary_t = _mtime(run_dir / "summary.json")
+    summary = _load_json(run_dir / "summary.json") if summary_t >= started_t else None  # not an earlier attempt's
+    summary = summary if isinstance(summary, dict) else None
+    # A finished run's summary beats ranks still tearing down.
+    if summary is not None and not summary.get("preempted"):
+        return FolderState("DONE")
+    resumable = (run_dir / "checkpoints" / "latest.json").exists()
+    resume = f"; resume from its last checkpoint with: {resume_command(run_dir)}" if resumable else ""
+    # An error of this attempt ends the job (the rank aborts it), even while its peers are still exiting.
+    error = _first_error(run_dir)
+    if error is not None and error[1] >= started_t and (summary is None or error[1] > summary_t):
+        return FolderState("FAILED", error[0] + resume)
+    why_alive = alive(run_dir)
+    if why_alive:
+        return FolderState("RUNNING", why_alive)
+    if summary is not None and summary.get("preempted"):
+        step = f"at step {summary.get('final_version')} of {summary.get('steps')}"
+        if not resumable:
+            return FolderState("PREEMPTED", f"stopped {step}, but no checkpoint is left: the run starts over")
+        return FolderState("PREEMPTED", f"stopped {step}; resume with: {resume_command(run_dir)}")
+    if started_t or (run_dir / "metrics.jsonl").exists() or any((run_dir / "logs").glob("*.log")):
+        return FolderState("FAILED", "the ranks are gone without a summary or an error record: killed (a "
+                                     "second Ctrl-C, out of memory, a signal, a node failure); see "
+                                     f"{run_dir / 'logs'}{resume}")
+    return FolderState("PENDING")
+
+
+def file_state(run_dir: Path) -> str:
+    """``folder_state``'s state alone."""
+    return folder_state(run_dir).state
 
 
 def _squeue_state(job_id: str) -> str:
@@ -133,22 +234,25 @@ def scheduler_state(job_id: str | None, log_folder: str | None) -> str:
 
 def run_status(run_dir: Path, job_id: str | None, log_folder: str | None, name: str) -> RunStatus:
     sched = scheduler_state(job_id, log_folder)
-    files = file_state(run_dir)
+    files = folder_state(run_dir)
     # A summary beats a scheduler still tearing the job down; a queued or running job (a requeued one
-    # included: its errors/ are the interrupted start's) beats the files; else the files, then Slurm.
-    if files == "DONE" or not sched:
-        state = files
-    elif sched in _ACTIVE or files != "FAILED":
+    # included: its errors/ are the interrupted start's) beats the files; a stop the files explain beats
+    # Slurm's word for it (CANCELLED, COMPLETED); else Slurm's (TIMEOUT, OUT_OF_MEMORY...).
+    if files.state == "DONE" or not sched:
+        state = files.state
+    elif sched in _ACTIVE or files.state not in ("PREEMPTED", "FAILED"):
         state = sched
     else:
-        state = files
-    if state == "COMPLETED" and files != "DONE":
+        state = files.state
+    if state == "COMPLETED" and files.state != "DONE":
         state = "COMPLETED-NO-SUMMARY"
     acc = None
-    summary = _load_json(run_dir / "summary.json") if files == "DONE" else None
+    summary = _load_json(run_dir / "summary.json") if state == "DONE" else None
     if isinstance(summary, dict) and isinstance(summary.get("accuracy_after"), (int, float)):
         acc = float(summary["accuracy_after"])
-    return RunStatus(name, job_id or "-", state, latest_step(run_dir), acc, str(run_dir))
+        acc = acc if math.isfinite(acc) else None
+    detail = files.detail if state == files.state else ""
+    return RunStatus(name, job_id or "-", state, latest_step(run_dir), acc, str(run_dir), detail)
 
 
 def collect(path: Path) -> list[RunStatus]:
@@ -168,9 +272,9 @@ def collect(path: Path) -> list[RunStatus]:
 
 
 def format_table(rows: list[RunStatus]) -> str:
-    header = ("run", "job", "state", "step", "accuracy")
+    header = ("run", "job", "state", "step", "accuracy", "detail")
     body = [(r.name, r.job_id, r.state, "-" if r.step is None else str(r.step),
-             "-" if r.accuracy is None or math.isnan(r.accuracy) else f"{r.accuracy:.3f}") for r in rows]
+             "-" if r.accuracy is None or math.isnan(r.accuracy) else f"{r.accuracy:.3f}", r.detail) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *body)]
     counts: dict[str, int] = {}
@@ -201,7 +305,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        # Strict JSON: a missing accuracy is null (never NaN, which jq and JavaScript reject).
+        safe = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+                for r in rows]
+        print(json.dumps(safe, indent=2, allow_nan=False))
     else:
         print(format_table(rows))
     return 0

@@ -7,9 +7,22 @@ and training steps live in the HDF5 rollout log (``rollout_log/``, ``trainer_log
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: ``json.dumps`` would write ``NaN``, which strict
+    parsers (jq, JavaScript, most languages' JSON) reject. A missing accuracy is null, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class JsonlWriter:
@@ -18,7 +31,7 @@ class JsonlWriter:
         self._f = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.write(json.dumps(strict_json(record), separators=(",", ":"), allow_nan=False) + "\n")
 
     def close(self) -> None:
         self._f.close()

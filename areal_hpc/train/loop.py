@@ -25,7 +25,7 @@ from areal_hpc.model.build import save_policy
 from areal_hpc.phases import Phases, outside_steps
 from areal_hpc.rollout.evaluate import evaluate
 from areal_hpc.storage.checkpoint import ResumeState, prune, save_checkpoint
-from areal_hpc.storage.records import JsonlWriter, RunFiles
+from areal_hpc.storage.records import JsonlWriter, RunFiles, strict_json
 from areal_hpc.tasks.base import Task
 from areal_hpc.train.progress import Progress, summary_table
 from areal_hpc.train.worker import TrainerWorker
@@ -103,7 +103,7 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
                            acc_after=acc_after, train_seconds=train_seconds, totals=totals,
                            leftover=sum(s["leftover"] for s in stops), rollouts=rs, ckpt=ckpt, phases=phases)
         summary.update(launcher)
-        files.summary.write_text(json.dumps(summary, indent=2))
+        files.summary.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if not preempted:
             print(summary_table(summary), flush=True)
     ctx.world.Barrier()
@@ -123,7 +123,10 @@ def _summary(cfg: Config, files: RunFiles, worker: TrainerWorker, *, preempted: 
         "tokens_per_s": totals["tokens"] / train_seconds, "rejected": totals["rejected"],
         "downweighted": totals["downweighted"],
         "leftover_at_stop": leftover,
-        "generated": sum(s.pushed for s in rollouts), "abandoned_in_flight": sum(s.abandoned for s in rollouts),
+        "generated": sum(s.pushed for s in rollouts),
+        # Slightly high: the rollouts start generating before the trainer's step clock (at most eta+1 batches).
+        "generated_tokens_per_s": sum(s.tokens_generated for s in rollouts) / train_seconds,
+        "abandoned_in_flight": sum(s.abandoned for s in rollouts),
         "aborted_stale_groups": sum(s.aborted_groups for s in rollouts),
         "aborted_stale_tokens": sum(s.aborted_tokens for s in rollouts),
         "abandoned_prompts": sorted(p for s in rollouts for p in s.abandoned_prompts),

@@ -122,42 +122,90 @@ def _read_owner_pid(path: str) -> int | None:
     return int(words[_W_OWNER_PID])
 
 
-def cleanup_stale(prefix: str, *, skip_live_owners: bool = True) -> list[str]:
-    """Unlink leftover ring segments named ``prefix*`` under /dev/shm.
+def segments_in_use() -> set[str] | None:
+    """Paths under /dev/shm that a process on this node maps or holds open; None without ``/proc``.
 
-    Meant for startup after a crash (SIGKILL/OOM skips ``atexit``). Segments whose
-    recorded owner process is still alive on this node are kept unless
-    ``skip_live_owners`` is False, so concurrent runs sharing a node with a broad
-    prefix are not broken. Returns the names that were removed.
+    Segments that carry no owner pid (MPICH's ``mpich_shm_*``) are alive exactly while a process maps
+    them; a process that cannot be read (another user's) cannot map our own 0600 files either.
     """
-    if not prefix or "/" in prefix:
-        raise ValueError(f"invalid shm ring prefix {prefix!r}")
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    used: set[str] = set()
+    shm = SHM_DIR + "/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    i = line.find(shm)
+                    if i >= 0:
+                        used.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(shm):
+                used.add(target)
+    return used
+
+
+def stale_segments(prefix: str | tuple[str, ...], *, skip_live_owners: bool = True) -> list[str]:
+    """Names under /dev/shm starting with ``prefix`` (one or several) whose owner is gone.
+
+    Ours (ring, shared weights) record their owner pid: alive while it lives. Others (MPICH's) record
+    none: alive while any process maps or holds them open. Only files of this user are considered:
+    /dev/shm is sticky, others' are not ours to remove.
+    """
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    if not prefixes or any(not p or "/" in p for p in prefixes):
+        raise ValueError(f"invalid shm segment prefix {prefix!r}")
     try:
-        entries = sorted(os.listdir(SHM_DIR))
+        entries = sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefixes))
     except FileNotFoundError:
         return []
-    removed: list[str] = []
+    in_use: set[str] | None = set()
+    if skip_live_owners and any(_read_owner_pid(os.path.join(SHM_DIR, n)) is None for n in entries):
+        in_use = segments_in_use()
+    stale = []
     for name in entries:
-        if not name.startswith(prefix):
-            continue
         path = os.path.join(SHM_DIR, name)
         if skip_live_owners:
+            try:
+                if os.stat(path).st_uid != os.getuid():
+                    continue
+            except FileNotFoundError:
+                continue
             owner = _read_owner_pid(path)
             if owner is not None and _pid_alive(owner):
-                logger.debug("keeping shm ring %s: owner pid %d is alive", name, owner)
+                logger.debug("keeping shm segment %s: owner pid %d is alive", name, owner)
                 continue
+            if owner is None and (in_use is None or path in in_use):
+                continue  # no owner record: kept while mapped, and always where mappings cannot be seen
+        stale.append(name)
+    return stale
+
+
+def cleanup_stale(prefix: str | tuple[str, ...], *, skip_live_owners: bool = True) -> list[str]:
+    """Unlink leftover segments named ``prefix*`` under /dev/shm (see ``stale_segments``).
+
+    Meant for a start after a crash (SIGKILL/OOM skips ``atexit``) and for ``areal-hpc clean``. Live
+    segments are kept unless ``skip_live_owners`` is False, so concurrent runs sharing a node with a
+    broad prefix are not broken. Returns the names that were removed.
+    """
+    removed: list[str] = []
+    for name in stale_segments(prefix, skip_live_owners=skip_live_owners):
         try:
-            os.unlink(path)
+            os.unlink(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
             continue
         removed.append(name)
     if removed:
-        logger.info(
-            "removed %d stale shm segment(s) with prefix %r: %s",
-            len(removed),
-            prefix,
-            removed,
-        )
+        logger.info("removed %d stale shm segment(s) with prefix %r: %s", len(removed), prefix, removed)
     return removed
 
 
