@@ -15,7 +15,7 @@ import torch
 
 from areal_hpc.comm.devices import bind_gpu
 from areal_hpc.comm.dist import init_distributed, shutdown_distributed
-from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_size
+from areal_hpc.comm.mpi import MPIContext, run_or_abort, world_rank, world_size
 from areal_hpc.config import Config, load_config
 from areal_hpc.launch.clean import remove_dead_segments, run_id_of
 from areal_hpc.launch.environment import check_world_matches_launcher
@@ -54,9 +54,13 @@ def _threads_per_rank(world: int) -> int:
 
 def main(config_path: str) -> None:
     cfg = load_config(config_path)
-    check_world_matches_launcher(world_size())
-    ctx = MPIContext(cfg.cluster.n_trainer, cfg.cluster.n_rollout)
     files = RunFiles(run_dir_of(cfg))
+
+    def context() -> MPIContext:  # a world that does not fit the config is one line too, not a traceback a rank
+        check_world_matches_launcher(world_size())
+        return MPIContext(cfg.cluster.n_trainer, cfg.cluster.n_rollout)
+
+    ctx = run_or_abort(context, rank=world_rank(), error_dir=str(files.errors))
     setup_logging(files, ctx.rank, ctx.topo.role, cfg.run.log_level)
     run_or_abort(lambda: _run(cfg, ctx, files), rank=ctx.rank, error_dir=str(files.errors))
 
