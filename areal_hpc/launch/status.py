@@ -34,6 +34,7 @@ from typing import Any
 from areal_hpc.launch.failure import first_failure
 from areal_hpc.launch.preempt import resume_command
 from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE
+from areal_hpc.storage.records import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +306,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
-        # Strict JSON: a missing accuracy is null (never NaN, which jq and JavaScript reject).
-        safe = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
-                for r in rows]
-        print(json.dumps(safe, indent=2, allow_nan=False))
+        print(json.dumps(strict_json([asdict(r) for r in rows]), indent=2, allow_nan=False))
     else:
         print(format_table(rows))
     return 0
