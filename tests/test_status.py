@@ -126,6 +126,11 @@ def test_errors_of_an_earlier_attempt_do_not_fail_a_resumed_run(tmp_path):
     _age(run, 600)
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "areal_hpc.launch.job"])
     try:
+        # Until the child has exec'd, its /proc cmdline is still this process's (not a rank's): wait for it.
+        deadline = time.monotonic() + 30
+        while b"areal_hpc.launch.job" not in Path(f"/proc/{rank.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in rank did not start"
+            time.sleep(0.01)
         _ranks(run, [rank.pid])  # the resumed attempt, written after the error
         assert status.folder_state(run).state == "RUNNING"
     finally:
