@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, ...]] = [
     ("areal_hpc.config", "areal_hpc.trajectory", "areal_hpc.api", "areal_hpc.registry",
      "areal_hpc.phases"),
-    ("areal_hpc.comm", "areal_hpc.storage", "areal_hpc.model", "areal_hpc.tasks"),
+    ("areal_hpc.comm", "areal_hpc.storage", "areal_hpc.model", "areal_hpc.tasks", "areal_hpc.reward"),
     ("areal_hpc.transport", "areal_hpc.weights"),
     ("areal_hpc.rollout", "areal_hpc.train"),
     ("areal_hpc.analysis", "areal_hpc.bench"),

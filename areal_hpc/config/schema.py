@@ -17,6 +17,7 @@ from areal_hpc.config.eval import EvalConfig
 from areal_hpc.config.fields import check_choices, need
 from areal_hpc.config.log import LogConfig
 from areal_hpc.config.model import ModelConfig
+from areal_hpc.config.reward import RewardConfig
 from areal_hpc.config.rollout import RolloutConfig
 from areal_hpc.config.run import RunConfig
 from areal_hpc.config.task import TaskConfig
@@ -25,7 +26,8 @@ from areal_hpc.config.transport import TransportConfig
 from areal_hpc.config.warmup import WarmupConfig
 from areal_hpc.config.weights import WeightsConfig
 
-__all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "RolloutConfig", "RunConfig",
+__all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "RewardConfig", "RolloutConfig",
+           "RunConfig",
            "TaskConfig", "TrainerConfig", "TransportConfig", "WarmupConfig", "WeightsConfig"]
 
 
@@ -49,6 +51,7 @@ class Config:
     model: ModelConfig = _section(ModelConfig, "policy model")
     warmup: WarmupConfig = _section(WarmupConfig, "supervised warm-up")
     task: TaskConfig = _section(TaskConfig, "prompts and rewards")
+    reward: RewardConfig = _section(RewardConfig, "response scoring")
     rollout: RolloutConfig = _section(RolloutConfig, "generation")
     trainer: TrainerConfig = _section(TrainerConfig, "PPO trainer")
     transport: TransportConfig = _section(TransportConfig, "sample transport")

@@ -14,10 +14,15 @@ class Encoder(Protocol):
 class Problem:
     """One prompt and what its verifier needs.
 
-    Text tasks (arithmetic, jsonl) fill ``prompt``/``answer`` only. Token-level tasks (synthetic) also
-    carry the prompt as ids, since their prompts mean nothing as text, a target response length
-    (``max_tokens``: the engine stops there even without EOS; 0 = the engine's limit) and the name of
-    the verifier that scores response ids (``verifier``; see ``rollout/reward.py``).
+    Text tasks fill ``prompt`` (the problem as the user would write it) and ``answer``; the prompt
+    builder (``tasks/prompt.py``) turns it into ids, through the chat template or raw. A dataset that
+    stores whole conversations (verl's Parquet layout) gives them as ``messages`` ((role, content)
+    pairs), used as they are. Token-level tasks (synthetic) carry the prompt as ids, since their prompts
+    mean nothing as text, a target response length (``max_tokens``: the engine stops there even without
+    EOS; 0 = the engine's limit). ``verifier`` names what scores the response (``reward/``): ``math``
+    compares the final answer with ``answer``; ``code`` runs the response's code in the sandbox against
+    ``tests`` (each a snippet of asserts, the reward counts whole snippets) that call ``entry_point``,
+    after the trusted ``code_prefix`` (imports and helpers the problem statement provides).
     """
 
     prompt_id: int
@@ -26,6 +31,10 @@ class Problem:
     prompt_tokens: tuple[int, ...] | None = None
     max_tokens: int = 0
     verifier: str = "math"
+    messages: tuple[tuple[str, str], ...] | None = None
+    tests: tuple[str, ...] = ()
+    entry_point: str = ""
+    code_prefix: str = ""
 
 
 class Task(Protocol):
