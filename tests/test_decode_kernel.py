@@ -65,7 +65,7 @@ def test_engine_with_fused_attention_and_compaction_under_interpreter(triton_int
         from areal_hpc.rollout.fast import FastEngine
 
         class _Tok:
-            eos_id, pad_id = 2, 0
+            eos_id, pad_id, stop_ids = 2, 0, frozenset({2})
         cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           tie_word_embeddings=True)
@@ -166,7 +166,7 @@ def test_gpu_engine_tunes_the_split_and_any_split_generates_the_same():
     m = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
     class Tok:
-        eos_id, pad_id = -1, 0
+        eos_id, pad_id, stop_ids = -1, 0, frozenset()
 
     def engine(split):
         return FastEngine(m, Tok(), max_batch=32, max_new_tokens=40, max_seq_len=300, temperature=1.0, top_p=1.0,

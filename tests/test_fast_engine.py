@@ -24,6 +24,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 class _Tok:
     eos_id = 2
     pad_id = 0
+    stop_ids = frozenset({2})
 
 
 def _model(device="cpu", dtype=torch.float32, vocab=97, layers=2, seed=0):

@@ -121,7 +121,7 @@ def test_build_task_takes_vocab_and_lengths_from_the_config() -> None:
 
 
 def _no_eos_tokenizer():
-    return SimpleNamespace(pad_id=0, eos_id=-1, bos_id=None)
+    return SimpleNamespace(pad_id=0, eos_id=-1, bos_id=None, stop_ids=frozenset())
 
 
 @pytest.mark.parametrize("with_eos", [False, True])

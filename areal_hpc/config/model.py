@@ -25,7 +25,9 @@ class ModelConfig:
         "qwen2-0.5b", "shape used when kind=random (vocab, layers, heads as the released model)",
         ("qwen2-0.5b", "qwen2-1.5b"),
     )
-    path: str | None = setting(None, "local HF checkpoint directory (required when kind=hf)")
+    path: str | None = setting(None, "kind=hf: a local HF checkpoint folder (config.json, weights, tokenizer), a "
+                                     ".gguf file (converted once into run.cache_dir), or pkg:package/file for one "
+                                     "that ships in an installed Python package")
     hidden_size: int = setting(128, "tiny model hidden size")
     n_layers: int = setting(2, "tiny model number of transformer layers")
     n_heads: int = setting(4, "tiny model attention heads (must divide hidden_size)")
@@ -43,8 +45,10 @@ class ModelConfig:
         if self.kind == "hf":
             need(self.path is not None, "model.path", self.path, "is required when model.kind=hf",
                  "point model.path at a local HF checkpoint directory or use model.kind=tiny")
-            if self.path is not None and not Path(self.path).expanduser().is_dir():
+            # pkg: paths and the checkpoint's contents are checked before the ranks start (launch/preflight.py)
+            p = Path(self.path).expanduser() if self.path is not None and not self.path.startswith("pkg:") else None
+            if p is not None and not (p.is_dir() or (p.suffix.lower() == ".gguf" and p.is_file())):
                 raise ConfigError(f"model.path '{self.path}' does not exist; point it at a local HF checkpoint "
-                                  f"directory (config.json + weights) or use model.kind=tiny")
+                                  f"directory (config.json + weights) or a .gguf file, or use model.kind=tiny")
         elif self.path is not None:
             logger.warning("model.path=%r is ignored because model.kind=%s", self.path, self.kind)

@@ -17,6 +17,7 @@ from areal_hpc.config.eval import EvalConfig
 from areal_hpc.config.fields import check_choices, need
 from areal_hpc.config.log import LogConfig
 from areal_hpc.config.model import ModelConfig
+from areal_hpc.config.prompt import PromptConfig
 from areal_hpc.config.reward import RewardConfig
 from areal_hpc.config.rollout import RolloutConfig
 from areal_hpc.config.run import RunConfig
@@ -26,9 +27,9 @@ from areal_hpc.config.transport import TransportConfig
 from areal_hpc.config.warmup import WarmupConfig
 from areal_hpc.config.weights import WeightsConfig
 
-__all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "RewardConfig", "RolloutConfig",
-           "RunConfig",
-           "TaskConfig", "TrainerConfig", "TransportConfig", "WarmupConfig", "WeightsConfig"]
+__all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig", "RewardConfig",
+           "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "WarmupConfig",
+           "WeightsConfig"]
 
 
 def _section(cls: type, help: str) -> dataclasses.Field:
@@ -51,6 +52,7 @@ class Config:
     model: ModelConfig = _section(ModelConfig, "policy model")
     warmup: WarmupConfig = _section(WarmupConfig, "supervised warm-up")
     task: TaskConfig = _section(TaskConfig, "prompts and rewards")
+    prompt: PromptConfig = _section(PromptConfig, "prompt construction")
     reward: RewardConfig = _section(RewardConfig, "response scoring")
     rollout: RolloutConfig = _section(RolloutConfig, "generation")
     trainer: TrainerConfig = _section(TrainerConfig, "PPO trainer")

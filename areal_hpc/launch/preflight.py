@@ -22,7 +22,8 @@ class PreflightError(Exception):
 
 def check_inputs(cfg: Config, *, device: bool = True) -> None:
     """The checkpoint, the task's data and (``device``: on the machine the ranks run on) the device."""
-    from areal_hpc.model.build import check_checkpoint, resolve_device
+    from areal_hpc.model.build import resolve_device
+    from areal_hpc.model.source import check_checkpoint
     from areal_hpc.tasks import build_task
 
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from areal_hpc.model.source import check_checkpoint
 from areal_hpc.model.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,6 @@ def resolve_device(name: str) -> torch.device:
             f"torch.cuda.is_available() is False); use model.device=auto (CUDA where present, else CPU) or cpu"
         )
     return torch.device(name)
-
-
-def check_checkpoint(path: str | Path, key: str | None = None) -> Path:
-    """``path`` as a loadable HF checkpoint folder, else a one-line error naming ``key`` (e.g. model.path)."""
-    p = Path(path).expanduser()
-    what = f"{key} '{path}'" if key else f"model checkpoint '{path}'"
-    if not p.is_dir():
-        raise FileNotFoundError(f"{what} is not a folder; point it at a local HF checkpoint directory "
-                                f"(config.json + weights) or use model.kind=tiny")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{what} has no config.json, so it is not a HF checkpoint directory; point it at "
-                                f"the folder that holds config.json and the weights, or use model.kind=tiny")
-    return p
 
 
 def build_tiny_model(hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int,
@@ -69,7 +57,7 @@ def build_tiny_model(hidden_size: int, n_layers: int, n_heads: int, intermediate
     return model
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Per-rank progress bars from transformers would interleave with the run's own progress line."""
     from transformers.utils import logging as hf_logging
 
@@ -78,10 +66,11 @@ def _quiet_transformers() -> None:
 
 
 def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
-    """Load a causal LM and its tokenizer from a local checkpoint directory."""
+    """Load a causal LM and its tokenizer from a local checkpoint directory (a GGUF file is converted first:
+    ``model/source.py``; the ranks get the converted folder)."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     p = check_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], attn_implementation="sdpa")
     model.to(resolve_device(device))
@@ -94,7 +83,7 @@ def save_policy(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path, 
     ``replace=False`` (shared caches): if another process finished the same checkpoint first, keep
     theirs and drop ours, so a reader never sees the directory vanish.
     """
-    _quiet_transformers()
+    quiet_transformers()
     final = Path(path)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     if tmp.exists():

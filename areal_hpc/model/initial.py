@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from areal_hpc.model.build import DTYPES, build_tiny_model, save_policy
-from areal_hpc.model.tokenizer import CharTokenizer, initial_tokenizer
+from areal_hpc.model.build import DTYPES, build_tiny_model, quiet_transformers, save_policy
+from areal_hpc.model.source import check_checkpoint, gguf_cache_name, is_gguf, resolve_model_path
+from areal_hpc.model.tokenizer import CharTokenizer, HFTokenizer, initial_tokenizer
 from areal_hpc.model.warmup import supervised_warmup
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,17 @@ def warmup_key(cfg) -> str:
 def prepare_initial_policy(cfg, task) -> str:
     """Path of the checkpoint every rank loads as version 0.
 
-    ``model.kind=hf`` uses ``model.path`` as it is (a real checkpoint is already past SFT). The tiny
+    ``model.kind=hf`` uses ``model.path`` as it is (a real checkpoint is already past SFT; a GGUF file is
+    converted once to a safetensors folder in ``run.cache_dir``: ``model/source.py``). The tiny
     model is built, warmed up and cached under ``run.cache_dir`` keyed by the settings it depends on,
     so repeated runs and test cases skip the warm-up. A random preset is built once per
     (preset, seed, dtype, max_seq_len) and cached the same way, without warm-up: its weights only
     stand in for a real checkpoint's shape.
     """
     if cfg.model.kind == "hf":
-        return str(Path(cfg.model.path).expanduser())
+        if is_gguf(cfg.model.path):
+            return str(_convert_gguf(cfg.model.path, cfg.run.cache_dir, console=cfg.run.progress))
+        return str(resolve_model_path(cfg.model.path))
     if cfg.model.kind == "random":
         return _random_policy(cfg, task)
     target = Path(cfg.run.cache_dir) / f"tiny-{warmup_key(cfg)}"
@@ -93,3 +97,23 @@ def _random_policy(cfg, task) -> str:
     model = build_random(m.preset, seed=cfg.run.seed, dtype=DTYPES[m.dtype], device="cpu", max_positions=m.max_seq_len)
     save_policy(model, initial_tokenizer(m, task.alphabet), target, replace=False)  # concurrent jobs share it
     return str(target)
+
+
+def _convert_gguf(path: str | Path, cache_dir: str | Path, *, console: bool = False) -> Path:
+    """The safetensors checkpoint of a GGUF file, converted on first use and cached under ``cache_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = check_checkpoint(path, "model.path")
+    target = Path(cache_dir) / gguf_cache_name(p)
+    if (target / "config.json").exists():
+        log.info("GGUF checkpoint from cache %s", target)
+        return target
+    if console:  # dequantizing takes a while: say so where the user looks
+        print(f"initial policy: converting {p.name} to safetensors (once: cached in {target})", file=sys.stderr,
+              flush=True)
+    quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
+    save_policy(model, HFTokenizer.wrap(tok), target, replace=False)  # concurrent jobs may share the cache
+    log.info("converted %s to %s", p, target)
+    return target

@@ -17,17 +17,39 @@ QWEN2_EOS_ID = 151643
 
 
 class Tokenizer(Protocol):
+    """``stop_ids``: the ids that end a response (the EOS id, and for chat checkpoints every id their
+    generation config lists, e.g. ``<|im_end|>`` and ``<|endoftext|>``). ``chat_template``: whether
+    :meth:`apply_chat` can format a conversation (only HF tokenizers that ship a template)."""
+
     pad_id: int
     eos_id: int
     bos_id: int | None
     vocab_size: int
+    stop_ids: frozenset[int]
+    chat_template: bool
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
-class CharTokenizer:
+
+class _NoChat:
+    """The tokenizers of the toy and random models: no chat template, EOS the only stop."""
+
+    chat_template = False
+    eos_id: int
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset((self.eos_id,))
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        raise ValueError(f"{type(self).__name__} has no chat template; set prompt.format=raw")
+
+
+class CharTokenizer(_NoChat):
     """One token per character of a fixed alphabet, plus pad/bos/eos."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -58,7 +80,7 @@ class CharTokenizer:
         return cls(json.loads(Path(directory, CHAR_TOKENIZER_FILE).read_text())["alphabet"])
 
 
-class IdTokenizer:
+class IdTokenizer(_NoChat):
     """Text is the ids written as decimal numbers: for random-weight models, whose tokens mean nothing.
 
     It saves with the checkpoint like :class:`CharTokenizer`, so a random preset loads through the same
@@ -95,16 +117,36 @@ class IdTokenizer:
 
 
 class HFTokenizer:
-    """Adapter over a ``transformers`` tokenizer loaded from a local checkpoint."""
+    """Adapter over a ``transformers`` tokenizer loaded from a local checkpoint.
 
-    def __init__(self, directory: str | Path) -> None:
-        from transformers import AutoTokenizer
+    Stop ids are the tokenizer's EOS plus every ``eos_token_id`` of the checkpoint's
+    ``generation_config.json``: chat models end a turn with a token (``<|im_end|>``, ``<|eot_id|>``) that
+    is not always the tokenizer's EOS, and a response that runs past it would be scored on garbage.
+    """
 
-        self._tok = AutoTokenizer.from_pretrained(str(directory))
+    def __init__(self, directory: str | Path | None = None, *, tokenizer=None) -> None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        self._tok = tokenizer
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {directory} has no EOS token; set eos_token in its "
+                             f"tokenizer_config.json so responses can end")
         self.eos_id = int(self._tok.eos_token_id)
         self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_id)
         self.bos_id = self._tok.bos_token_id
         self.vocab_size = len(self._tok)
+        self.chat_template = bool(getattr(self._tok, "chat_template", None))
+        stops = {self.eos_id}
+        if directory is not None:
+            stops |= _generation_stops(Path(directory))
+        self.stop_ids = frozenset(stops)
+
+    @classmethod
+    def wrap(cls, tokenizer) -> HFTokenizer:
+        """An adapter over a tokenizer already in memory (e.g. read from a GGUF file)."""
+        return cls(tokenizer=tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -112,8 +154,30 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation through the checkpoint's chat template, ending with the assistant's turn opened."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint's tokenizer has no chat template (no chat_template in its "
+                             "tokenizer_config.json); set prompt.format=raw or use a chat checkpoint")
+        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
+
     def save(self, directory: str | Path) -> None:
         self._tok.save_pretrained(str(directory))
+
+
+def _generation_stops(directory: Path) -> set[int]:
+    """``eos_token_id`` of the checkpoint's generation config (an int or a list), if it has one."""
+    f = directory / "generation_config.json"
+    if not f.is_file():
+        return set()
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); fix or delete it") from None
+    if eos is None:
+        return set()
+    return {int(i) for i in (eos if isinstance(eos, list) else [eos])}
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

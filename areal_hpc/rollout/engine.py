@@ -76,6 +76,7 @@ class TorchEngine:
                  version: int = 0) -> None:
         self.model = model.eval()
         self.tok = tokenizer
+        self._stops = frozenset(tokenizer.stop_ids)
         self.max_batch, self.max_new_tokens = max_batch, max_new_tokens
         self.temperature, self.top_p, self.interrupt = temperature, top_p, interrupt
         self.version = version
@@ -163,7 +164,7 @@ class TorchEngine:
             g.logprobs.append(logp_l[i])
             g.versions.append(self._logits_version)
             limit = min(g.request.max_tokens or self.max_new_tokens, self.max_new_tokens)
-            if tok_l[i] == self.tok.eos_id or len(g.tokens) >= limit:
+            if tok_l[i] in self._stops or len(g.tokens) >= limit:
                 g.finished, g.t_end = True, now
                 done_rows.append(i)
             else:

@@ -47,6 +47,7 @@ from tools.bench.common import copy_bandwidth, device_info, sync, write_result  
 class _NoEos:
     eos_id = -1
     pad_id = 0
+    stop_ids = frozenset()
 
 
 def requests(n: int, prompt_len: int, lengths: list[int], vocab: int, seed: int) -> list[GenRequest]:

@@ -53,6 +53,7 @@ def count_syncs(fn) -> tuple[collections.Counter, str]:
 
 class _Tok:
     eos_id = 2
+    stop_ids = frozenset({2})
 
 
 def engine_probe() -> dict:

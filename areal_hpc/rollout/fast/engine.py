@@ -70,7 +70,8 @@ class FastEngine:
         self._params = dict(model.named_parameters())
         B, dev = max_batch, self.device
         self.slots = SlotScheduler(self.runner.shape, max_batch=B, max_seq_len=max_seq_len,
-                                   max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, dtype=self.dtype, device=dev,
+                                   max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids, dtype=self.dtype,
+                                   device=dev,
                                    admit_min_free=admit_min_free, share_prompts=share_prompts)
         pin = dev.type == "cuda"
         self._host = [[torch.zeros(B, dtype=dt, pin_memory=pin) for dt in (torch.int64, torch.float32) * 2]

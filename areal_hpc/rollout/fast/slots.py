@@ -38,10 +38,11 @@ class Prefill(Protocol):
 
 
 class SlotScheduler:
-    def __init__(self, shape: Qwen2Shape, *, max_batch: int, max_seq_len: int, max_new_tokens: int, eos_id: int,
-                 dtype: torch.dtype, device: torch.device, admit_min_free: int | None, share_prompts: bool) -> None:
+    def __init__(self, shape: Qwen2Shape, *, max_batch: int, max_seq_len: int, max_new_tokens: int,
+                 stop_ids: frozenset[int], dtype: torch.dtype, device: torch.device, admit_min_free: int | None,
+                 share_prompts: bool) -> None:
         B, L, dev = max_batch, max_seq_len, device
-        self.max_batch, self.max_seq_len, self.max_new_tokens, self.eos_id = B, L, max_new_tokens, eos_id
+        self.max_batch, self.max_seq_len, self.max_new_tokens, self.stop_ids = B, L, max_new_tokens, stop_ids
         self.device = dev
         self.share_prompts = share_prompts
         self.admit_min_free = admit_min_free if admit_min_free is not None else max(1, max_batch // 16)
@@ -111,12 +112,12 @@ class SlotScheduler:
 
     # -- tokens in, slots out ----------------------------------------------------------------------
     def append(self, slot: int, g: Generation, tok: int, logp: float, version: int, now: float) -> bool:
-        """Record one sampled token; on EOS or the length limit finish ``g`` and free its slot."""
+        """Record one sampled token; on a stop id or the length limit finish ``g`` and free its slot."""
         self.tokens_generated += 1
         g.tokens.append(tok)
         g.logprobs.append(logp)
         g.versions.append(version)
-        if tok == self.eos_id or len(g.tokens) >= self.limit(g.request):
+        if tok in self.stop_ids or len(g.tokens) >= self.limit(g.request):
             g.finished, g.t_end = True, now
             self.table[slot] = None
             self.live -= 1
