@@ -98,6 +98,8 @@ class RolloutStats:
     ring_full_waits: int = 0
     ring_wait_seconds: float = 0.0
     shards_written: int = 0
+    reward_seconds: float = 0.0  # verifier time summed over the samples scored (in the reward pool, off the loop)
+    reward_timeouts: int = 0  # samples whose scoring hit a time limit (scored 0)
     engine: dict[str, Any] = field(default_factory=dict)  # the engine's own figures (``InferenceEngine.stats``)
     phases: dict[str, float] = field(default_factory=dict)
 

@@ -1,8 +1,10 @@
 """The rollout role: generate without waiting for the trainer, within the staleness bound.
 
 Loop: service control messages and finished weight receives -> admit prompt groups the gate allows
--> one decode step -> push finished groups into the ring. New weights are loaded between decode
-steps, so a sequence in flight continues under the new version (its tokens record which).
+-> one decode step -> hand finished groups to the reward pool -> push scored groups into the ring. New
+weights are loaded between decode steps, so a sequence in flight continues under the new version (its
+tokens record which). Scoring runs in worker processes (``reward/pool.py``): a slow sympy parse or a
+sandboxed code run never holds up a decode step.
 
 With ``trainer.stale_policy: reject``, a group whose oldest token falls more than η versions behind
 the weights just loaded is certain to be rejected (the trainer's version is never behind the
@@ -20,12 +22,15 @@ from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.model.build import load_policy
+from areal_hpc.reward.pool import RewardPool
+from areal_hpc.reward.result import RewardResult
+from areal_hpc.reward.scorer import build_scorer
 from areal_hpc.rollout.build import build_engine
-from areal_hpc.rollout.reward import problem_reward
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
-from areal_hpc.tasks import Problem, build_task, prompt_ids
+from areal_hpc.tasks import Problem, build_task
+from areal_hpc.tasks.prompt import PromptBuilder
 from areal_hpc.trajectory import RolloutStats, Trajectory
 from areal_hpc.transport.sinks import rollout_sink
 from areal_hpc.weights.select import build_receiver
@@ -45,6 +50,8 @@ class RolloutWorker:
         self.G = cfg.rollout.group_size
         self.task = build_task(cfg)
         model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
+        self.prompts = PromptBuilder(cfg.prompt, self.tok)
+        self.rewards = RewardPool(build_scorer(cfg.reward), cfg.reward.workers, cfg.reward.timeout_s)
         self.engine = build_engine(cfg, model, self.tok, seed=cfg.run.seed * 7919 + ctx.rank)
         # Collective with trainer 0's build_sender (before the ring attach, which waits on the trainer).
         self.receiver = build_receiver(cfg.weights, ctx, groups.weights, list(model.named_parameters()),
@@ -74,6 +81,13 @@ class RolloutWorker:
         self.sink = rollout_sink(cfg, ctx, files, run_id, self.trainer)  # waits for the trainer's ring
         self._groups: dict[int, list[Generation]] = {}
         self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
+        # Groups whose members are all generated, waiting for their rewards: group -> members, and each
+        # member's result as it comes back from the pool (keyed by sample id).
+        self._scoring: dict[int, list[Generation]] = {}
+        self._scored: dict[int, RewardResult] = {}
+        self._group_of: dict[int, int] = {}
+        self.reward_seconds = 0.0
+        self.reward_timeouts = 0
         self._next_local_prompt = self._next_local_prompt_start
         self.pushed = 0
         self.stop = False
@@ -145,7 +159,7 @@ class RolloutWorker:
             prompt_index = local * self.n_rollout + self.index
             problem = self.task.train_problem(prompt_index)
             self._problems[prompt_index] = problem
-            tokens = prompt_ids(problem, self.tok)
+            tokens = self.prompts.ids(problem)
             self.engine.submit(
                 # ids stay unique across resumed attempts that regenerate the same prompt
                 GenRequest(sample_id=self._attempt * SAMPLE_ID_ATTEMPT_STRIDE + prompt_index * self.G + j,
@@ -155,24 +169,47 @@ class RolloutWorker:
             )
 
     def _finish(self, g: Generation) -> None:
+        """A member is done; once its whole group is, the group goes to the reward pool."""
         members = self._groups.setdefault(g.request.group_id, [])
         members.append(g)
         if len(members) == self.G:
-            del self._groups[g.request.group_id]
-            problem = self._problems.pop(g.request.group_id)
-            for m in sorted(members, key=lambda x: x.request.sample_id):
-                self._push(m, problem)
+            gid = g.request.group_id
+            del self._groups[gid]
+            self._scoring[gid] = members
+            problem = self._problems[gid]
+            for m in members:
+                out = self._response(m)
+                self._group_of[m.request.sample_id] = gid
+                self.rewards.submit(m.request.sample_id, problem, tuple(out), self.tok.decode(out))
 
-    def _push(self, g: Generation, problem: Problem) -> None:
-        out = [t for t in g.tokens if t != self.tok.eos_id]
-        text = self.tok.decode(out)
-        reward = problem_reward(problem, out, text)
+    def _response(self, g: Generation) -> list[int]:
+        """The response the verifier sees: stop tokens dropped (decoded without special tokens)."""
+        stops = self.tok.stop_ids
+        return [t for t in g.tokens if t not in stops]
+
+    def _collect(self) -> None:
+        """Rewards back from the pool; a group goes to the trainer once all its members are scored."""
+        for sample_id, result in self.rewards.ready():
+            gid = self._group_of.pop(sample_id)
+            self._scored[sample_id] = result
+            members = self._scoring[gid]
+            if all(m.request.sample_id in self._scored for m in members):
+                del self._scoring[gid]
+                problem = self._problems.pop(gid)
+                for m in sorted(members, key=lambda x: x.request.sample_id):
+                    self._push(m, problem, self._scored.pop(m.request.sample_id))
+
+    def _push(self, g: Generation, problem: Problem, result: RewardResult) -> None:
+        out = self._response(g)
         r = g.request
+        self.reward_seconds += result.seconds
+        self.reward_timeouts += result.timed_out
         self.sink.put(Trajectory(
             sample_id=r.sample_id, prompt_id=r.prompt_id, group_id=r.group_id, rank=self.ctx.rank,
             prompt_tokens=r.prompt_tokens, response_tokens=g.tokens, behav_logprobs=g.logprobs, versions=g.versions,
-            reward=reward, answer_ok=reward >= 1.0, t_start=g.t_start, t_end=g.t_end, interruptions=g.interruptions,
-            fate=g.fate([self.tok.eos_id]), text=text, answer=problem.answer), wait=self.poll)
+            reward=result.reward, answer_ok=result.reward >= 1.0, t_start=g.t_start, t_end=g.t_end,
+            interruptions=g.interruptions, fate=g.fate(self.tok.stop_ids), text=self.tok.decode(out),
+            answer=problem.answer, reward_seconds=result.seconds, reward_timed_out=result.timed_out), wait=self.poll)
         self.pushed += 1
 
     def run(self) -> RolloutStats:
@@ -188,7 +225,14 @@ class RolloutWorker:
                     self._finish(g)
                 if self._unjudged:
                     self._abort_doomed(self._unjudged)
+                self._collect()
                 self.sink.flush_if_due()
+            elif self._scoring:  # nothing to decode until the pool's scores free the gate's credit
+                self._collect()
+                self.sink.flush_if_due(idle=True)
+                t = time.perf_counter()
+                time.sleep(0.0005)
+                self.idle_seconds += time.perf_counter() - t
             else:  # the gate holds us until a newer version (or a credit) arrives
                 self.sink.flush_if_due(idle=True)
                 t = time.perf_counter()
@@ -199,8 +243,10 @@ class RolloutWorker:
         while self.receiver.busy:
             self._apply_ready(block=True)
         self.receiver.close()  # shared weights: hand the CUDA IPC mapping back before the trainer exits
-        abandoned = self.engine.num_active() + sum(len(m) for m in self._groups.values())
-        abandoned_prompts = sorted(self._groups.keys() | self.engine.active_groups())
+        self.rewards.close()  # groups still being scored are abandoned like those in flight
+        abandoned = (self.engine.num_active() + sum(len(m) for m in self._groups.values())
+                     + sum(len(m) for m in self._scoring.values()))
+        abandoned_prompts = sorted(self._groups.keys() | self._scoring.keys() | self.engine.active_groups())
         self.sink.close()
         self.ctx.send(self.trainer, {"type": "stopped", "pushed": self.pushed})
         self.ctx.flush_sends()
@@ -209,6 +255,7 @@ class RolloutWorker:
             idle_seconds=self.idle_seconds, aborted_groups=self.aborted_groups, aborted_tokens=self.aborted_tokens,
             tokens_generated=self.engine.tokens_generated, versions_applied=self.versions_applied,
             ring_full_waits=self.sink.full_waits, ring_wait_seconds=self.sink.wait_seconds,
-            shards_written=self.sink.shards_written, engine=self.engine.stats())
+            shards_written=self.sink.shards_written, reward_seconds=self.reward_seconds,
+            reward_timeouts=self.reward_timeouts, engine=self.engine.stats())
         log.info("rollout %d done: %s", self.index, stats)
         return stats

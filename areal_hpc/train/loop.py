@@ -23,15 +23,59 @@ from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.model.build import save_policy
 from areal_hpc.phases import Phases, outside_steps
+from areal_hpc.reward.pool import RewardPool
+from areal_hpc.reward.scorer import build_scorer
 from areal_hpc.rollout.evaluate import evaluate
 from areal_hpc.storage.checkpoint import ResumeState, prune, save_checkpoint
 from areal_hpc.storage.records import JsonlWriter, RunFiles, strict_json
 from areal_hpc.tasks.base import Task
+from areal_hpc.tasks.prompt import PromptBuilder
 from areal_hpc.train.progress import Progress, summary_table
 from areal_hpc.train.worker import TrainerWorker
 from areal_hpc.trajectory import RolloutStats, combine
 
 log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Trainer 0's held-out evaluation: at start, every ``eval.every`` steps and at the end, each result a
+    line of ``eval.jsonl`` in the run folder (beside metrics.jsonl, whose lines stay one per step), a record
+    in the HDF5 trainer log and a console line."""
+
+    def __init__(self, cfg: Config, worker: TrainerWorker, task: Task, files: RunFiles) -> None:
+        self.cfg, self.worker = cfg, worker
+        self.records = JsonlWriter(files.root / "eval.jsonl")
+        self.problems = task.eval_problems[:min(cfg.eval.n, len(task.eval_problems))] if cfg.eval.enabled else []
+        self.prompts = PromptBuilder(cfg.prompt, worker.tok)
+        self._pool: RewardPool | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.problems)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and self.cfg.eval.every > 0 and step % self.cfg.eval.every == 0
+
+    def run(self, step: int) -> dict[str, Any]:
+        if self._pool is None:
+            self._pool = RewardPool(build_scorer(self.cfg.reward), self.cfg.reward.workers, self.cfg.reward.timeout_s)
+        r, e = self.cfg.rollout, self.cfg.eval
+        t = time.perf_counter()
+        out = evaluate(self.worker.model, self.worker.tok, self.prompts, self.problems, self._pool,
+                       max_new_tokens=r.max_new_tokens, k=e.k, temperature=r.temperature, top_p=r.top_p,
+                       seed=self.cfg.run.seed + step)
+        out["seconds"] = time.perf_counter() - t
+        self.worker.steps_log.add_eval(step, out)
+        self.records.write({"step": step, **out})
+        log.warning("eval at step %d: %s", step, "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in out.items()))
+        return out
+
+    def close(self) -> None:
+        self.records.close()
+        if self._pool is not None:
+            self._pool.close()
+
 
 def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy: str, run_id: str,
                 task: Task, resume: ResumeState | None, should_stop: Callable[[], bool], phases: Phases,
@@ -42,12 +86,12 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
     with phases.time("build"):
         worker = TrainerWorker(cfg, ctx, groups, files, policy, run_id, resume=resume)
     lead = ctx.rank == 0
-    n_eval = min(cfg.eval.n, len(task.eval_problems)) if cfg.eval.enabled else 0
+    evaluator = Evaluator(cfg, worker, task, files) if lead else None
     if resume is not None:
         acc_before = resume.accuracy_before
-    elif lead and n_eval:
+    elif evaluator is not None and evaluator.enabled:
         with phases.time("eval_before"):
-            acc_before = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval], cfg.rollout.max_new_tokens)
+            acc_before = evaluator.run(0)["pass@1"]
     else:
         acc_before = float("nan")
     with phases.time("wait_peers"):
@@ -77,6 +121,9 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
                        samples_per_s=totals["samples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
                        rejected_total=totals["rejected"], weight_send_wait_s=worker.sender.seconds_waiting)
             metrics.write(row)
+            if evaluator is not None and evaluator.due(worker.version) and worker.version < cfg.run.steps:
+                with phases.time("eval_during"):
+                    evaluator.run(worker.version)
             progress.update(row)
         if preempted:
             break
@@ -93,9 +140,11 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
             acc_after = float("nan")
             log.warning("preempted at version %d: checkpoint %s", worker.version, ckpt)
         else:
-            with phases.time("eval_after"):
-                acc_after = evaluate(worker.model, worker.tok, task.eval_problems[:n_eval],
-                                     cfg.rollout.max_new_tokens) if n_eval else float("nan")
+            final_eval: dict[str, Any] = {}
+            if evaluator is not None and evaluator.enabled:
+                with phases.time("eval_after"):
+                    final_eval = evaluator.run(worker.version)
+            acc_after = final_eval.get("pass@1", float("nan"))
             with phases.time("save_final"):
                 ckpt = _save_final(cfg, worker, files)
         rs = [s for s in rollout_stats if s is not None]
@@ -103,6 +152,9 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
                            acc_after=acc_after, train_seconds=train_seconds, totals=totals,
                            leftover=sum(s["leftover"] for s in stops), rollouts=rs, ckpt=ckpt, phases=phases)
         summary.update(launcher)
+        if evaluator is not None:
+            evaluator.close()
+            summary["eval_final"] = final_eval if not preempted else {}
         files.summary.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if not preempted:
             print(summary_table(summary), flush=True)
