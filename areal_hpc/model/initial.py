@@ -114,6 +114,11 @@ def _convert_gguf(path: str | Path, cache_dir: str | Path, *, console: bool = Fa
     quiet_transformers()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, but its tensors are already
+    # dequantized to fp32: drop the mark so it saves (and later loads) as the plain checkpoint it now is.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     save_policy(model, HFTokenizer.wrap(tok), target, replace=False)  # concurrent jobs may share the cache
     log.info("converted %s to %s", p, target)
     return target
