@@ -66,11 +66,11 @@ def shard_trajectories(path: Path) -> list[Trajectory]:
     """
     shard = read_shard(path)
     rows = shard.rows
-    scalars = {ROLLOUT_ROW_ATTRS.get(name, name): (rows[name], _SCALAR.get(dtype, str))
+    scalars = {ROLLOUT_ROW_ATTRS.get(name, name): list(map(_SCALAR.get(dtype, str), rows[name].tolist()))
                for name, dtype in ROW_FIELDS[ROLLOUT].items() if name not in DERIVED_ROLLOUT_ROWS}
     out = []
     for i in range(shard.n_rows):
-        fields: dict[str, object] = {attr: convert(col[i]) for attr, (col, convert) in scalars.items()}
+        fields: dict[str, object] = {attr: col[i] for attr, col in scalars.items()}
         for offsets, arrays in shard.ragged.values():
             a, b = offsets[i], offsets[i + 1]
             fields.update({name: v[a:b] for name, v in arrays.items()})
