@@ -51,9 +51,13 @@ class Trajectory:
     t_start: float = 0.0
     t_end: float = 0.0
     interruptions: int = 0  # weight updates that landed while it was being generated
-    fate: Fate | None = None  # None: not known (the HDF5 log, schema 1, does not record it)
+    fate: Fate | None = None  # None: not known (the HDF5 log does not record it)
     text: str = ""  # the decoded response, for the log and the verifier
     answer: str = ""  # the reference answer, for the log
+    # Seconds the verifier (math-verify, the code sandbox or a user's function) spent on this sample, in the
+    # reward worker pool off the decode loop; NaN where not measured (a schema-1 log).
+    reward_seconds: float = 0.0
+    reward_timed_out: bool = False  # a time limit cut scoring short: the reward is 0 and says nothing of the answer
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _array(self.prompt_tokens, np.int32)

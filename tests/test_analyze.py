@@ -54,6 +54,9 @@ def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = Tru
         "response_len": rng.integers(*resp_len, n).astype(np.int32),
     }
     s["t_end"] = s["t_start"] + rng.uniform(0.1, 2.0, n)
+    s["reward_seconds"] = rng.exponential(0.05, n).astype(np.float32)
+    s["reward_timed_out"] = (rng.random(n) < 0.02).astype(np.uint8)
+    s["reward"][s["reward_timed_out"] == 1] = 0.0  # a timeout scores 0
     s["index"] = np.repeat(np.arange(N_ROLLOUT), SHARDS_PER_RANK * PER_SHARD)
     s["index"] = s["index"][rng.permutation(n)]  # both ranks generate all along the run
     for idx in range(N_ROLLOUT):
@@ -68,6 +71,7 @@ def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = Tru
                 "t_start": s["t_start"][part], "t_end": s["t_end"][part], "interruptions": s["interruptions"][part],
                 "prompt_len": np.full(len(part), 3, np.int32), "response_len": s["response_len"][part],
                 "response_text": [f"{i} ok" for i in part], "answer": [str(i) for i in part],
+                "reward_seconds": s["reward_seconds"][part], "reward_timed_out": s["reward_timed_out"][part],
             }
             resp = [rng.integers(0, 50, s["response_len"][i]).astype(np.int32) for i in part]
             versions = [np.sort(rng.integers(0, 1 + s["interruptions"][i], len(r))).astype(np.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import random
@@ -271,7 +272,7 @@ def _traj(n_prompt: int, n_resp: int, **fields: object) -> Trajectory:
         "behav_logprobs": -rng.random(n_resp, dtype=np.float32) * 5,
         "versions": rng.integers(0, 100, n_resp).astype(np.int32),
         "reward": 0.1, "t_start": time.time(), "t_end": time.time() + 1.5, "answer_ok": True,
-        "interruptions": 2, "fate": "length",
+        "interruptions": 2, "fate": "length", "reward_seconds": 0.734, "reward_timed_out": True,
     }
     return Trajectory(**{**base, **fields})
 
@@ -288,16 +289,19 @@ def test_codec_round_trip(n_prompt: int, n_resp: int) -> None:
         np.testing.assert_array_equal(getattr(out, key), getattr(t, key))
     assert out.behav_logprobs.dtype == np.float32
     assert out.behav_logprobs.tobytes() == t.behav_logprobs.tobytes()
-    for key in ("sample_id", "prompt_id", "group_id", "rank", "reward", "t_start", "t_end", "answer_ok",
-                "interruptions", "fate"):
+    arrays = {"prompt_tokens", "response_tokens", "behav_logprobs", "versions"}
+    scalars = [f.name for f in dataclasses.fields(Trajectory) if f.name not in arrays | {"text", "answer"}]
+    assert {"reward_seconds", "reward_timed_out"} <= set(scalars)
+    for key in scalars:  # every scalar field travels, a new one included
         assert getattr(out, key) == pytest.approx(getattr(t, key)) if key == "reward" else \
             getattr(out, key) == getattr(t, key), key
+    assert type(out.reward_timed_out) is bool
     assert out.text == "" and out.answer == ""  # the text stays with the rollout's log
     assert out.response_tokens.flags.writeable
     view, _ = decode(memoryview(b), copy=False)
     np.testing.assert_array_equal(view.response_tokens, t.response_tokens)
-    unknown, _ = decode(encode(_traj(n_prompt, n_resp, fate=None)))
-    assert unknown.fate is None
+    unknown, _ = decode(encode(_traj(n_prompt, n_resp, fate=None, reward_timed_out=False)))
+    assert unknown.fate is None and unknown.reward_timed_out is False
 
 
 def test_codec_through_ring_and_errors(prefix: str) -> None:
@@ -317,3 +321,11 @@ def test_codec_through_ring_and_errors(prefix: str) -> None:
         decode(encode(t) + b"\0")
     with pytest.raises(ValueError, match="magic"):
         decode(bytes(100))
+    old = bytearray(encode(t))
+    old[4:6] = (2).to_bytes(2, "little")  # a record of the previous layout (no reward time)
+    with pytest.raises(ValueError, match="codec version 2 unsupported"):
+        decode(bytes(old))
+    flags = bytearray(encode(t))
+    flags[8] = 7  # the reward_timed_out byte
+    with pytest.raises(ValueError, match="corrupted: flags"):
+        decode(bytes(flags))

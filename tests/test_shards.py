@@ -55,6 +55,7 @@ def rollout_batch(rng: np.random.Generator, first_id: int, n: int, max_prompt: i
         "response_len": r_len.astype(np.int32),
         "response_text": [TEXTS[i % len(TEXTS)] + str(i) for i in range(n)],
         "answer": [str(i % 97) for i in range(n)],
+        "reward_seconds": rng.exponential(0.1, n).astype(np.float32), "reward_timed_out": rng.random(n) < 0.1,
     }
     ragged = {
         "prompt": {"prompt_tokens": split(rng.integers(0, 150_000, int(p_len.sum()), dtype=np.int32), p_len)},
@@ -310,7 +311,7 @@ def test_damaged_shards_are_named_and_skipped(tmp_path):
     with open(name[1], "r+b") as f:  # truncated, as by a crash during a copy
         f.truncate(name[1].stat().st_size // 2)
     with h5py.File(name[2], "r+") as f:
-        f.attrs["schema_version"] = 2
+        f.attrs["schema_version"] = 99
     with h5py.File(name[3], "r+") as f:
         del f["reward"]
     name[4].write_text("not an HDF5 file\n")
@@ -318,7 +319,7 @@ def test_damaged_shards_are_named_and_skipped(tmp_path):
 
     with pytest.raises(ShardError, match="rollout-r001-000000.h5.*not a readable HDF5 file"):
         read_shard(name[1])
-    with pytest.raises(ShardError, match=r"rollout-r002-000000.h5: schema_version 2.*reads schema version 1"):
+    with pytest.raises(ShardError, match=r"rollout-r002-000000.h5: schema_version 99.*reads schema versions 1, 2"):
         read_shard(name[2])
     with pytest.raises(ShardError, match="rollout-r003-000000.h5.*'reward' is missing"):
         read_shard(name[3])
@@ -327,7 +328,7 @@ def test_damaged_shards_are_named_and_skipped(tmp_path):
     shutil.copy(name[0], tmp_path / "noversion.h5")
     with h5py.File(tmp_path / "noversion.h5", "r+") as f:
         del f.attrs["schema_version"]
-    with pytest.raises(ShardError, match="noversion.h5: no schema_version.*schema version 1"):
+    with pytest.raises(ShardError, match="noversion.h5: no schema_version.*schema versions 1, 2"):
         read_shard(tmp_path / "noversion.h5")
 
     before = snapshot(run)

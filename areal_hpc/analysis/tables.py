@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 # Columns read from the rollout shards: the text columns are left on disk (they dominate the log's size).
 SAMPLE_FIELDS = ["sample_id", "rank", "reward", "answer_ok", "t_start", "t_end", "interruptions", "response_len",
-                 "n_versions", "shard"]
+                 "reward_seconds", "reward_timed_out", "n_versions", "shard"]
 # More staleness columns than this make the step table unreadable; larger values share one "gt" column.
 MAX_STALE_COLUMNS = 8
-TABLES = ("step_ranges", "throughput", "rollout_ranks")
+TABLES = ("step_ranges", "throughput", "rollout_ranks", "evals")  # evals: only when the log has evaluations
 # Columns kept for machines (JSON/CSV) but not worth terminal width.
 _HIDDEN = {"step_first", "step_last", "version_first", "version_last"}
 
@@ -59,6 +59,7 @@ class RunData:
     set_aside: list[Path] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     point: tuple[tuple[str, str], ...] | None = None  # (key, value) pairs of a sweep point
+    evals: pd.DataFrame | None = None  # RunLog.evals(): step, metric, value
     _trained: pd.DataFrame | None = field(default=None, repr=False)  # cache of trained_samples()
 
     @property
@@ -121,6 +122,7 @@ class RunData:
             "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
             "partials": [str(p) for p in self.partials],
             "missing": coverage(self).as_dict(),
+            "reward_time": reward_time(self),
             "warnings": self.problems(),
         }
         if self.point:
@@ -228,6 +230,7 @@ def load_run(run_dir: str | Path, *, strict: bool = False,
         samples = rl.samples(fields=SAMPLE_FIELDS)
         steps = rl.steps()
         step_samples = rl.step_samples()
+        evals = rl.evals()
     if len(samples) == 0 and len(steps) == 0:
         raise RunFolderError(f"{path}: no readable shards ({len(rl.skipped)} damaged shard(s) skipped)")
     if "shard" in samples.columns:
@@ -242,6 +245,7 @@ def load_run(run_dir: str | Path, *, strict: bool = False,
         path=path, config=_read_config(path, rl), samples=samples, steps=steps, step_samples=step_samples,
         finished=bool(rl.finished), skipped=list(rl.skipped), partials=list(rl.partials), leftover=leftover,
         metrics=metrics, summary=summary, set_aside=list(rl.set_aside), ignored=list(rl.ignored), point=point,
+        evals=evals,
         n_rollout_shards=_count_shards(path / LOG_DIRS[ROLLOUT]),
         n_trainer_shards=_count_shards(path / LOG_DIRS[TRAINER]),
     )
@@ -624,13 +628,49 @@ def _float(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
+def reward_time(run: RunData) -> dict[str, Any] | None:
+    """Seconds the verifier took per sample (mean, p50, p99) and how many samples its time limit cut short;
+    None when the log does not record it (a schema-1 log reads the time as NaN)."""
+    s = run.samples
+    if "reward_seconds" not in s.columns:
+        return None
+    sec = s["reward_seconds"].to_numpy(float)
+    sec = sec[np.isfinite(sec)]
+    if len(sec) == 0:
+        return None
+    timeouts = int(s["reward_timed_out"].astype(bool).sum())
+    return {"samples": len(sec), "mean_s": float(sec.mean()), "p50_s": float(np.percentile(sec, 50)),
+            "p99_s": float(np.percentile(sec, 99)), "timeouts": timeouts, "timeout_fraction": timeouts / len(s)}
+
+
+def eval_table(run: RunData) -> pd.DataFrame:
+    """One row per evaluation step, one column per metric (in the order the run logged them)."""
+    ev = run.evals
+    if ev is None or len(ev) == 0:
+        return pd.DataFrame(columns=["step"])
+    wide = ev.pivot_table(index="step", columns="metric", values="value", aggfunc="last", sort=False)
+    wide = wide[list(dict.fromkeys(ev["metric"]))].sort_index()
+    wide.columns.name = None
+    for c in wide.columns:  # counts (n, k) read as counts, not as 200.0; a step without the metric stays NaN
+        v = wide[c].to_numpy(float)
+        known = np.isfinite(v)
+        if known.any() and (v[known] == np.round(v[known])).all():
+            wide[c] = pd.Series([int(x) if ok else math.nan for x, ok in zip(v, known)], index=wide.index,
+                                dtype=object)
+    return wide.reset_index()
+
+
 def tables_of(run: RunData, bins: int = 10) -> dict[str, pd.DataFrame]:
-    return {"step_ranges": step_range_table(run, bins), "throughput": throughput_table(run, bins),
-            "rollout_ranks": rollout_rank_table(run)}
+    out = {"step_ranges": step_range_table(run, bins), "throughput": throughput_table(run, bins),
+           "rollout_ranks": rollout_rank_table(run)}
+    if run.evals is not None and len(run.evals):
+        out["evals"] = eval_table(run)
+    return out
 
 
 def summarize(run_dir: str | Path, *, bins: int = 10, strict: bool = False) -> dict[str, pd.DataFrame]:
-    """The report's tables of one run: ``step_ranges``, ``throughput`` and ``rollout_ranks``."""
+    """The report's tables of one run: ``step_ranges``, ``throughput``, ``rollout_ranks`` and, when the run logged
+    evaluations, ``evals``."""
     return tables_of(load_run(run_dir, strict=strict), bins)
 
 
@@ -704,6 +744,10 @@ def format_header(run: RunData) -> list[str]:
     if "accuracy_before" in info and "accuracy_after" in info:
         lines.append(f"held-out accuracy (summary.json): {_cell(info['accuracy_before'])} -> "
                      f"{_cell(info['accuracy_after'])} in {_cell(info.get('train_seconds'), 1)} s of training")
+    rt = info["reward_time"]
+    if rt:
+        lines.append(f"reward time per sample: mean {rt['mean_s']:.3f} s, p50 {rt['p50_s']:.3f} s, p99 "
+                     f"{rt['p99_s']:.3f} s; timed out: {rt['timeouts']} ({100 * rt['timeout_fraction']:.1f}%)")
     lines.append(f"log: {run.n_rollout_shards} rollout + {run.n_trainer_shards} trainer shards; "
                  f"damaged shards skipped: {len(run.skipped)}; partial files: {len(run.partials)}")
     lines += [f"WARNING: {p}" for p in run.problems()]
@@ -714,6 +758,7 @@ _TITLES = {
     "step_ranges": "Training by step range (trained samples; staleness = versions behind the trained policy)",
     "throughput": "Throughput over time (seconds since the first sample; generation by t_end)",
     "rollout_ranks": "Rollout ranks (gen_s = t_end - t_start; interrupted = weight updates in flight)",
+    "evals": "Held-out evaluation (step 0: before training)",
 }
 
 

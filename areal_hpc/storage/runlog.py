@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from areal_hpc.storage.schema import LOG_DIRS, RAGGED_FIELDS, ROLLOUT, ROW_FIELDS, STRING, TRAINER
+from areal_hpc.storage.schema import EVAL_FIELDS, LOG_DIRS, RAGGED_FIELDS, ROLLOUT, ROW_FIELDS, STRING, TRAINER
 from areal_hpc.storage.shards import Shard, ShardError, classify_log_dir, is_final, read_shard, read_shard_attrs
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 #: Columns :meth:`RunLog.samples` derives from the per-token ``versions``.
 VERSION_COLUMNS = ("min_version", "max_version", "n_versions")
 FATES = ("used", "rejected")
+#: Columns of :meth:`RunLog.evals`, one per dataset of the shards' eval table (``EVAL_FIELDS``, in order).
+EVAL_COLUMNS = ("step", "metric", "value")
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,22 @@ class RunLog:
         data["fate"] = pd.Categorical.from_codes(data["fate"], categories=list(FATES))
         df = pd.DataFrame(data)
         return df.sort_values(["rank", "step"], kind="stable").reset_index(drop=True)
+
+    def evals(self) -> pd.DataFrame:
+        """Held-out evaluations, long format: step, metric, value (one row per metric), sorted by step.
+
+        Step 0 is before training; the run's last evaluation comes from an eval-only shard written after the
+        final one (docs/rollout-log.md). Empty (with those columns) when the run logged none.
+        """
+        cols: dict[str, list[np.ndarray]] = {name: [] for name in EVAL_FIELDS}
+        for _, shard in self._trainer():
+            if EVAL_FIELDS.keys() <= shard.extra.keys():
+                for name in EVAL_FIELDS:
+                    cols[name].append(shard.extra[name])
+        data = {out: _concat(cols[name], dtype) for out, (name, dtype) in zip(EVAL_COLUMNS, EVAL_FIELDS.items())}
+        df = pd.DataFrame(data)
+        df["metric"] = df["metric"].astype(object)
+        return df.sort_values("step", kind="stable").reset_index(drop=True)
 
     def leftover(self) -> np.ndarray:
         """Sample ids received but never trained when the run stopped normally (empty otherwise)."""

@@ -1,4 +1,4 @@
-"""The HDF5 rollout log's format contract, schema version 1 (docs/rollout-log.md), as constants.
+"""The HDF5 rollout log's format contract, schema version 2 (docs/rollout-log.md), as constants.
 
 Writer, reader and docs all take names and dtypes from here, so the format is defined once. The
 tables are read-only mappings: the contract is not something a caller can change at run time.
@@ -10,7 +10,9 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
-SCHEMA_VERSION = 1
+#: Version every writer stamps on its shards; readers also accept the older versions in ``READABLE_VERSIONS``.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 
 ROLLOUT = "rollout"
 TRAINER = "trainer"
@@ -44,6 +46,7 @@ ROW_FIELDS: Mapping[str, Mapping[str, str]] = _ro({
         "sample_id": "int64", "prompt_id": "int64", "group_id": "int64", "rank": "int32", "reward": "float32",
         "answer_ok": "uint8", "t_start": "float64", "t_end": "float64", "interruptions": "int32",
         "prompt_len": "int32", "response_len": "int32", "response_text": STRING, "answer": STRING,
+        "reward_seconds": "float32", "reward_timed_out": "uint8",
     },
     TRAINER: {
         "step": "int64", "trained_version": "int64", "time": "float64", "loss": "float32", "grad_norm": "float32",
@@ -66,17 +69,40 @@ RAGGED_FIELDS: Mapping[str, Mapping[str, Mapping[str, str]]] = _ro({
 
 OFFSETS_DTYPE = "int64"
 
-#: Datasets only some shards have (any length): kind -> {name: dtype}. The trainer's final shard has the leftovers.
+#: Row fields a shard of an older schema version lacks: kind -> {name: (version that added it, value read
+#: in its place)}. A schema-1 rollout shard reads ``reward_seconds`` as NaN (not measured) and
+#: ``reward_timed_out`` as 0.
+ADDED_ROW_FIELDS: Mapping[str, Mapping[str, tuple[int, float]]] = _ro({
+    ROLLOUT: {"reward_seconds": (2, float("nan")), "reward_timed_out": (2, 0)},
+    TRAINER: {},
+})
+
+#: Rollout row field -> the ``Trajectory`` attribute it records, where the names differ (every other row
+#: field has its attribute's name). The writer and the shard transport both take the mapping from here.
+ROLLOUT_ROW_ATTRS: Mapping[str, str] = MappingProxyType({
+    "prompt_len": "n_prompt", "response_len": "n_response", "response_text": "text"})
+#: Rollout row fields derived from the ragged arrays, not given to a ``Trajectory`` when one is rebuilt.
+DERIVED_ROLLOUT_ROWS: tuple[str, ...] = ("prompt_len", "response_len")
+
+#: The evaluation table of trainer shards, long format (one value per row): held-out metrics such as
+#: pass@1 at a step. Optional datasets of equal length: a shard has all three or none. Evaluations are
+#: not training steps, so they are not rows of the shard (``n_rows`` counts steps only).
+EVAL_FIELDS: Mapping[str, str] = MappingProxyType({"eval_step": "int64", "eval_metric": STRING,
+                                                   "eval_value": "float64"})
+
+#: Datasets only some shards have (any length): kind -> {name: dtype}. The trainer's final shard has the
+#: leftovers; a trainer shard written after evaluations has the eval table.
 OPTIONAL_DATASETS: Mapping[str, Mapping[str, str]] = _ro({
     ROLLOUT: {},
-    TRAINER: {"leftover_sample_id": "int64"},
+    TRAINER: {"leftover_sample_id": "int64", **EVAL_FIELDS},
 })
 
 #: Root attributes every shard has; the writer sets the last six itself.
 ROOT_ATTRS: tuple[str, ...] = ("run_id", "config_yaml", "rank", "schema_version", "kind", "index", "seq", "created",
                                "n_rows")
 WRITER_ATTRS: tuple[str, ...] = ("schema_version", "kind", "index", "seq", "created", "n_rows")
-#: Root attribute of trainer shards: 1 on the last shard of a normal stop, else 0.
+#: Root attribute of trainer shards: 1 on the last shard of a normal stop (the one with ``leftover_sample_id``)
+#: and on any eval-only shard written after it, else 0.
 FINAL_ATTR = "final"
 
 

@@ -22,7 +22,9 @@ import h5py
 import numpy as np
 
 from areal_hpc.storage.schema import (
+    ADDED_ROW_FIELDS,
     COMPRESSIONS,
+    EVAL_FIELDS,
     FINAL_ATTR,
     GZIP_LEVEL,
     KINDS,
@@ -30,6 +32,7 @@ from areal_hpc.storage.schema import (
     OPTIONAL_DATASETS,
     RAGGED_CHUNK,
     RAGGED_FIELDS,
+    READABLE_VERSIONS,
     ROW_CHUNK,
     ROW_FIELDS,
     SCHEMA_VERSION,
@@ -61,7 +64,7 @@ class Shard:
     attrs: dict[str, Any]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     ragged: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = field(default_factory=dict)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # optional datasets, e.g. leftover_sample_id
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # optional datasets: leftover_sample_id, eval_*
 
     @property
     def kind(self) -> str:
@@ -376,10 +379,10 @@ def _header(f: h5py.File, path: Path) -> dict[str, Any]:
     version = attrs.get("schema_version")
     if version is None:
         raise ShardError(f"{path}: no schema_version attribute, so it is not an areal_hpc log shard (this code "
-                         f"reads schema version {SCHEMA_VERSION}); move it out of the log folder")
-    if version != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema_version {version}, but this areal_hpc reads schema version "
-                         f"{SCHEMA_VERSION}; read it with the areal_hpc version that wrote it (or upgrade)")
+                         f"reads schema versions {_versions()}); move it out of the log folder")
+    if version not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: schema_version {version}, but this areal_hpc reads schema versions "
+                         f"{_versions()}; read it with the areal_hpc version that wrote it (or upgrade)")
     kind = attrs.get("kind")
     if kind not in KINDS:
         raise ShardError(f"{path}: kind attribute {kind!r} is not one of {KINDS}; the file is damaged or foreign")
@@ -394,6 +397,10 @@ def _header(f: h5py.File, path: Path) -> dict[str, Any]:
     return attrs
 
 
+def _versions() -> str:
+    return ", ".join(map(str, READABLE_VERSIONS))
+
+
 def read_shard_attrs(path: str | Path) -> dict[str, Any]:
     """Root attributes of a shard, validated (version, kind, n_rows, name) without reading any dataset."""
     path = Path(path)
@@ -405,7 +412,8 @@ def _dataset(f: h5py.File, path: Path, name: str, dtype: str, shape: tuple[int, 
              why: str) -> h5py.Dataset:
     ds = f.get(name)
     if not isinstance(ds, h5py.Dataset):
-        raise ShardError(f"{path}: dataset {name!r} is missing; schema version {SCHEMA_VERSION} requires it "
+        version = _py(f.attrs.get("schema_version"))
+        raise ShardError(f"{path}: dataset {name!r} is missing; schema version {version} requires it "
                          "— the file is damaged or was written by other code: move it out of the log folder")
     if dtype == STRING:
         ok = h5py.check_string_dtype(ds.dtype) is not None
@@ -455,8 +463,12 @@ def read_shard(path: str | Path, fields: Iterable[str] | None = None) -> Shard:
                     known = [*row_spec, *(f for g in ragged_spec.values() for f in g), *optional]
                     raise ValueError(f"{path}: no field {name!r} in a {kind} shard; fields are {known}")
         shard = Shard(path=path, attrs=attrs)
+        added = ADDED_ROW_FIELDS[kind]
         try:
             for name in want_rows:
+                if name in added and attrs["schema_version"] < added[name][0]:
+                    shard.rows[name] = np.full(n, added[name][1], np.dtype(row_spec[name]))
+                    continue
                 ds = _dataset(f, path, name, row_spec[name], (n,), "n_rows")
                 shard.rows[name] = _values(ds)
             for group, names in want_ragged.items():
@@ -474,12 +486,22 @@ def read_shard(path: str | Path, fields: Iterable[str] | None = None) -> Shard:
             for name in want_extra:
                 if name in f:
                     shard.extra[name] = _values(_dataset(f, path, name, optional[name], None, ""))
+            _check_eval_table(path, f, shard.extra)
         except ShardError:
             raise
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ShardError(f"{path}: data unreadable ({type(e).__name__}: {e}); the file is truncated or "
                              "damaged: copy it again, or move it out of the log folder") from e
     return shard
+
+
+def _check_eval_table(path: Path, f: h5py.File, extra: Mapping[str, np.ndarray]) -> None:
+    """The eval datasets are one table, written together: all three or none, of equal lengths."""
+    present = [name for name in EVAL_FIELDS if name in f]
+    lengths = {name: len(extra[name]) for name in present if name in extra}
+    if (present and len(present) != len(EVAL_FIELDS)) or len(set(lengths.values())) > 1:
+        raise ShardError(f"{path}: eval datasets {present} of {list(EVAL_FIELDS)} present, lengths {lengths}; the "
+                         "file is damaged: move it out of the log folder")
 
 
 def iter_rows(shard: Shard, group: str | None = None) -> Iterator[dict[str, Any]]:

@@ -9,13 +9,27 @@ staleness gate must not sit on samples the trainer is waiting for.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from areal_hpc.storage.schema import (
+    EVAL_FIELDS,
+    FINAL_ATTR,
+    RAGGED_FIELDS,
+    ROLLOUT,
+    ROLLOUT_ROW_ATTRS,
+    ROW_FIELDS,
+    STRING,
+)
 from areal_hpc.storage.shards import ShardWriter
 from areal_hpc.trajectory import TrainStats, Trajectory
+
+
+def _column(values: list[Any], dtype: str) -> np.ndarray | list[str]:
+    return values if dtype == STRING else np.array(values, np.dtype(dtype))
 
 
 class RolloutLogWriter:
@@ -44,27 +58,10 @@ class RolloutLogWriter:
         if not self._rows:
             return None
         rs = self._rows
-        rows = {
-            "sample_id": np.array([t.sample_id for t in rs], np.int64),
-            "prompt_id": np.array([t.prompt_id for t in rs], np.int64),
-            "group_id": np.array([t.group_id for t in rs], np.int64),
-            "rank": np.array([t.rank for t in rs], np.int32),
-            "reward": np.array([t.reward for t in rs], np.float32),
-            "answer_ok": np.array([t.answer_ok for t in rs], np.uint8),
-            "t_start": np.array([t.t_start for t in rs], np.float64),
-            "t_end": np.array([t.t_end for t in rs], np.float64),
-            "interruptions": np.array([t.interruptions for t in rs], np.int32),
-            "prompt_len": np.array([t.n_prompt for t in rs], np.int32),
-            "response_len": np.array([t.n_response for t in rs], np.int32),
-            "response_text": [t.text for t in rs],
-            "answer": [t.answer for t in rs],
-        }
-        ragged = {
-            "prompt": {"prompt_tokens": [t.prompt_tokens for t in rs]},
-            "response": {"response_tokens": [t.response_tokens for t in rs],
-                         "behav_logprobs": [t.behav_logprobs for t in rs],
-                         "versions": [t.versions for t in rs]},
-        }
+        rows = {name: _column([getattr(t, ROLLOUT_ROW_ATTRS.get(name, name)) for t in rs], dtype)
+                for name, dtype in ROW_FIELDS[ROLLOUT].items()}
+        ragged = {group: {name: [getattr(t, name) for t in rs] for name in fields}
+                  for group, fields in RAGGED_FIELDS[ROLLOUT].items()}
         path = self.writer.write(rows, ragged)
         self.samples_written += len(rs)
         self.shards_written += 1
@@ -73,7 +70,13 @@ class RolloutLogWriter:
 
 
 class TrainerLogWriter:
-    """Per-step records of one trainer rank, a shard every ``shard_steps`` steps and one at stop."""
+    """Per-step records of one trainer rank, a shard every ``shard_steps`` steps and one at stop.
+
+    Evaluations (:meth:`add_eval`) ride in the next shard written. The run's last evaluation comes after the
+    final shard (written by ``flush(leftover=...)`` when the rollouts have stopped), so from then on each
+    evaluation is written at once as an eval-only shard (no step rows) that is ``final`` too: the run still
+    reads as stopped normally, and ``leftover_sample_id`` stays in the one shard that counted it.
+    """
 
     STATS = ("loss", "grad_norm", "clip_frac", "cap_frac", "importance_weight", "ratio", "approx_kl")
 
@@ -82,6 +85,8 @@ class TrainerLogWriter:
         self.writer = ShardWriter(directory, "trainer", index, attrs=attrs, compression=compression)
         self.shard_steps = shard_steps
         self._steps: list[dict[str, Any]] = []
+        self._evals: list[tuple[int, str, float]] = []
+        self._final_written = False
 
     def add(self, step: int, trained_version: int, stats: TrainStats, used: list[int],
             used_staleness: list[int], used_weight: list[float], rejected: list[int],
@@ -93,10 +98,25 @@ class TrainerLogWriter:
         if len(self._steps) >= self.shard_steps:
             self.flush()
 
+    def add_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record held-out metrics measured with the weights of version ``step`` (0: before training), e.g.
+        ``{"pass@1": 0.31, "pass@4": 0.52, "n": 200, "k": 4}``; after the final shard, written at once."""
+        bad = [k for k, v in metrics.items() if not isinstance(k, str) or not k
+               or isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating)]
+        if bad:
+            raise ValueError(f"add_eval(step={step}): metrics {bad} are not name -> number; pass e.g. "
+                             "{'pass@1': 0.31, 'n': 200}")
+        self._evals.extend((int(step), k, float(v)) for k, v in metrics.items())
+        if self._final_written:
+            self.flush()
+
     def flush(self, leftover: list[int] | None = None) -> Path | None:
-        """Write buffered steps; with ``leftover`` this is the final shard of a normal stop."""
-        if not self._steps and leftover is None:
+        """Write buffered steps and evaluations; with ``leftover`` this is the final shard of a normal stop."""
+        if not self._steps and not self._evals and leftover is None:
             return None
+        if leftover is not None and self._final_written:
+            raise RuntimeError(f"{self.writer.directory}: flush(leftover=...) called twice; the final shard of "
+                               f"trainer {self.writer.index} is already written")
         ss = self._steps
         rows: dict[str, Any] = {
             "step": np.array([s["step"] for s in ss], np.int64),
@@ -112,9 +132,15 @@ class TrainerLogWriter:
             "rejected": {"rejected_sample_id": [np.asarray(s["rejected"], np.int64) for s in ss],
                          "rejected_staleness": [np.asarray(s["rejected_staleness"], np.int32) for s in ss]},
         }
-        final = leftover is not None
-        path = self.writer.write(
-            rows, ragged, extra_attrs={"final": int(final)},
-            extra_datasets={"leftover_sample_id": np.asarray(leftover, np.int64)} if final else None)
+        extra: dict[str, Any] = {}
+        if leftover is not None:
+            extra["leftover_sample_id"] = np.asarray(leftover, np.int64)
+        if self._evals:
+            columns = zip(*self._evals)  # (steps, metric names, values), in EVAL_FIELDS order
+            extra.update({name: _column(list(col), dtype) for (name, dtype), col in zip(EVAL_FIELDS.items(), columns)})
+        final = leftover is not None or self._final_written
+        path = self.writer.write(rows, ragged, extra_attrs={FINAL_ATTR: int(final)}, extra_datasets=extra or None)
+        self._final_written = final
         self._steps = []
+        self._evals = []
         return path

@@ -11,11 +11,20 @@ import logging
 import time
 from pathlib import Path
 
-from areal_hpc.storage.schema import shard_file_name
+from areal_hpc.storage.schema import (
+    DERIVED_ROLLOUT_ROWS,
+    ROLLOUT,
+    ROLLOUT_ROW_ATTRS,
+    ROW_FIELDS,
+    shard_file_name,
+)
 from areal_hpc.storage.shards import read_shard
 from areal_hpc.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
+
+#: Python type of a row value by its schema dtype (strings: ``str``).
+_SCALAR = {"int64": int, "int32": int, "uint8": bool, "float32": float, "float64": float}
 
 
 class ShardSource:
@@ -50,20 +59,20 @@ class ShardSource:
 
 
 def shard_trajectories(path: Path) -> list[Trajectory]:
-    """A rollout shard as trajectories (``fate`` is not in the log: None)."""
+    """A rollout shard as trajectories (``fate`` is not in the log: None).
+
+    The row fields come from the schema (``storage/schema.py``), each as the ``Trajectory`` attribute the
+    writer took it from, so a field added to the log travels here without a change.
+    """
     shard = read_shard(path)
     rows = shard.rows
-    p_off, p = shard.ragged["prompt"]
-    r_off, r = shard.ragged["response"]
+    scalars = {ROLLOUT_ROW_ATTRS.get(name, name): list(map(_SCALAR.get(dtype, str), rows[name].tolist()))
+               for name, dtype in ROW_FIELDS[ROLLOUT].items() if name not in DERIVED_ROLLOUT_ROWS}
     out = []
-    for i in range(len(rows["sample_id"])):
-        a, b = r_off[i], r_off[i + 1]
-        out.append(Trajectory(
-            sample_id=int(rows["sample_id"][i]), prompt_id=int(rows["prompt_id"][i]),
-            group_id=int(rows["group_id"][i]), rank=int(rows["rank"][i]),
-            prompt_tokens=p["prompt_tokens"][p_off[i]:p_off[i + 1]], response_tokens=r["response_tokens"][a:b],
-            behav_logprobs=r["behav_logprobs"][a:b], versions=r["versions"][a:b], reward=float(rows["reward"][i]),
-            answer_ok=bool(rows["answer_ok"][i]), interruptions=int(rows["interruptions"][i]),
-            t_start=float(rows["t_start"][i]), t_end=float(rows["t_end"][i]),
-            text=str(rows["response_text"][i]), answer=str(rows["answer"][i])))
+    for i in range(shard.n_rows):
+        fields: dict[str, object] = {attr: col[i] for attr, col in scalars.items()}
+        for offsets, arrays in shard.ragged.values():
+            a, b = offsets[i], offsets[i + 1]
+            fields.update({name: v[a:b] for name, v in arrays.items()})
+        out.append(Trajectory(**fields))
     return out
