@@ -132,7 +132,8 @@ def test_trajectory_round_trips_through_the_hdf5_log(tmp_path: Path) -> None:
     trajs = [Trajectory(sample_id=10 + i, group_id=i // 2, prompt_tokens=rng.integers(0, 50, 5),
                         response_tokens=rng.integers(0, 50, 3 + i), behav_logprobs=-rng.random(3 + i),
                         versions=np.full(3 + i, i, np.int32), reward=float(i % 2), rank=3, answer_ok=bool(i % 2),
-                        t_start=1.5, t_end=2.5 + i, interruptions=i, fate="stop", text=f"r{i} é", answer=str(i))
+                        t_start=1.5, t_end=2.5 + i, interruptions=i, fate="stop", text=f"r{i} é", answer=str(i),
+                        reward_seconds=0.25 * i, reward_timed_out=i == 3)
              for i in range(4)]
     sink = RolloutSink(RolloutLogWriter(tmp_path, 0, attrs={"run_id": "x", "config_yaml": "", "rank": 3},
                                         shard_samples=3, flush_s=60.0, compression="none"), ring=None)
@@ -144,9 +145,10 @@ def test_trajectory_round_trips_through_the_hdf5_log(tmp_path: Path) -> None:
     assert source.shards_read == 2 and len(back) == len(trajs)
     for a, b in zip(trajs, back, strict=True):
         for f in ("sample_id", "prompt_id", "group_id", "rank", "answer_ok", "t_start", "t_end", "interruptions",
-                  "text", "answer"):
+                  "text", "answer", "reward_timed_out"):
             assert getattr(a, f) == getattr(b, f), f
         assert b.reward == pytest.approx(a.reward)
+        assert b.reward_seconds == pytest.approx(a.reward_seconds)
         for f in ("prompt_tokens", "response_tokens", "versions"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
         np.testing.assert_allclose(a.behav_logprobs, b.behav_logprobs)
