@@ -78,6 +78,17 @@ def test_math_verdicts_match_a_human_grader(response: str, reference: str, verdi
     assert not result.timed_out and result.seconds >= 0
 
 
+# Bare answers as a small model writes them (the arithmetic task's format): still graded as a person would.
+@pytest.mark.parametrize("response,reference,verdict", [
+    (r"\boxed{1/2}", "0.5", True), (" 42 ", "42", True), ("42.", "42", True), ("$42$", "42", True),
+    ("-3.0", "-3", True), ("2/4", "0.5", True), (r"\boxed{7} no wait \boxed{8}", "8", True), ("x+1", "x + 1", True),
+    ("43", "42", False), ("0.51", "0.5", False), ("-42", "42", False), (r"\boxed{7} no wait \boxed{8}", "7", False),
+    ("420", "42", False), ("", "", False), ("1/0", "1/0", False),
+])
+def test_bare_answers(response: str, reference: str, verdict: bool) -> None:
+    assert math_reward(response, reference).reward == (1.0 if verdict else 0.0)
+
+
 def test_table_is_large_and_has_both_verdicts() -> None:
     assert len(TABLE) >= 30
     assert sum(v for _, _, v in TABLE) >= 10 and sum(not v for _, _, v in TABLE) >= 10

@@ -29,6 +29,9 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A whole answer that is one number with thousands separators: "1,000", "1\,000", "1{,}000", "1 000".
 _GROUPED = re.compile(r"[-+]?\d{1,3}(?:(?:,|\\,|\{,\}| )\d{3})+(?:\.\d+)?")
 _SEPARATOR = re.compile(r",|\\,|\{,\}| ")
+# A response that is only a formula ("x+1", one short line, no words outside LaTeX commands) is read as a bare
+# answer when math-verify's extraction finds nothing in it (its plain-expression rule takes no variables).
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _LATEX_AND_EXPR = (LatexExtractionConfig(), ExprExtractionConfig())
 
 
@@ -102,7 +105,11 @@ def _parse_response(response: str, budget: _Budget) -> list:
     answer = final_answer(response)
     if answer is not None:
         return _parse_answer(answer, budget)
-    return parse(response, _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
+    found = parse(response, _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
+    bare = response.strip()
+    if not found and len(bare) <= 80 and "\n" not in bare and not _WORD.search(bare):
+        found = _parse_answer(bare, budget)
+    return found
 
 
 def _parse_reference(reference: str, budget: _Budget) -> list:
