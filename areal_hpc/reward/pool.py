@@ -204,7 +204,8 @@ class _Slot(threading.Thread):
         deadline = max(self.pool.timeout_s, self.pool.scorer.limit_s(problem)) + self.pool.grace_s
         t0 = time.monotonic()
         try:
-            worker.tasks.send((0, problem, list(tokens), text))
+            # Plain ints: numpy or torch scalars would make the worker import numpy or torch to unpickle them.
+            worker.tasks.send((0, problem, [int(t) for t in tokens], text))
             if worker.results.poll(deadline):
                 _, result = worker.results.recv()
                 return result
