@@ -47,7 +47,7 @@ def test_code_branch_calls_the_sandbox() -> None:
     problem = Problem(3, "add", "", verifier="code", tests=("assert add(2, 3) == 5", "assert add(-1, 1) == 0"),
                       entry_point="add")
     assert score(problem, [], "```python\ndef add(a, b):\n    return a + b\n```").reward == 1.0
-    half = "```python\ndef add(a, b):\n    return 0 if a == -1 else 5\n```"  # passes the first snippet only
+    half = "```python\ndef add(a, b):\n    return 5\n```"  # passes the first snippet only
     assert score(problem, [], half).reward == 0.0
     assert build_scorer(RewardConfig(code_partial=True))(problem, [], half).reward == 0.5
 
