@@ -24,6 +24,10 @@ TABLE = [
     (NATALIA, "Natalia sold 24 clips in May, 72 in all.\n#### 72", True),  # GSM8K's own answer field
     ("She pays 3 * $4 = $12 for the pens.\n#### 12\n", "12", True),
     ("It takes 3.5 hours.\n#### 3.5", "7/2", True),
+    ("So he earns 18 dollars.\n#### 18 dollars", "18", True),  # units after the number: a grader ignores them
+    ("#### The answer is $1,250.", "1250", True),
+    (r"\boxed{18 \text{ dollars}}", "18", True),
+    ("#### 18 dollars", "81", False),
     # thousands separators and a closing full stop
     ("The total cost is 1,000.", "1000", True),
     ("#### 1,000", "1000", True),
@@ -32,9 +36,11 @@ TABLE = [
     ("#### 1,234,567.", "1234567", True),
     # Percentages. A reference "50\%" names the quantity 50/100: a grader of a "what percent" question accepts
     # "50" (the % sign left off, which is how most people answer that question) and "0.5" (the same quantity
-    # as a fraction). A reference "50" asked for a percent accepts "50\%". A reference that is a plain
-    # fraction (0.5) does not accept "50": that is a different number.
+    # as a fraction). A reference "50" asked for a percent accepts "50\%"; a reference 0.5 accepts "50\%" too, which
+    # is 0.5 written with its unit. But a reference that is a plain fraction (0.5) does not accept "50": that is
+    # a different number, and a grader cannot know the model meant percent.
     (r"The discount is \boxed{50\%}.", r"50\%", True),
+    (r"\boxed{50\%}", "0.5", True),
     (r"\boxed{50}", r"50\%", True),
     (r"\boxed{0.5}", r"50\%", True),
     (r"\boxed{50\%}", "50", True),

@@ -29,8 +29,9 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A whole answer that is one number with thousands separators: "1,000", "1\,000", "1{,}000", "1 000".
 _GROUPED = re.compile(r"[-+]?\d{1,3}(?:(?:,|\\,|\{,\}| )\d{3})+(?:\.\d+)?")
 _SEPARATOR = re.compile(r",|\\,|\{,\}| ")
-# A response that is only a formula ("x+1", one short line, no words outside LaTeX commands) is read as a bare
-# answer when math-verify's extraction finds nothing in it (its plain-expression rule takes no variables).
+# A word outside LaTeX commands ("dollars", "The answer is"): such an answer is prose, which math-verify's
+# free-text extraction reads ("18 dollars" -> 18); a formula without words is parsed as LaTeX, where a word
+# would become a product of symbols.
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _LATEX_AND_EXPR = (LatexExtractionConfig(), ExprExtractionConfig())
 
@@ -90,12 +91,16 @@ def _clean(answer: str) -> str:
 
 
 def _parse_answer(answer: str, budget: _Budget) -> list:
-    """A bare answer (reference or extracted) as math-verify's candidates: parsed as a boxed LaTeX answer,
-    else as a plain expression."""
+    """A final answer cut from a response, or a reference, as math-verify's candidates: a formula parsed as
+    the content of a ``\\boxed{}`` (else as a plain expression), prose by math-verify's free-text rules."""
     a = _clean(answer)
     if not a:
         return []
-    found = parse(f"\\boxed{{{a}}}", _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
+    found = []
+    if _WORD.search(a):
+        found = parse(a, _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
+    if not found:
+        found = parse(f"\\boxed{{{a}}}", _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
     if not found:
         found = parse(a, _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
     return found
@@ -107,6 +112,7 @@ def _parse_response(response: str, budget: _Budget) -> list:
         return _parse_answer(answer, budget)
     found = parse(response, _LATEX_AND_EXPR, parsing_timeout=budget.seconds(), raise_on_error=True)
     bare = response.strip()
+    # A one-line formula ("x+1"): math-verify's plain-expression rule takes no variables, so read it as an answer.
     if not found and len(bare) <= 80 and "\n" not in bare and not _WORD.search(bare):
         found = _parse_answer(bare, budget)
     return found
