@@ -194,7 +194,13 @@ class _Slot(threading.Thread):
             if item is None or pool.closed:
                 break
             tag, key, problem, tokens, text = item
-            pool.results.put((tag, key, self._score(problem, tokens, text)))
+            try:
+                result = self._score(problem, tokens, text)
+            except Exception as e:  # a bug here must still give the key its one result, or drain() would hang
+                log.exception("reward pool: scoring problem %s failed", problem.prompt_id)
+                self._drop_worker()
+                result = RewardResult(0.0, 0.0, error=f"reward pool error: {type(e).__name__}: {e}"[:200])
+            pool.results.put((tag, key, result))
         self._drop_worker()
 
     def _score(self, problem: Problem, tokens: Sequence[int], text: str) -> RewardResult:

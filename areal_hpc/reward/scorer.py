@@ -43,7 +43,8 @@ class Scorer:
         return {"cfg": self.cfg}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])  # type: ignore[misc]  # re-imports reward.fn in this process
+        self.cfg = state["cfg"]
+        self._fn = load_reward_fn(self.cfg.fn) if self.cfg.fn else None  # imported again in this process
 
     def check(self, problem: Problem) -> None:
         """Raise the one-line error a problem no verifier can score deserves (a data or config mistake,
