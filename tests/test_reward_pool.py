@@ -119,6 +119,33 @@ def test_kill_takes_the_workers_children_and_close_leaves_no_process(tmp_path) -
         pool.submit("late", P, [], "x")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_workers_die_with_a_rank_that_is_killed() -> None:
+    """A rollout rank killed with SIGKILL runs no close(): its workers, one busy spinning, must go anyway."""
+    code = ("import sys, time\n"
+            "from areal_hpc.config.reward import RewardConfig\n"
+            "from areal_hpc.reward import RewardPool, build_scorer\n"
+            "from areal_hpc.tasks.base import Problem\n"
+            "pool = RewardPool(build_scorer(RewardConfig(fn='reward_fns:by_command')), 2, 60)\n"
+            "pool.score_all([(Problem(1, 'q', ''), [], 'warm')] * 2)\n"
+            "pool.submit(0, Problem(1, 'q', ''), [], 'spin')\n"
+            "time.sleep(0.5)\n"  # the task reaches a worker, which no longer reads its pipe
+            "print(*pool.worker_pids(), flush=True)\n"
+            "time.sleep(60)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        pids = [int(p) for p in rank.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+    finally:
+        rank.kill()
+        rank.wait()
+    end = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
 def test_inline_mode_gives_the_same_results() -> None:
     items = [(P, [], "#### 72"), (P, [], r"\boxed{\frac{144}{2}}"), (P, [], "#### 71"), (P, [], ""),
              (Problem(2, "", "", verifier="even_tokens"), [2, 3, 4], "")]

@@ -134,7 +134,11 @@ class _Worker:
             os.close(task_r)
             os.close(res_w)
         self.tasks, self.results = Connection(task_w, readable=False), Connection(res_r, writable=False)
-        self.tasks.send(scorer)
+        try:
+            self.tasks.send(scorer)
+        except BaseException:
+            self.kill()
+            raise
 
     def wait_ready(self, timeout_s: float) -> None:
         try:
@@ -166,7 +170,12 @@ class _Slot(threading.Thread):
         with self.lock:
             if self.pool.closed:
                 return
-            self.worker = _Worker(self.pool.scorer)
+            try:
+                self.worker = _Worker(self.pool.scorer)
+            except Exception as e:  # no process to be had (EAGAIN, ENOMEM), or a scorer that does not pickle
+                self.start_error = f"reward worker failed to start: {type(e).__name__}: {e}"[:300]
+                log.error("%s", self.start_error)
+                return
         try:
             self.worker.wait_ready(START_TIMEOUT_S)
             self.start_error = ""
