@@ -13,12 +13,15 @@ import torch
 
 from areal_hpc.api import GenRequest
 from areal_hpc.config import ConfigError, load_config
+from areal_hpc.config.prompt import PromptConfig
+from areal_hpc.config.reward import RewardConfig
 from areal_hpc.model.build import build_tiny_model, load_policy
 from areal_hpc.model.tokenizer import IdTokenizer, initial_tokenizer, load_tokenizer
+from areal_hpc.reward import RewardPool, build_scorer, even_token_reward
 from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.rollout.evaluate import evaluate
-from areal_hpc.rollout.reward import even_token_reward, problem_reward
-from areal_hpc.tasks import Problem, SyntheticTask, build_task, prompt_ids
+from areal_hpc.tasks import Problem, SyntheticTask, build_task
+from areal_hpc.tasks.prompt import PromptBuilder
 
 SPECIALS = (0, 1, 2)
 GPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu-synthetic.yaml"
@@ -80,18 +83,20 @@ def test_even_token_reward_and_dispatch() -> None:
     assert even_token_reward([2, 4, 5, 7]) == 0.5
     assert even_token_reward([1, 3]) == 0.0 and even_token_reward([8]) == 1.0
     assert even_token_reward([]) == 0.0
+    score = build_scorer(RewardConfig())
     p = make_task().train_problem(0)
-    assert problem_reward(p, [10, 11, 12, 14], "ignored") == 0.75
+    assert score(p, [10, 11, 12, 14], "ignored").reward == 0.75
     math_p = Problem(0, "2+2=", "4")
-    assert problem_reward(math_p, [], "4") == 1.0 and problem_reward(math_p, [], "5") == 0.0
-    with pytest.raises(ValueError, match="unknown verifier"):
-        problem_reward(Problem(0, "", "", verifier="nope"), [], "")
+    assert score(math_p, [], "4").reward == 1.0 and score(math_p, [], "5").reward == 0.0
+    with pytest.raises(ValueError, match="names verifier .nope., not one of math|code|even_tokens"):
+        score.check(Problem(0, "", "", verifier="nope"))
 
 
 def test_prompt_ids_prefers_the_problems_own_ids() -> None:
     tok = IdTokenizer(100, eos_id=99)
-    assert prompt_ids(Problem(0, "5 6", "", prompt_tokens=(7, 8)), tok) == [7, 8]
-    assert prompt_ids(Problem(0, "5 6", ""), tok) == [5, 6]
+    prompts = PromptBuilder(PromptConfig(), tok)
+    assert prompts.ids(Problem(0, "5 6", "", prompt_tokens=(7, 8))) == [7, 8]
+    assert prompts.ids(Problem(0, "5 6", "")) == [5, 6]
 
 
 def test_id_tokenizer_round_trip_and_checkpoint(tmp_path) -> None:
@@ -145,8 +150,16 @@ def test_evaluate_scores_synthetic_problems() -> None:
     torch.set_num_threads(1)
     task = make_task(vocab_size=19, prompt_len=4, len_median=3.0, max_len=6, n_eval=12)
     model = build_tiny_model(32, 1, 2, 64, 16, vocab_size=19, seed=0)
-    score = evaluate(model, IdTokenizer(19, eos_id=2), task.eval_problems, max_new_tokens=6)
-    assert 0.0 <= score <= 1.0
+    tok = IdTokenizer(19, eos_id=2)
+    prompts = PromptBuilder(PromptConfig(), tok)
+    with RewardPool(build_scorer(RewardConfig()), 0, 5.0) as pool:
+        out = evaluate(model, tok, prompts, task.eval_problems, pool, max_new_tokens=6, k=4, seed=3)
+        again = evaluate(model, tok, prompts, task.eval_problems, pool, max_new_tokens=6, k=4, seed=3)
+    assert set(out) == {"n", "k", "pass@1", "reward@1", "avg@4", "pass@4", "reward_timeouts"}
+    assert out == again, "the same seed must give the same evaluation"
+    assert out["n"] == 12 and out["reward_timeouts"] == 0
+    # Even-id fractions: a response passes only when all its ids are even, so pass <= mean reward.
+    assert 0.0 <= out["pass@1"] <= out["reward@1"] <= 1.0 and 0.0 < out["avg@4"] < 1.0
 
 
 def test_random_preset_is_built_once_and_loads_with_its_tokenizer(tmp_path, monkeypatch) -> None:
