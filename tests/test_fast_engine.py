@@ -633,19 +633,21 @@ def test_gpu_decode_reads_only_valid_cache_through_flash():
 
 
 def test_engine_choice_by_device_and_architecture():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     from areal_hpc.config import Config
     from areal_hpc.rollout.build import engine_kind
 
     cfg = Config()
     qwen = _model()
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    mistral = MistralForCausalLM(MistralConfig(**small))
     cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
     assert engine_kind(cfg, cuda_dev, qwen) == "fast"
     assert engine_kind(cfg, cpu, qwen) == "hf"
-    assert engine_kind(cfg, cuda_dev, llama) == "hf"  # auto falls back for architectures it does not implement
+    assert engine_kind(cfg, cuda_dev, llama) == "fast"  # SmolLM2/Llama: the same block, no q/k/v biases
+    assert engine_kind(cfg, cuda_dev, mistral) == "hf"  # auto falls back for architectures it does not implement
     cfg.rollout.engine = "fast"
     assert engine_kind(cfg, cpu, qwen) == "fast"
     with pytest.raises(ValueError, match="rollout.engine=hf"):

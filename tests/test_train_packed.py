@@ -168,15 +168,43 @@ def test_cuda_response_logprobs_bf16_against_fp64() -> None:
         assert torch.isfinite(a).all() and (a.double() - b).norm() / b.norm() < 2e-2
 
 
-def test_packed_needs_qwen2_with_clear_error() -> None:
+def llama(seed: int = 0, **kw) -> torch.nn.Module:
+    """SmolLM2's architecture at a toy size: no q/k/v biases, GQA, tied embeddings, RoPE base 1e5."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2))
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e5,
+                      tie_word_embeddings=True, pad_token_id=PAD, attn_implementation="sdpa", **kw)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def test_packed_llama_matches_padded_fp32() -> None:
+    """Llama-family checkpoints (SmolLM2) take the packed path: same log-probs and step as HF's forward."""
+    batch = samples()
+    padded = engine(llama(), packing="padded").compute_logp(batch)
+    packed = engine(llama(), packing="packed").compute_logp(batch)
+    for a, b in zip(padded, packed, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    st_pad = sgd_step(engine(llama(), packing="padded"), batch)
+    st_pack = sgd_step(engine(llama(), packing="packed"), batch)
+    assert st_pack["loss"] == pytest.approx(st_pad["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_packed_names_what_it_does_not_implement() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(ValueError, match="trainer.packing=padded"):
-        engine(llama, packing="packed")
-    eng = engine(llama, packing="auto")  # CPU: padded, any architecture
+        engine(mistral, packing="packed")
+    eng = engine(mistral, packing="auto")  # CPU: padded, any architecture
     assert eng.packing == "padded" and len(eng.compute_logp(samples(3))) == 3
+    with pytest.raises(ValueError, match="does not implement this llama checkpoint's attention biases"):
+        engine(llama(attention_bias=True), packing="packed")
+    scaled = llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="RoPE scaling 'linear'"):
+        engine(scaled, packing="packed")
 
 
 def test_split_layer_and_checkpointing_match() -> None:

@@ -1,4 +1,5 @@
-"""Qwen2-architecture forward on packed token streams, over an HF model's own parameters.
+"""Qwen2-architecture forward (Llama-family checkpoints too) on packed token streams, over an HF model's own
+parameters.
 
 Why not HF's forward: it pads every batch into a rectangle, allocates a cache object per call and
 launches many small kernels, which is what keeps ``generate()`` far from the memory roofline. This
@@ -56,16 +57,33 @@ class Qwen2Shape:
         return self.n_layers * (attn + 3 * h * self.intermediate) + h * self.vocab
 
 
-SUPPORTED = ("qwen2", "qwen2_5")  # model_type values this forward implements
+SUPPORTED = ("qwen2", "qwen2_5", "llama")  # model_type values this forward implements
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    kind = getattr(model.config, "model_type", "?")
+    """Qwen2, and Llama-family checkpoints (SmolLM2, Llama 2/3 without RoPE scaling): the same block with
+    q/k/v biases optional. What the forward does not implement (scaled RoPE, o_proj/MLP biases, another
+    activation) is named, so a checkpoint never runs silently wrong."""
+    config = model.config
+    kind = getattr(config, "model_type", "?")
     if kind not in SUPPORTED:
         raise ValueError(
-            f"the packed forward implements the Qwen2 architecture, this model is {kind!r}; "
+            f"the packed forward implements the Qwen2 and Llama architectures, this model is {kind!r}; "
             "use rollout.engine=hf and trainer.packing=padded for other architectures"
         )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    unsupported = []
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        unsupported.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    if getattr(config, "mlp_bias", False):
+        unsupported.append("MLP biases")
+    if kind == "llama" and getattr(config, "attention_bias", False):
+        unsupported.append("attention biases")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        unsupported.append(f"activation {config.hidden_act!r}")
+    if unsupported:
+        raise ValueError(f"the packed forward does not implement this {kind} checkpoint's {', '.join(unsupported)}; "
+                         "use rollout.engine=hf and trainer.packing=padded")
 
 
 class _Layer:

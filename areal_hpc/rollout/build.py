@@ -9,7 +9,7 @@ import torch
 from areal_hpc.api import InferenceEngine
 from areal_hpc.config import Config
 from areal_hpc.model.build import DTYPES
-from areal_hpc.model.qwen2 import SUPPORTED
+from areal_hpc.model.qwen2 import check_supported
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.registry import rollout_engine_factory
 
@@ -31,9 +31,10 @@ def engine_kind(cfg: Config, device: torch.device, model: torch.nn.Module) -> st
         return kind
     if device.type != "cuda":
         return "hf"
-    arch = getattr(model.config, "model_type", "?")
-    if arch not in SUPPORTED:
-        log.warning("rollout.engine=auto: %s is not an architecture the fast engine implements; using hf", arch)
+    try:
+        check_supported(model)
+    except ValueError as e:
+        log.warning("rollout.engine=auto: using hf (%s)", e)
         return "hf"
     return "fast"
 
