@@ -80,14 +80,15 @@ def test_code_rows(tmp_path, fmt: str) -> None:
 
 # -- bad input: one line naming the file, the row and the key, with the fix ---------------------------------------
 @pytest.mark.parametrize("row,fields,key", [
-    ({"prompt": "q"}, Fields(), "'answer' is missing; set task.answer_key"),
-    ({"prompt": "q", "reward_model": {"style": "rule"}}, VERL, "'reward_model.ground_truth' is missing"),
-    ({"prompt": "q", "answer": None}, Fields(), "'answer' is null"),
-    ({"prompt": "q", "answer": [1]}, Fields(), "'answer' holds list"),
-    ({"prompt": [{"role": "user"}], "answer": "1"}, Fields(), "not of {role, content} chat messages"),
-    ({"prompt": [{"role": "system", "content": "s"}], "answer": "1"}, Fields(), "no 'user' message"),
-    ({"prompt": "p", "tests": [], "entry_point": "f"}, Fields(verifier="code"), "a code problem needs tests"),
-    ({"prompt": "p", "tests": ["assert f()"]}, Fields(verifier="code"), "'entry_point' is missing"),
+    ({"prompt": "q"}, Fields(), "expected key 'answer', which is missing; set task.answer_key"),
+    ({"prompt": "q", "reward_model": {"style": "rule"}}, VERL, "key 'reward_model.ground_truth', which is missing"),
+    ({"prompt": "q", "answer": None}, Fields(), "key 'answer', which is null"),
+    ({"prompt": "q", "answer": [1]}, Fields(), "under 'answer', got list"),
+    ({"prompt": [{"role": "user"}], "answer": "1"}, Fields(), "expected {role, content} chat messages"),
+    ({"prompt": [{"role": "system", "content": "s"}], "answer": "1"}, Fields(), "expected a 'user' message"),
+    ({"prompt": "p", "tests": [], "entry_point": "f"}, Fields(verifier="code"), "a code problem needs a test"),
+    ({"prompt": "p", "tests": ["assert f()"]}, Fields(verifier="code"), "key 'entry_point', which is missing"),
+    ({"prompt": " ", "answer": "1"}, Fields(), "expected problem text under 'prompt', found it empty"),
 ])
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_bad_row_names_file_row_and_key(tmp_path, row: dict, fields: Fields, key: str, fmt: str) -> None:
@@ -101,7 +102,7 @@ def test_bad_row_names_file_row_and_key(tmp_path, row: dict, fields: Fields, key
             write_parquet(path, [good, row])
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             pytest.skip("a Parquet column holds one type")
-        where, key = f"{path} row 1:", key.replace("is missing", "is null")
+        where, key = f"{path} row 1:", key.replace("which is missing", "which is null")
     else:
         path = write_jsonl(tmp_path / "train.jsonl", [good, row])
         where = f"{path}:2:"
@@ -109,6 +110,7 @@ def test_bad_row_names_file_row_and_key(tmp_path, row: dict, fields: Fields, key
         read_dataset(path, fields, "task.train_path")
     msg = str(e.value)
     assert "\n" not in msg and f"task.train_path: {where}" in msg and key in msg, msg
+    assert msg.endswith(f"fix or remove that {'row' if fmt == 'parquet' else 'line'}"), msg
 
 
 def test_parquet_with_another_schema_names_its_columns(tmp_path) -> None:
@@ -127,8 +129,8 @@ def test_parquet_with_another_schema_names_its_columns(tmp_path) -> None:
 @pytest.mark.parametrize("name,content,what", [
     ("bad.parquet", b"not parquet at all", "not a readable Parquet file"),
     ("bad.jsonl.gz", b"\x1f\x8b\x08garbage", "unreadable"),
-    ("bad.jsonl", b'{"prompt": "a", "answer": "1"}\n{"prompt": \n', ":2: not a JSON object"),
-    ("bad.jsonl", b'{"prompt": "a", "answer": "\xff"}\n', ":1: not a JSON object"),
+    ("bad.jsonl", b'{"prompt": "a", "answer": "1"}\n{"prompt": \n', ":2: expected a JSON object"),
+    ("bad.jsonl", b'{"prompt": "a", "answer": "\xff"}\n', ":1: expected a JSON object (UnicodeDecodeError"),
     ("empty.jsonl", b"\n\n", "no problems found"),
     ("data.csv", b"prompt,answer\n", "unknown dataset format"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,8 +84,8 @@ def _jsonl_rows(path: str | Path, where: str) -> Iterator[tuple[str, Any]]:
                 try:
                     obj = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"{where}:{lineno}: not a JSON object ({type(e).__name__}: {e}); "
-                                     f"fix or remove that line") from None
+                    raise ValueError(f"{where}:{lineno}: expected a JSON object ({type(e).__name__}: {e}); "
+                                     f"fix or remove that {_unit(where)}") from None
                 yield f"{where}:{lineno}", obj
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
         raise ValueError(f"{where}: unreadable ({type(e).__name__}: {e}); re-create or re-download the file") from None
@@ -140,6 +141,11 @@ def _schema_path(schema: Any, path: str) -> tuple[str, str]:
 _MISSING = object()
 
 
+def _unit(where: str) -> str:
+    """What a bad row is called in its file: a JSONL line or a Parquet row."""
+    return "row" if re.search(r" row \d+$", where) else "line"
+
+
 def _lookup(obj: dict[str, Any], path: str) -> Any:
     """The value at a dotted key path, or ``_MISSING``; a literal key with dots wins over the path."""
     if path in obj:
@@ -155,15 +161,16 @@ def _lookup(obj: dict[str, Any], path: str) -> Any:
 def _get(obj: dict[str, Any], key: str, path: str, where: str) -> Any:
     value = _lookup(obj, path)
     if value is _MISSING or value is None:
-        what = "is null" if value is None else "is missing"
-        raise ValueError(f"{where}: key '{path}' {what}; set {key} to the key path that holds it, or fix the row")
+        what = "null" if value is None else "missing"
+        raise ValueError(f"{where}: expected key '{path}', which is {what}; set {key} to the key path that holds it, "
+                         f"or fix or remove that {_unit(where)}")
     return value
 
 
 def _text(value: Any, key: str, path: str, where: str, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{where}: key '{path}' holds {type(value).__name__}, expected {what}; "
-                         f"set {key} to the key path that holds it, or fix the row")
+        raise ValueError(f"{where}: expected {what} under '{path}', got {type(value).__name__}; "
+                         f"set {key} to the key path that holds it, or fix or remove that {_unit(where)}")
     return str(value)
 
 
@@ -171,31 +178,35 @@ def _problem(obj: Any, f: Fields, where: str) -> Problem:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object with '{f.prompt_key}' and "
                          f"'{f.answer_key if f.verifier != 'code' else f.tests_key}', got {type(obj).__name__}; "
-                         f"fix or remove that row")
+                         f"fix or remove that {_unit(where)}")
     raw = _get(obj, "task.prompt_key", f.prompt_key, where)
     messages = None
     if isinstance(raw, list):
         messages = _messages(raw, f.prompt_key, where)
         users = [c for r, c in messages if r == "user"]
         if not users:
-            raise ValueError(f"{where}: the messages under '{f.prompt_key}' have no 'user' message; fix the row")
+            raise ValueError(f"{where}: expected a 'user' message among the messages under '{f.prompt_key}'; "
+                             f"fix or remove that {_unit(where)}")
         prompt = users[-1]
     else:
         prompt = _text(raw, "task.prompt_key", f.prompt_key, where, "the problem text or a list of chat messages")
     if not prompt.strip():
-        raise ValueError(f"{where}: the problem text under '{f.prompt_key}' is empty; fix or remove that row")
+        raise ValueError(f"{where}: expected problem text under '{f.prompt_key}', found it empty; "
+                         f"fix or remove that {_unit(where)}")
     if f.verifier != "code":
         answer = _text(_get(obj, "task.answer_key", f.answer_key, where), "task.answer_key", f.answer_key, where,
                        "the reference answer (a string or number)").strip()
         if not answer:
-            raise ValueError(f"{where}: the answer under '{f.answer_key}' is empty; fix or remove that row")
+            raise ValueError(f"{where}: expected an answer under '{f.answer_key}', found it empty; "
+                             f"fix or remove that {_unit(where)}")
         return Problem(0, prompt, answer, verifier="math", messages=messages)
     tests = _get(obj, "task.tests_key", f.tests_key, where)
     tests = (tests,) if isinstance(tests, str) else tests
     if not isinstance(tests, list | tuple) or not all(isinstance(t, str) for t in tests) \
             or not any(t.strip() for t in tests):
-        raise ValueError(f"{where}: a code problem needs tests under '{f.tests_key}' (a test string or a list of "
-                         f"them), got {tests!r:.60}; set task.tests_key or fix the row")
+        raise ValueError(f"{where}: expected tests under '{f.tests_key}' (a code problem needs a test string or a "
+                         f"list of them), got {tests!r:.60}; set task.tests_key, "
+                         f"or fix or remove that {_unit(where)}")
     entry = ""
     if f.entry_point_key:
         entry = _text(_get(obj, "task.entry_point_key", f.entry_point_key, where), "task.entry_point_key",
@@ -212,8 +223,8 @@ def _messages(raw: list[Any], path: str, where: str) -> tuple[tuple[str, str], .
     out = []
     for m in raw:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: '{path}' is a list but not of {{role, content}} chat messages "
-                             f"(found {m!r:.60}); fix the row or set task.prompt_key")
+            raise ValueError(f"{where}: expected {{role, content}} chat messages in the list under '{path}' "
+                             f"(found {m!r:.60}); set task.prompt_key, or fix or remove that {_unit(where)}")
         out.append((m["role"], m["content"]))
     return tuple(out)
 
