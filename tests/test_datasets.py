@@ -124,6 +124,11 @@ def test_parquet_with_another_schema_names_its_columns(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"no column 'reward_model.truth' \(struct column 'reward_model' has fields "
                                          r"style, ground_truth\); set task.answer_key"):
         read_dataset(nested, Fields(answer_key="reward_model.truth"))
+    code = write_parquet(tmp_path / "code.parquet", [{"prompt": "p", "tests": ["assert f()"]}])
+    with pytest.raises(ValueError, match=r"no column 'entry_point' .* set task.entry_point_key to one of its columns "
+                                         r"\(or '' if the rows have none\)"):
+        read_dataset(code, Fields(verifier="code"))
+    assert read_dataset(code, Fields(verifier="code", entry_point_key=""))[0].tests == ("assert f()",)
 
 
 @pytest.mark.parametrize("name,content,what", [

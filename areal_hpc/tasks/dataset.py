@@ -22,6 +22,7 @@ from areal_hpc.tasks.base import Problem
 from areal_hpc.tasks.order import EpochOrder, held_out_split
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+_OPTIONAL_KEYS = ("task.entry_point_key", "task.code_prefix_key")  # '' turns them off
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def read_dataset(path: str | Path, fields: Fields | None = None, source: str | N
     fields = fields or Fields()
     path = Path(path).expanduser()
     where = f"{source}: {path}" if source else str(path)
-    if not Path(path).is_file():
+    if not path.is_file():
         raise ValueError(f"{where}: no such file; point {source or 'the path'} at a local JSONL or Parquet file")
     rows = _jsonl_rows(path, where) if dataset_format(path) == "jsonl" else _parquet_rows(path, fields, where)
     problems = [_problem(obj, fields, row_where) for row_where, obj in rows]
@@ -105,7 +106,8 @@ def _parquet_rows(path: str | Path, fields: Fields, where: str) -> Iterator[tupl
     for key, path_ in fields.required():
         column, missing = _schema_path(schema, path_)
         if missing:
-            raise ValueError(f"{where}: has no column '{path_}' ({missing}); set {key} to one of its columns "
+            none = " (or '' if the rows have none)" if key in _OPTIONAL_KEYS else ""
+            raise ValueError(f"{where}: has no column '{path_}' ({missing}); set {key} to one of its columns{none} "
                              f"or convert the file")
         if column not in columns:
             columns.append(column)
