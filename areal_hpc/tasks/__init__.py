@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from areal_hpc.tasks.arithmetic import ArithmeticTask
 from areal_hpc.tasks.base import Problem, prompt_ids
+from areal_hpc.tasks.dataset import DatasetTask, Fields, read_dataset
 from areal_hpc.tasks.jsonl import JsonlTask
+from areal_hpc.tasks.packaged import load_champ, load_humaneval
 from areal_hpc.tasks.synthetic import ALPHABET as SYNTHETIC_ALPHABET
 from areal_hpc.tasks.synthetic import SyntheticTask
+from areal_hpc.tasks.wordproblems import WordProblemTask
 
-__all__ = ["ArithmeticTask", "JsonlTask", "Problem", "SyntheticTask", "build_task", "prompt_ids"]
+__all__ = ["ArithmeticTask", "DatasetTask", "Fields", "JsonlTask", "Problem", "SyntheticTask", "WordProblemTask",
+           "build_task", "prompt_ids", "read_dataset"]
 
 
-def build_task(cfg) -> ArithmeticTask | JsonlTask | SyntheticTask:
+def build_task(cfg) -> ArithmeticTask | DatasetTask | SyntheticTask | WordProblemTask:
     """The task a config describes (eval size from ``task.n_eval``).
 
     Takes the whole :class:`~areal_hpc.config.schema.Config` (or only its ``task`` section for text
@@ -21,8 +25,16 @@ def build_task(cfg) -> ArithmeticTask | JsonlTask | SyntheticTask:
     t = getattr(cfg, "task", cfg)
     if t.kind == "arithmetic":
         return ArithmeticTask(t.digits, t.ops, t.seed, t.n_eval)
-    if t.kind == "jsonl":
-        return JsonlTask(t.train_path, t.eval_path, t.n_eval)
+    if t.kind in ("jsonl", "dataset"):
+        fields = Fields(prompt_key=t.prompt_key, answer_key=t.answer_key, verifier=t.verifier, tests_key=t.tests_key,
+                        entry_point_key=t.entry_point_key, code_prefix_key=t.code_prefix_key)
+        return DatasetTask.from_files(t.train_path, t.eval_path, fields, n_eval=t.n_eval, seed=t.seed,
+                                      shuffle=t.shuffle)
+    if t.kind in ("champ", "humaneval"):
+        rows = load_champ() if t.kind == "champ" else load_humaneval()
+        return DatasetTask(rows, None, n_eval=t.n_eval, seed=t.seed, shuffle=t.shuffle, source=f"task.kind={t.kind}")
+    if t.kind == "wordproblems":
+        return WordProblemTask(t.max_value, t.max_steps, t.word_ops, t.seed, t.n_eval)
     if not hasattr(cfg, "task"):
         raise TypeError("build_task(cfg.task) cannot build task.kind=synthetic: pass the whole config, "
                         "whose model and rollout sections fix its vocabulary and lengths")

@@ -52,6 +52,10 @@ class ArithmeticTask:
             if key not in self._held:
                 return self._problem(index, *key)
 
+    def epoch_of(self, index: int) -> int:
+        """0: a generated stream draws fresh problems, it never completes a pass over a fixed set."""
+        return 0
+
     def flawed_answer(self, problem: Problem) -> str:
         """The answer of a teacher who forgets carries: the warm-up's systematic flaw.
 

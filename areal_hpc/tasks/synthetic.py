@@ -75,6 +75,10 @@ class SyntheticTask:
             if ids not in self._held:
                 return self._problem(index, ids, self._draw_len(rng))
 
+    def epoch_of(self, index: int) -> int:
+        """0: a generated stream draws fresh problems, it never completes a pass over a fixed set."""
+        return 0
+
     @property
     def alphabet(self) -> str:
         return ALPHABET
