@@ -651,4 +651,4 @@ def test_engine_choice_by_device_and_architecture():
     cfg.rollout.engine = "fast"
     assert engine_kind(cfg, cpu, qwen) == "fast"
     with pytest.raises(ValueError, match="rollout.engine=hf"):
-        FastEngine(llama, _Tok(), max_batch=2, max_new_tokens=4, max_seq_len=16, temperature=1.0, top_p=1.0)
+        FastEngine(mistral, _Tok(), max_batch=2, max_new_tokens=4, max_seq_len=16, temperature=1.0, top_p=1.0)
