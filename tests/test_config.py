@@ -332,7 +332,7 @@ def test_hf_model_path_missing() -> None:
     msg = _error(None, ["model.kind=hf", "model.path=/x/y"])
     assert msg == (
         "model.path '/x/y' does not exist; point it at a local HF checkpoint directory "
-        "(config.json + weights) or use model.kind=tiny"
+        "(config.json + weights) or a .gguf file, or use model.kind=tiny"
     )
 
 

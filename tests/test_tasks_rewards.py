@@ -142,7 +142,7 @@ def test_jsonl_task(tmp_path) -> None:
         Problem(7, "q1", "1")]
     assert task.eval_problems == [Problem(-1, "e0", "10"), Problem(-2, "e1", "11")]
     assert set(task.alphabet) == set("q012e1")
-    assert task.max_prompt_chars() == 2 and task.max_answer_chars() == 1
+    assert task.max_prompt_chars() == 2 and task.max_answer_chars() == 2  # held-out rows count too
 
 
 # -- the math verifier on the task's own answers -------------------------------------------------------

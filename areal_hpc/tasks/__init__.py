@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from areal_hpc.tasks.arithmetic import ArithmeticTask
-from areal_hpc.tasks.base import Problem, prompt_ids
+from areal_hpc.tasks.base import Problem
 from areal_hpc.tasks.dataset import DatasetTask, Fields, read_dataset
 from areal_hpc.tasks.jsonl import JsonlTask
 from areal_hpc.tasks.packaged import load_champ, load_humaneval
@@ -12,7 +12,7 @@ from areal_hpc.tasks.synthetic import SyntheticTask
 from areal_hpc.tasks.wordproblems import WordProblemTask
 
 __all__ = ["ArithmeticTask", "DatasetTask", "Fields", "JsonlTask", "Problem", "SyntheticTask", "WordProblemTask",
-           "build_task", "prompt_ids", "read_dataset"]
+           "build_task", "read_dataset"]
 
 
 def build_task(cfg) -> ArithmeticTask | DatasetTask | SyntheticTask | WordProblemTask:

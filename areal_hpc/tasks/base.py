@@ -6,10 +6,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-
 @dataclass(frozen=True)
 class Problem:
     """One prompt and what its verifier needs.
@@ -38,15 +34,11 @@ class Problem:
 
 
 class Task(Protocol):
-    """What the roles need of a task: training prompts by index (an endless stream) and a held-out set."""
+    """What the roles need of a task: training prompts by index (an endless stream), the epoch an index
+    falls in (0 for generated streams) and a held-out set."""
 
     eval_problems: list[Problem]
 
     def train_problem(self, index: int) -> Problem: ...
 
-
-def prompt_ids(problem: Problem, tokenizer: Encoder) -> list[int]:
-    """The ids the engine is given: the problem's own ids when it has them, else the encoded text."""
-    if problem.prompt_tokens is not None:
-        return list(problem.prompt_tokens)
-    return tokenizer.encode(problem.prompt)
+    def epoch_of(self, index: int) -> int: ...
