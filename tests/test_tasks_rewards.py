@@ -7,8 +7,11 @@ import random
 import pytest
 
 from areal_hpc.reward.math import math_reward
-from areal_hpc.tasks import ArithmeticTask, JsonlTask, Problem
-from areal_hpc.tasks.jsonl import read_jsonl
+from areal_hpc.tasks import ArithmeticTask, DatasetTask, Fields, Problem, read_dataset
+
+
+def read_jsonl(path) -> list[tuple[str, str]]:
+    return [(p.prompt, p.answer) for p in read_dataset(path)]
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -136,7 +139,7 @@ def test_jsonl_task(tmp_path) -> None:
     train, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
     ev.write_text("".join(f'{{"prompt": "e{i}", "answer": "{10 + i}"}}\n' for i in range(5)))
-    task = JsonlTask(str(train), str(ev), n_eval=2)
+    task = DatasetTask.from_files(str(train), str(ev), Fields(), n_eval=2, seed=0, shuffle=False)
     assert [task.train_problem(i) for i in (0, 1, 2, 3, 7)] == [
         Problem(0, "q0", "0"), Problem(1, "q1", "1"), Problem(2, "q2", "2"), Problem(3, "q0", "0"),
         Problem(7, "q1", "1")]

@@ -5,13 +5,12 @@ from __future__ import annotations
 from areal_hpc.tasks.arithmetic import ArithmeticTask
 from areal_hpc.tasks.base import Problem
 from areal_hpc.tasks.dataset import DatasetTask, Fields, read_dataset
-from areal_hpc.tasks.jsonl import JsonlTask
 from areal_hpc.tasks.packaged import load_champ, load_humaneval
 from areal_hpc.tasks.synthetic import ALPHABET as SYNTHETIC_ALPHABET
 from areal_hpc.tasks.synthetic import SyntheticTask
 from areal_hpc.tasks.wordproblems import WordProblemTask
 
-__all__ = ["ArithmeticTask", "DatasetTask", "Fields", "JsonlTask", "Problem", "SyntheticTask", "WordProblemTask",
+__all__ = ["ArithmeticTask", "DatasetTask", "Fields", "Problem", "SyntheticTask", "WordProblemTask",
            "build_task", "read_dataset"]
 
 
