@@ -1,0 +1,260 @@
+"""Confine this process, then run a Python script in it: the sandbox's one way in.
+
+``sandbox.py`` starts ``python -I -S sandbox_exec.py SPEC`` (a JSON object) in a new session. The script is
+never imported by the package: it starts as a fresh, single-threaded interpreter holding nothing of the
+caller (which could be a rollout worker with a model in memory; forking that would copy its page tables and
+its threads' locks), and single-threaded is what ``unshare(CLONE_NEWUSER)`` requires. It reads the script
+to run, then confines itself in this order, each step kept only where the machine allows it:
+
+1. rlimits: address space, CPU time, open files, file size, no core files.
+2. Namespaces. As root: a network and a PID namespace directly (root may), then every uid (real,
+   effective, saved) is set to a fresh uid per run with every capability dropped; only the filesystem uid
+   stays 0, so that an interpreter under a root-only home stays readable (files are fenced by Landlock,
+   not by the uid), and no uid the process holds lets it return to 0. RLIMIT_NPROC is not enforced for
+   uid 0 and counts per real uid, so a per-run real uid is what makes the process limit per run.
+   As a user: a user namespace with a network and a PID namespace, capabilities dropped there;
+   RLIMIT_NPROC then counts per namespace.
+3. ``no_new_privs`` and Landlock: files read-only under the system and Python paths, read-write in the
+   work directory, nothing else; TCP bind/connect denied (ABI 4); signals and abstract unix sockets
+   scoped to the sandbox (ABI 6). Landlock also forbids ptrace of any process outside the sandbox.
+4. With a PID namespace, a fork: the child is the namespace's init and runs the script; when it ends,
+   or when its parent (this launcher) is killed, the kernel kills every process left in the namespace.
+
+What was applied is written as JSON to fd 3 when ``report`` is set (``sandbox.isolation_report`` reads it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_GET_SECUREBITS, PR_SET_SECUREBITS = 1, 4, 24, 27, 28
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+# NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each with its lock, and KEEP_CAPS_LOCKED: uid 0 never
+# regains capabilities, whatever the script does.
+SECUREBITS_LOCKED_DOWN = 0xEF
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LL_EXECUTE, LL_WRITE_FILE, LL_READ_FILE, LL_READ_DIR, LL_TRUNCATE = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 14
+LL_FILE_ONLY = LL_EXECUTE | LL_WRITE_FILE | LL_READ_FILE | LL_TRUNCATE | (1 << 15)
+LL_NET_TCP = 1 | 2  # BIND_TCP | CONNECT_TCP
+LL_SCOPE_ALL = 1 | 2  # ABSTRACT_UNIX_SOCKET | SIGNAL
+FIRST_FD = 3
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _prctl(option: int, arg: int = 0) -> None:
+    _check(libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+           f"prctl({option})")
+
+
+def _drop_capabilities() -> None:
+    """Empty bounding, ambient, effective, permitted and inheritable sets (needs CAP_SETPCAP, held now)."""
+    if libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0) != SECUREBITS_LOCKED_DOWN:
+        _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _prctl(PR_CAPBSET_DROP, cap)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _unshare(flags: int) -> None:
+    _check(libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def _fresh_uid() -> int:
+    """A random uid mapped in this user namespace, away from system and ordinary users' ids."""
+    ranges = []
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, _, count = (int(x) for x in line.split())
+            lo, hi = max(inside, 1_000_000), min(inside + count, 2_000_000_000)
+            if hi - lo >= 1_000_000:
+                ranges.append((lo, hi))
+            elif inside <= 65_534 < inside + count:
+                ranges.append((65_534, 65_535))
+    if not ranges:
+        raise OSError("no uid other than our own is mapped here")
+    lo, hi = max(ranges, key=lambda r: r[1] - r[0])
+    return lo + int.from_bytes(os.urandom(4), "little") % (hi - lo)
+
+
+def _user_threads(uid: int) -> int:
+    """Threads this real uid runs now: without a user namespace, RLIMIT_NPROC counts all of them."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(status.get("Uid", "-1 ").split()[0]) == uid:
+            total += int(status.get("Threads", "1"))
+    return total
+
+
+def landlock_abi() -> int:
+    ret = libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(int(ret), 0)
+
+
+def _landlock(read_only: list[str], read_write: list[str], abi: int) -> dict:
+    fs_all = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}.get(abi, (1 << 16) - 1)
+    attr = _RulesetAttr(fs_all, LL_NET_TCP if abi >= 4 else 0, LL_SCOPE_ALL if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    ruleset = _check(libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                                  ctypes.c_size_t(size), ctypes.c_uint32(0)), "landlock_create_ruleset")
+    ro = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
+    for paths, access in ((read_only, ro), (read_write, fs_all)):
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # a system path this machine lacks
+            allowed = access & fs_all
+            if not os.path.isdir(path):
+                allowed &= LL_FILE_ONLY
+            rule = _PathBeneath(allowed, fd)
+            _check(libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(1),
+                                ctypes.byref(rule), ctypes.c_uint32(0)), f"landlock_add_rule {path}")
+            os.close(fd)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _check(libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+           "landlock_restrict_self")
+    os.close(ruleset)
+    return {"landlock": abi, "landlock_net": abi >= 4, "landlock_scope": abi >= 6}
+
+
+def _renumber_fds(fds: list[int]) -> None:
+    """The caller's fds arrive with its numbers (maybe above the open-files limit): move them to 3, 4, ...
+
+    Copies go above every one of them first, so that moving one down never overwrites another."""
+    import fcntl
+    low = max(fds, default=2) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, FIRST_FD + i, inheritable=True)
+        os.close(fd)
+
+
+def confine(spec: dict) -> dict:
+    """Apply every mechanism this machine allows; return what was applied (see the module docstring)."""
+    limits = spec["limits"]
+    applied: dict = {"netns": False, "pidns": False, "userns": False, "uid": "", "nproc": "", "landlock": 0,
+                     "landlock_net": False, "landlock_scope": False, "errors": []}
+    mb = 1 << 20
+    for res, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_s"]),
+                       (resource.RLIMIT_NOFILE, limits["open_files"]),
+                       (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb), (resource.RLIMIT_CORE, 0)):
+        hard = value + 1 if res == resource.RLIMIT_CPU else value  # CPU: SIGXCPU at soft, SIGKILL at hard
+        resource.setrlimit(res, (value, hard))
+    real_uid = os.getuid()
+    if os.geteuid() == 0:
+        try:
+            _unshare(CLONE_NEWNET | CLONE_NEWPID)
+            applied["netns"] = applied["pidns"] = True
+        except OSError as e:
+            applied["errors"].append(f"unshare(net, pid) as root: {e.strerror}")
+        try:
+            uid = _fresh_uid()
+            os.setgroups([])
+            _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN)  # capabilities survive the uid change
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            libc.setfsuid(0)  # files as root (the interpreter may live under /root); fenced by Landlock
+            if libc.setfsuid(-1) != 0:
+                raise OSError("setfsuid(0) did not take")
+            _drop_capabilities()
+            applied["uid"], real_uid = f"uid {uid} (file access as root), no capabilities", uid
+        except OSError as e:
+            applied["errors"].append(f"dropping root: {e}")
+    if not applied["netns"] and os.geteuid() != 0:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID)
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            _drop_capabilities()
+            applied["userns"] = applied["netns"] = applied["pidns"] = True
+        except OSError as e:
+            applied["errors"].append(f"unshare(user, net, pid): {e}")
+    if applied["userns"] or (applied["uid"] and real_uid != 0):
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+        applied["nproc"] = "per run"
+    elif real_uid != 0:  # the limit counts all of this user's threads: allow that many more
+        n = _user_threads(real_uid) + limits["processes"]
+        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+        applied["nproc"] = "shared with the user's other processes"
+    abi = landlock_abi()
+    if abi:
+        try:
+            applied.update(_landlock(spec["read_only"], spec["read_write"], abi))
+        except OSError as e:
+            applied["errors"].append(str(e))
+    else:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    return applied
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    with open(spec["script"], encoding="utf-8") as f:
+        source = f.read()
+    _renumber_fds(spec["fds"])
+    applied = confine(spec)
+    if applied["pidns"]:
+        child = os.fork()
+        if child:  # stays outside the namespace: relays how its init ended
+            _, status = os.waitpid(child, 0)
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        _prctl(PR_SET_PDEATHSIG, 9)  # the launcher killed: the whole namespace goes with its init
+    _prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/PID/mem of this process by anything of the same uid
+    if spec.get("report"):
+        os.write(FIRST_FD, json.dumps(applied).encode())
+        os.close(FIRST_FD)
+    sys.argv = [spec["script"], *spec["argv"]]
+    code = compile(source, spec["script"], "exec")
+    exec(code, {"__name__": "__main__", "__file__": spec["script"], "__builtins__": __builtins__})
+
+
+if __name__ == "__main__":
+    main()
