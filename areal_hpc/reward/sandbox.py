@@ -49,8 +49,9 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxRun:
-    """How one sandboxed process ended: ``returncode`` (negative: killed by that signal, 128+N: its
-    namespace's init was), its first ``output_kb`` of stdout and stderr, and whether the wall clock ran out."""
+    """How one sandboxed process ended: ``returncode`` (negative: killed by that signal; 128+N: killed by
+    signal N inside its PID namespace), its first ``output_kb`` of stdout and stderr, and whether the wall
+    clock ran out."""
 
     returncode: int
     stdout: str

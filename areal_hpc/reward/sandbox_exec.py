@@ -17,8 +17,10 @@ to run, then confines itself in this order, each step kept only where the machin
 3. ``no_new_privs`` and Landlock: files read-only under the system and Python paths, read-write in the
    work directory, nothing else; TCP bind/connect denied (ABI 4); signals and abstract unix sockets
    scoped to the sandbox (ABI 6). Landlock also forbids ptrace of any process outside the sandbox.
-4. With a PID namespace, a fork: the child is the namespace's init and runs the script; when it ends,
-   or when its parent (this launcher) is killed, the kernel kills every process left in the namespace.
+4. With a PID namespace, two forks: the child is the namespace's init, which only reaps, and its child
+   runs the script (an init ignores signals it has no handler for: the script's own CPU-limit signal or a
+   crash would be lost on it). When the script ends, the init ends with it; when the init ends, or its
+   parent (this launcher) is killed, the kernel kills every process left in the namespace.
 
 What was applied is written as JSON to fd 3 when ``report`` is set (``sandbox.isolation_report`` reads it).
 """
@@ -235,6 +237,15 @@ def confine(spec: dict) -> dict:
     return applied
 
 
+def _relay(child: int, reap_all: bool) -> None:
+    """Wait for ``child`` (reaping orphans too, as an init must, so that they do not count as processes)
+    and end as it ended: its exit status, or 128 + the signal that killed it."""
+    while True:
+        pid, status = os.wait() if reap_all else os.waitpid(child, 0)
+        if pid == child:
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     with open(spec["script"], encoding="utf-8") as f:
@@ -243,10 +254,12 @@ def main() -> None:
     applied = confine(spec)
     if applied["pidns"]:
         child = os.fork()
-        if child:  # stays outside the namespace: relays how its init ended
-            _, status = os.waitpid(child, 0)
-            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        _prctl(PR_SET_PDEATHSIG, 9)  # the launcher killed: the whole namespace goes with its init
+        if child:  # stays outside the namespace
+            _relay(child, reap_all=False)
+        _prctl(PR_SET_PDEATHSIG, 9)  # the launcher killed: the namespace goes with its init
+        child = os.fork()
+        if child:  # the namespace's init: it ignores every signal it has no handler for, so it runs nothing
+            _relay(child, reap_all=True)
     _prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/PID/mem of this process by anything of the same uid
     if spec.get("report"):
         os.write(FIRST_FD, json.dumps(applied).encode())

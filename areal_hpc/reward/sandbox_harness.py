@@ -68,6 +68,15 @@ def recv(fd: int) -> object:
     return _PlainUnpickler(io.BytesIO(_read_exact(fd, n))).load()
 
 
+def _flush() -> None:
+    """The process ends by SIGKILL once the tests are done: what it printed so far must be in its files."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:300]
 
@@ -90,8 +99,10 @@ def candidate(requests: int, replies: int) -> None:
     try:
         exec(code, scope)
     except BaseException as e:  # noqa: BLE001 - whatever the response raises is its failure
+        _flush()
         send(replies, ("error", _short(e)))
         return
+    _flush()
     send(replies, ("ready", [k for k, v in scope.items() if not k.startswith("__") and callable(v)]))
     while True:
         try:
@@ -102,6 +113,7 @@ def candidate(requests: int, replies: int) -> None:
             reply = pickle.dumps(("ok", scope[name](*args, **kwargs)), protocol=4)
         except BaseException as e:  # noqa: BLE001
             reply = pickle.dumps(("raise", type(e).__name__, str(e)[:300]), protocol=4)
+        _flush()
         _write_frame(replies, reply)
 
 
