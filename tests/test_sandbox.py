@@ -8,6 +8,7 @@ the same problem scores 1 when nothing is attempted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from areal_hpc.reward.code import code_reward, run_tests
-from areal_hpc.reward.sandbox import EXEC_SCRIPT, SandboxLimits, isolation_report, mechanisms, run_python
+from areal_hpc.reward.sandbox import (
+    EXEC_SCRIPT,
+    SandboxLimits,
+    isolation_report,
+    mechanisms,
+    report_lines,
+    run_python,
+)
 from areal_hpc.tasks.base import Problem
 
 FAST = SandboxLimits(timeout_s=5, cpu_s=5)
@@ -119,53 +127,80 @@ def test_cpu_limit_kills_before_wall_clock() -> None:
     assert run.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU)  # the CPU limit's signal, not a kill
 
 
-def test_unprivileged_user_path() -> None:
-    """What a cluster user gets: the launcher as an unprivileged uid (a user namespace instead of root)."""
-    python, setpriv = Path("/usr/bin/python3"), shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None or not python.exists():
-        pytest.skip("needs root, setpriv and /usr/bin/python3 to run as an unprivileged uid")
-    root = Path(tempfile.mkdtemp(prefix="areal-sandbox-user-"))
-    try:
-        root.chmod(0o755)
-        work, outside = root / "w", root / "outside.txt"
-        work.mkdir()
-        outside.write_text("world-readable")
-        outside.chmod(0o644)
-        shutil.chown(work, 65534, 65534)
-        script = root / "main.py"
-        script.write_text(f"""
-import os, socket
+USER_SCRIPT = """
+import os, socket, sys
 n = 0
 try:
     for _ in range(100):
         if os.fork() == 0:
+            os.closerange(0, 64)  # holds no pipe of the test's open
             import time; time.sleep(10); os._exit(0)
         n += 1
 except OSError:
     pass
 try:
-    open({str(outside)!r}).read(); read = "read"
+    open(sys.argv[1]).read(); read = "read"
 except OSError as e:
     read = e.errno
 print(os.getpid(), n, read, [i for _, i in socket.if_nameindex()])
-""")
-        exec_copy = root / "sandbox_exec.py"
-        shutil.copy(EXEC_SCRIPT, exec_copy)
+"""
+
+
+def _run_as_user(skip: list[str]) -> tuple[dict, list[str]]:
+    """The launcher as an unprivileged uid, as on a cluster: (what it applied, what the script printed)."""
+    python, setpriv = Path("/usr/bin/python3"), shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not python.exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run as an unprivileged uid")
+    root = Path(tempfile.mkdtemp(prefix="areal-sandbox-user-"))
+    read, write = os.pipe()
+    try:
+        root.chmod(0o755)
+        work, outside, script = root / "w", root / "outside.txt", root / "main.py"
+        work.mkdir()
+        shutil.chown(work, 65534, 65534)
+        outside.write_text("world-readable")
+        script.write_text(USER_SCRIPT)
+        for path in (outside, script):
+            path.chmod(0o644)
+        shutil.copy(EXEC_SCRIPT, root / "sandbox_exec.py")
         limits = {"timeout_s": 10, "memory_mb": 512, "cpu_s": 5, "processes": 16, "open_files": 64,
                   "file_size_mb": 1, "output_kb": 64}
-        spec = {"limits": limits, "script": str(script), "argv": [], "fds": [], "read_only": ["/usr", "/lib",
-                "/lib64"], "read_write": [str(work), "/dev/null"], "report": False}
-        proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-I", "-S",
-                               str(exec_copy), json.dumps(spec)], cwd=work, env={"PATH": "/usr/bin:/bin"},
-                              capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, proc.stderr
-        pid, forks, read, ifaces = proc.stdout.split(maxsplit=3)
-        assert pid == "2"  # its own PID namespace, under an init that only reaps
-        assert 5 < int(forks) < 16  # RLIMIT_NPROC counted in its user namespace, not over the whole uid
-        assert read == "13"  # EACCES from Landlock: the file is world-readable
-        assert ifaces.strip() == "['lo']"
+        spec = {"limits": limits, "script": str(script), "argv": [str(outside)], "fds": [write], "report": True,
+                "read_only": ["/usr", "/lib", "/lib64"], "read_write": [str(work), "/dev/null"], "skip": skip}
+        proc = subprocess.Popen([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-I",
+                                 "-S", str(root / "sandbox_exec.py"), json.dumps(spec)], cwd=work, pass_fds=[write],
+                                env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        os.close(write)
+        out, err = proc.communicate(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the sleepers, where no PID namespace took them
+        assert proc.returncode == 0, err
+        with os.fdopen(read, "rb") as f:
+            return json.loads(f.read()), out.split(maxsplit=3)
     finally:
         shutil.rmtree(root)
+
+
+def test_unprivileged_user_path() -> None:
+    """What a cluster user gets with user namespaces and Landlock: everything, no root needed."""
+    applied, (pid, forks, read, ifaces) = _run_as_user([])
+    assert applied["userns"] and not applied["errors"] and report_lines(applied) == []
+    assert pid == "2"  # its own PID namespace, under an init that only reaps
+    assert 5 < int(forks) < 16  # RLIMIT_NPROC counted in its user namespace, not over the whole uid
+    assert read == "13"  # EACCES from Landlock: the file is world-readable
+    assert ifaces.strip() == "['lo']"
+
+
+def test_fallback_without_namespaces_or_landlock() -> None:
+    """A cluster without either: the run still works, and the report names each thing left open."""
+    applied, (pid, forks, read, ifaces) = _run_as_user(["namespaces", "landlock"])
+    lines = report_lines(applied)
+    assert [line.split(":")[0] for line in lines] == ["network", "filesystem", "signals", "processes",
+                                                      "process count"]
+    assert "shared with the user's other processes" in lines[-1]
+    assert pid != "2" and read == "read" and ifaces.strip() != "['lo']"  # as the report says
+    assert 5 < int(forks) < 16 + 5  # still bounded: the user's threads now plus the limit
 
 
 # -- escape attempts -----------------------------------------------------------------------------------

@@ -205,7 +205,11 @@ def mechanisms() -> dict:
 
 def isolation_report() -> list[str]:
     """One line per thing this machine cannot isolate (empty: all isolated); the rollout logs these once."""
-    m = mechanisms()
+    return report_lines(mechanisms())
+
+
+def report_lines(m: dict) -> list[str]:
+    """``isolation_report``'s lines for what ``sandbox_exec.py`` reported it applied."""
     lines = []
     if not m["netns"]:
         lines.append("network: no network namespace; " + (

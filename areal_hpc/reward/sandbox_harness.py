@@ -171,7 +171,10 @@ def _run_tests(spec: dict, tests: list[str], entry: str, solution: _Solution, ou
     if entry and entry not in names:
         return f"the response defines no function {entry!r}"
     scope: dict = {"__name__": "__main__", "__builtins__": builtins}
-    exec(compile(spec["code_prefix"], "code_prefix.py", "exec"), scope)
+    try:
+        exec(compile(spec["code_prefix"], "code_prefix.py", "exec"), scope)
+    except Exception as e:  # noqa: BLE001 - the dataset's code: say so rather than blame the response
+        return f"the problem's code_prefix failed: {_short(e)}"
     own = set(scope)
     for name in names:
         if name == entry or name not in own:
