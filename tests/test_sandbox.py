@@ -127,7 +127,7 @@ def test_cpu_limit_kills_before_wall_clock() -> None:
     assert run.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU)  # the CPU limit's signal, not a kill
 
 
-USER_SCRIPT = """
+LAUNCHER_SCRIPT = """
 import os, socket, sys
 n = 0
 try:
@@ -138,44 +138,53 @@ try:
         n += 1
 except OSError:
     pass
-try:
-    open(sys.argv[1]).read(); read = "read"
-except OSError as e:
-    read = e.errno
-print(os.getpid(), n, read, [i for _, i in socket.if_nameindex()])
+reads = []
+for path in sys.argv[1:]:
+    try:
+        open(path).read(); reads.append("read")
+    except OSError as e:
+        reads.append(str(e.errno))
+with open("written", "w") as f:  # its own directory stays writable
+    f.write("x")
+print(os.getpid(), n, ",".join(reads), [i for _, i in socket.if_nameindex()])
 """
 
 
-def _run_as_user(skip: list[str]) -> tuple[dict, list[str]]:
-    """The launcher as an unprivileged uid, as on a cluster: (what it applied, what the script printed)."""
+def _run_launcher(skip: list[str], as_user: bool) -> tuple[dict, list[str]]:
+    """The launcher run with the system Python (readable by anyone), as an unprivileged uid (a cluster user)
+    or as root: (what it applied, what the script printed: pid, forks, reads of a world-readable and a
+    root-only file, interfaces)."""
     python, setpriv = Path("/usr/bin/python3"), shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None or not python.exists():
-        pytest.skip("needs root, setpriv and /usr/bin/python3 to run as an unprivileged uid")
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run the launcher as root and as another uid")
     root = Path(tempfile.mkdtemp(prefix="areal-sandbox-user-"))
     read, write = os.pipe()
     try:
         root.chmod(0o755)
-        work, outside, script = root / "w", root / "outside.txt", root / "main.py"
-        work.mkdir()
-        shutil.chown(work, 65534, 65534)
-        outside.write_text("world-readable")
-        script.write_text(USER_SCRIPT)
-        for path in (outside, script):
-            path.chmod(0o644)
+        work, script = root / "w", root / "main.py"
+        work.mkdir(mode=0o700)
+        if as_user:
+            shutil.chown(work, 65534, 65534)
+        files = {root / "world.txt": 0o644, root / "root-only.txt": 0o600, script: 0o644}
+        for path, mode in files.items():
+            path.write_text(LAUNCHER_SCRIPT if path == script else "data")
+            path.chmod(mode)
         shutil.copy(EXEC_SCRIPT, root / "sandbox_exec.py")
         limits = {"timeout_s": 10, "memory_mb": 512, "cpu_s": 5, "processes": 16, "open_files": 64,
                   "file_size_mb": 1, "output_kb": 64}
-        spec = {"limits": limits, "script": str(script), "argv": [str(outside)], "fds": [write], "report": True,
-                "read_only": ["/usr", "/lib", "/lib64"], "read_write": [str(work), "/dev/null"], "skip": skip}
-        proc = subprocess.Popen([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-I",
-                                 "-S", str(root / "sandbox_exec.py"), json.dumps(spec)], cwd=work, pass_fds=[write],
-                                env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        spec = {"limits": limits, "script": str(script), "argv": [str(p) for p in list(files)[:2]], "fds": [write],
+                "report": True, "read_only": ["/usr", "/lib", "/lib64"], "read_write": [str(work), "/dev/null"],
+                "workdir": str(work), "skip": skip}
+        user = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"] if as_user else []
+        proc = subprocess.Popen([*user, str(python), "-I", "-S", str(root / "sandbox_exec.py"), json.dumps(spec)],
+                                cwd=work, pass_fds=[write], env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         os.close(write)
         out, err = proc.communicate(timeout=30)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the sleepers, where no PID namespace took them
         assert proc.returncode == 0, err
+        assert (work / "written").read_text() == "x"
         with os.fdopen(read, "rb") as f:
             return json.loads(f.read()), out.split(maxsplit=3)
     finally:
@@ -184,23 +193,31 @@ def _run_as_user(skip: list[str]) -> tuple[dict, list[str]]:
 
 def test_unprivileged_user_path() -> None:
     """What a cluster user gets with user namespaces and Landlock: everything, no root needed."""
-    applied, (pid, forks, read, ifaces) = _run_as_user([])
+    applied, (pid, forks, reads, ifaces) = _run_launcher([], as_user=True)
     assert applied["userns"] and not applied["errors"] and report_lines(applied) == []
     assert pid == "2"  # its own PID namespace, under an init that only reaps
     assert 5 < int(forks) < 16  # RLIMIT_NPROC counted in its user namespace, not over the whole uid
-    assert read == "13"  # EACCES from Landlock: the file is world-readable
+    assert reads == "13,13"  # EACCES from Landlock, even for the world-readable file
     assert ifaces.strip() == "['lo']"
 
 
 def test_fallback_without_namespaces_or_landlock() -> None:
     """A cluster without either: the run still works, and the report names each thing left open."""
-    applied, (pid, forks, read, ifaces) = _run_as_user(["namespaces", "landlock"])
+    applied, (pid, forks, reads, ifaces) = _run_launcher(["namespaces", "landlock"], as_user=True)
     lines = report_lines(applied)
     assert [line.split(":")[0] for line in lines] == ["network", "filesystem", "signals", "processes",
                                                       "process count"]
     assert "shared with the user's other processes" in lines[-1]
-    assert pid != "2" and read == "read" and ifaces.strip() != "['lo']"  # as the report says
+    assert pid != "2" and reads == "read,13" and ifaces.strip() != "['lo']"  # as the report says
     assert 5 < int(forks) < 16 + 5  # still bounded: the user's threads now plus the limit
+
+
+def test_root_without_landlock() -> None:
+    """Root on a kernel without Landlock: files as the fresh uid (root-only files closed, its directory its
+    own), namespaces and the process limit as with Landlock."""
+    applied, (pid, forks, reads, ifaces) = _run_launcher(["landlock"], as_user=False)
+    assert [line.split(":")[0] for line in report_lines(applied)] == ["filesystem"]
+    assert pid == "2" and 5 < int(forks) < 16 and reads == "read,13" and ifaces.strip() == "['lo']"
 
 
 # -- escape attempts -----------------------------------------------------------------------------------

@@ -72,9 +72,10 @@ class RunDir:
 
     Use as a context manager: on exit every process group still there is killed and the folder removed."""
 
-    def __init__(self, limits: SandboxLimits) -> None:
-        self.limits = limits
+    def __init__(self, limits: SandboxLimits, skip: Sequence[str] = ()) -> None:
+        self.limits, self.skip = limits, list(skip)  # skip: mechanisms to leave out, to test the fallbacks
         self.root = Path(tempfile.mkdtemp(prefix="areal-sandbox-"))
+        self.root.chmod(0o711)  # without Landlock, a fresh uid reaches its own directory (and lists none)
         self.procs: list[subprocess.Popen] = []
         self.deadline = time.monotonic() + limits.timeout_s
 
@@ -95,7 +96,7 @@ class RunDir:
         """Start ``script`` confined, in ``workdir``; ``fds`` arrive there as 3, 4, ..."""
         spec = {"limits": asdict(self.limits), "script": str(script), "argv": list(argv), "fds": list(fds),
                 "read_only": _read_only_paths(), "read_write": [str(workdir), *_DEVICES_READ_WRITE],
-                "report": report}
+                "workdir": str(workdir), "report": report, "skip": self.skip}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         name = workdir.name
@@ -162,10 +163,10 @@ def _force_remove(func: object, path: str, exc_info: object) -> None:
             pass
 
 
-def run_python(source: str, limits: SandboxLimits) -> SandboxRun:
+def run_python(source: str, limits: SandboxLimits, skip: Sequence[str] = ()) -> SandboxRun:
     """Run ``source`` as a script, sandboxed, in a fresh directory; its exit and first output."""
     start = time.monotonic()
-    with RunDir(limits) as run:
+    with RunDir(limits, skip) as run:
         workdir = run.workdir("main")
         script = workdir / "main.py"
         script.write_text(source, encoding="utf-8")
@@ -215,7 +216,10 @@ def report_lines(m: dict) -> list[str]:
         lines.append("network: no network namespace; " + (
             "Landlock denies TCP connect/bind, but UDP and unix sockets stay open" if m["landlock_net"]
             else "code under test can open network connections"))
-    if not m["landlock"]:
+    if not m["landlock"] and m["uid"]:
+        lines.append("filesystem: no Landlock; code under test runs as a fresh uid: it can read world-readable "
+                     "files and write world-writable folders, and an interpreter only root can read fails")
+    elif not m["landlock"]:
         lines.append("filesystem: no Landlock; code under test can read and write every file this user can, "
                      "other runs' folders included")
     if not (m["pidns"] or m["landlock_scope"]):

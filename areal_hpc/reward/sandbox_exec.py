@@ -9,8 +9,8 @@ to run, then confines itself in this order, each step kept only where the machin
 1. rlimits: address space, CPU time, open files, file size, no core files.
 2. Namespaces. As root: a network and a PID namespace directly (root may), then every uid (real,
    effective, saved) is set to a fresh uid per run with every capability dropped; only the filesystem uid
-   stays 0, so that an interpreter under a root-only home stays readable (files are fenced by Landlock,
-   not by the uid), and no uid the process holds lets it return to 0. RLIMIT_NPROC is not enforced for
+   stays 0 where Landlock fences files, so that an interpreter under a root-only home stays readable, and
+   no uid the process holds lets it return to 0. RLIMIT_NPROC is not enforced for
    uid 0 and counts per real uid, so a per-run real uid is what makes the process limit per run.
    As a user: a user namespace with a network and a PID namespace, capabilities dropped there;
    RLIMIT_NPROC then counts per namespace.
@@ -190,8 +190,10 @@ def confine(spec: dict) -> dict:
                        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb), (resource.RLIMIT_CORE, 0)):
         hard = value + 1 if res == resource.RLIMIT_CPU else value  # CPU: SIGXCPU at soft, SIGKILL at hard
         resource.setrlimit(res, (value, hard))
-    real_uid = os.getuid()
-    if os.geteuid() == 0:
+    skip = set(spec.get("skip", ()))
+    abi = 0 if "landlock" in skip else landlock_abi()
+    real_uid, was_root = os.getuid(), os.geteuid() == 0
+    if was_root:
         try:
             _unshare(CLONE_NEWNET | CLONE_NEWPID)
             applied["netns"] = applied["pidns"] = True
@@ -203,15 +205,17 @@ def confine(spec: dict) -> dict:
             _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN)  # capabilities survive the uid change
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            libc.setfsuid(0)  # files as root (the interpreter may live under /root); fenced by Landlock
-            if libc.setfsuid(-1) != 0:
-                raise OSError("setfsuid(0) did not take")
+            if abi:  # files as root (the interpreter may live under /root), fenced by Landlock below
+                libc.setfsuid(0)
+                if libc.setfsuid(-1) != 0:
+                    raise OSError("setfsuid(0) did not take")
+            else:  # files as the fresh uid: its own directory must be its own
+                os.chown(spec["workdir"], uid, uid)
             _drop_capabilities()
-            applied["uid"], real_uid = f"uid {uid} (file access as root), no capabilities", uid
+            applied["uid"], real_uid = f"uid {uid}" + (", file access as root" if abi else ""), uid
         except OSError as e:
             applied["errors"].append(f"dropping root: {e}")
-    skip = set(spec.get("skip", ()))
-    if not applied["netns"] and os.geteuid() != 0 and "namespaces" not in skip:
+    if not applied["netns"] and not was_root and "namespaces" not in skip:
         uid, gid = os.geteuid(), os.getegid()
         try:
             _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID)
@@ -229,13 +233,13 @@ def confine(spec: dict) -> dict:
         n = _user_threads(real_uid) + limits["processes"]
         resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
         applied["nproc"] = "shared with the user's other processes"
-    abi = 0 if "landlock" in skip else landlock_abi()
     if abi:
         try:
             applied.update(_landlock(spec["read_only"], spec["read_write"], abi))
         except OSError as e:
             applied["errors"].append(str(e))
-    else:
+            libc.setfsuid(real_uid)  # no fence: no file access as root either
+    if not applied["landlock"]:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
     return applied
 
