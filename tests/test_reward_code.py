@@ -88,13 +88,16 @@ def test_plain_data_round_trips() -> None:
 
 
 def test_trusted_helpers_stay_trusted() -> None:
-    """The prefix's helper is the problem's: a response redefining it cannot make the tests trivial, while
-    its own helpers (not in the prefix) and the entry point are used."""
+    """The prefix's helpers and the builtins are the problem's: a response redefining them cannot make the
+    tests trivial, while its own helpers (not in the prefix) and the entry point are used."""
     prefix = "def encode(s: str) -> str:\n    return s[::-1]\n\ndef decode(s: str) -> str:\n    '''Undo encode.'''\n"
     p = _problem(("assert decode(encode('abc')) == 'abc' and encode('ab') == 'ba'",), "decode", prefix)
     assert code_reward(p, "    return s[::-1]\n", LIMITS).reward == 1.0  # a completion of the prefix
     cheat = "```python\ndef encode(s):\n    return s\n\ndef decode(s):\n    return s\n```"
     assert code_reward(p, cheat, LIMITS).reward == 0.0
+    shadows = "```python\ndef all(x):\n    return True\n\ndef decode(s):\n    return s\n```"
+    p2 = _problem(("assert all([decode('ab') == 'ba'])",), "decode", prefix)
+    assert code_reward(p2, shadows, LIMITS).reward == 0.0  # its ``all`` is not the tests' ``all``
     helper = "```python\ndef flip(s):\n    return s[::-1]\n\ndef decode(s):\n    return flip(s)\n```"
     assert code_reward(p, helper, LIMITS).reward == 1.0
 

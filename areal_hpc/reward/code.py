@@ -73,13 +73,13 @@ def run_tests(problem: Problem, code: str, limits: SandboxLimits) -> TestRun:
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         res_r, res_w = os.pipe()
-        try:
-            trusted = run.start(HARNESS, ["trusted"], tdir, fds=[req_w, rep_r, res_w])
-            run.start(HARNESS, ["candidate"], cdir, fds=[req_r, rep_w])
-        finally:
-            for fd in (req_r, req_w, rep_r, rep_w, res_w):
-                os.close(fd)
         with os.fdopen(res_r, "rb") as results:
+            try:
+                trusted = run.start(HARNESS, ["trusted"], tdir, fds=[req_w, rep_r, res_w])
+                run.start(HARNESS, ["candidate"], cdir, fds=[req_r, rep_w])
+            finally:
+                for fd in (req_r, req_w, rep_r, rep_w, res_w):
+                    os.close(fd)
             finished = run.wait(trusted)
             run.kill()
             os.set_blocking(results.fileno(), False)

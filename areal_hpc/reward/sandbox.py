@@ -3,7 +3,8 @@
 Each sandboxed process is ``python -I -S sandbox_exec.py`` (isolated mode: no PYTHONPATH, no user site, no
 site-packages, so the standard library only) started in a new session, in a fresh directory under a
 per-run temporary folder (removed afterwards), with a scrubbed environment (a fixed PATH, HOME and TMPDIR
-pointing at its directory, nothing inherited: no tokens or secrets) and stdin from /dev/null.
+pointing at its directory, the caller's LD_LIBRARY_PATH alone inherited: no tokens or secrets) and stdin
+from /dev/null.
 ``sandbox_exec.py`` confines it (rlimits, namespaces, a per-run uid as root, Landlock; its docstring says
 what each gives). Its stdout and stderr go to files the file-size limit bounds, of which the first
 ``output_kb`` are read back, so a huge print never reaches the caller's memory. At the wall clock, or once
@@ -61,10 +62,15 @@ class SandboxRun:
 
 
 def _read_only_paths() -> list[str]:
-    """System libraries and the interpreter's own tree (its standard library and extension modules)."""
-    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
+    """System libraries, the interpreter's own tree (its standard library and extension modules) and the
+    folders of LD_LIBRARY_PATH (an interpreter from a cluster's module system may need them to start)."""
+    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, *_library_path())}
     paths.add(os.path.dirname(os.path.realpath(sys.executable)))
-    return sorted(paths) + [p for p in _SYSTEM_READ_ONLY if os.path.exists(p)]
+    return sorted(p for p in paths if os.path.exists(p)) + [p for p in _SYSTEM_READ_ONLY if os.path.exists(p)]
+
+
+def _library_path() -> list[str]:
+    return [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if os.path.isabs(p)]
 
 
 class RunDir:
@@ -99,6 +105,8 @@ class RunDir:
                 "workdir": str(workdir), "report": report, "skip": self.skip}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        if _library_path():
+            env["LD_LIBRARY_PATH"] = ":".join(_library_path())
         name = workdir.name
         with open(self.root / f"{name}.out", "wb") as out, open(self.root / f"{name}.err", "wb") as err:
             proc = subprocess.Popen([sys.executable, "-I", "-S", str(EXEC_SCRIPT), json.dumps(spec)],
@@ -221,7 +229,7 @@ def report_lines(m: dict) -> list[str]:
                      "files and write world-writable folders, and an interpreter only root can read fails")
     elif not m["landlock"]:
         lines.append("filesystem: no Landlock; code under test can read and write every file this user can, "
-                     "other runs' folders included")
+                     "other runs' folders and the tests' files included")
     if not (m["pidns"] or m["landlock_scope"]):
         lines.append("signals: no PID namespace nor Landlock scoping; code under test can signal this user's "
                      "other processes, the rollout included")

@@ -10,8 +10,9 @@ frozenset, read by a restricted unpickler), so no object with a rigged ``__eq__`
 
 What that excludes: a test cannot see the solution mutate an argument in place (it gets a copy), cannot
 pass or receive functions, generators, class instances or numpy values, and can call only the response's
-top-level callables. The problem's own helpers (names ``code_prefix`` defines) stay the trusted ones, except
-the entry point, which the response is there to define.
+top-level callables. The problem's own helpers (names ``code_prefix`` defines) and the builtins stay the
+trusted ones (a response defining ``abs`` or ``all`` does not get to judge its own output), except the entry
+point, which the response is there to define.
 
 Files in the working directory, written by the caller: ``trusted``: ``spec.json`` (code_prefix, tests,
 entry_point); ``candidate``: ``prefix.py`` and ``response.py``. Fds: trusted 3 = requests out,
@@ -175,9 +176,9 @@ def _run_tests(spec: dict, tests: list[str], entry: str, solution: _Solution, ou
         exec(compile(spec["code_prefix"], "code_prefix.py", "exec"), scope)
     except Exception as e:  # noqa: BLE001 - the dataset's code: say so rather than blame the response
         return f"the problem's code_prefix failed: {_short(e)}"
-    own = set(scope)
+    kept = set(scope) | set(dir(builtins))  # a response's ``abs`` or ``all`` must not judge its own output
     for name in names:
-        if name == entry or name not in own:
+        if name == entry or name not in kept:
             scope[name] = solution.proxy(name)
     error = ""
     for i, test in enumerate(tests):
