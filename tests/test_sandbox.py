@@ -94,6 +94,10 @@ for name, f in {"setuid0": lambda: os.setresuid(0, 0, 0), "chown": lambda: os.ch
     except OSError as e:
         out[name] = e.errno
 out["ifaces"] = [n for _, n in socket.if_nameindex()]
+try:
+    socket.socket(socket.AF_UNIX); out["unix"] = "allowed"
+except OSError as e:
+    out["unix"] = e.errno
 s = socket.socket()
 try:
     s.bind(("127.0.0.1", 0)); out["bind"] = "allowed"
@@ -116,6 +120,8 @@ print(json.dumps(out))
         assert 0 not in out["uids"] and out["setuid0"] == 1 and out["chown"] == 1  # EPERM: no way back to root
     if m["netns"]:
         assert out["ifaces"] == ["lo"]
+    if m["seccomp"]:
+        assert out["unix"] == 13  # EACCES from the seccomp filter
     if m["landlock_net"]:
         assert out["bind"] == 13  # EACCES: Landlock's TCP rule, before the namespace is even asked
 
@@ -203,10 +209,10 @@ def test_unprivileged_user_path() -> None:
 
 def test_fallback_without_namespaces_or_landlock() -> None:
     """A cluster without either: the run still works, and the report names each thing left open."""
-    applied, (pid, forks, reads, ifaces) = _run_launcher(["namespaces", "landlock"], as_user=True)
+    applied, (pid, forks, reads, ifaces) = _run_launcher(["namespaces", "landlock", "seccomp"], as_user=True)
     lines = report_lines(applied)
-    assert [line.split(":")[0] for line in lines] == ["network", "filesystem", "signals", "processes",
-                                                      "process count"]
+    assert [line.split(":")[0] for line in lines] == ["network", "unix sockets", "filesystem", "signals",
+                                                      "processes", "process count"]
     assert "shared with the user's other processes" in lines[-1]
     assert pid != "2" and reads == "read,13" and ifaces.strip() != "['lo']"  # as the report says
     assert 5 < int(forks) < 16 + 5  # still bounded: the user's threads now plus the limit
@@ -321,22 +327,38 @@ def answer():
         shutil.rmtree(other)
 
 
-def test_network_connection() -> None:
+def test_network_connection(tmp_path: Path) -> None:
+    """TCP and UDP to a listener here on localhost, and unix sockets by path (a world-writable one) and in
+    the abstract namespace: nothing arrives."""
     tcp = socket.create_server(("127.0.0.1", 0))
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
-    tcp.setblocking(False)
-    udp.setblocking(False)
+    tmp_path.chmod(0o777)
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "sock"))
+    (tmp_path / "sock").chmod(0o777)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0areal-sandbox-test-{os.getpid()}")
+    listeners = (tcp, udp, unix, abstract)
+    for sock in (tcp, unix, abstract):
+        sock.listen()
     try:
+        for sock in listeners:
+            sock.setblocking(False)
         run, _ = _escape(f"""
 import socket
 ok = False
-try:
-    s = socket.create_connection(("127.0.0.1", {tcp.getsockname()[1]}), timeout=2)
-    s.sendall(b"exfiltrated")
-    ok = True
-except OSError as e:
-    print("tcp", e.errno)
+targets = [(socket.AF_INET, ("127.0.0.1", {tcp.getsockname()[1]})), (socket.AF_UNIX, {str(tmp_path / "sock")!r}),
+           (socket.AF_UNIX, "\\0areal-sandbox-test-{os.getpid()}")]
+for family, address in targets:
+    try:
+        s = socket.socket(family)
+        s.settimeout(2)
+        s.connect(address)
+        s.sendall(b"exfiltrated")
+        ok = True
+    except OSError as e:
+        print(family, e.errno)
 try:
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"exfiltrated", ("127.0.0.1", {udp.getsockname()[1]}))
 except OSError as e:
@@ -344,14 +366,15 @@ except OSError as e:
 def answer():
     return "ok" if ok else "blocked"
 """)
-        with pytest.raises(BlockingIOError):
-            tcp.accept()
+        for sock in (tcp, unix, abstract):
+            with pytest.raises(BlockingIOError):
+                sock.accept()
         with pytest.raises(BlockingIOError):
             udp.recv(100)
-        assert "tcp " in run.stdout
+        assert len(run.stdout.splitlines()) == 4  # each attempt failed with an error
     finally:
-        tcp.close()
-        udp.close()
+        for sock in listeners:
+            sock.close()
 
 
 def test_killing_its_parent() -> None:

@@ -17,13 +17,14 @@ to run, then confines itself in this order, each step kept only where the machin
 3. ``no_new_privs`` and Landlock: files read-only under the system and Python paths, read-write in the
    work directory, nothing else; TCP bind/connect denied (ABI 4); signals and abstract unix sockets
    scoped to the sandbox (ABI 6). Landlock also forbids ptrace of any process outside the sandbox.
-4. With a PID namespace, two forks: the child is the namespace's init, which only reaps, and its child
+4. A seccomp filter: no AF_UNIX sockets (Landlock does not cover connecting to one by path).
+5. With a PID namespace, two forks: the child is the namespace's init, which only reaps, and its child
    runs the script (an init ignores signals it has no handler for: the script's own CPU-limit signal or a
    crash would be lost on it). When the script ends, the init ends with it; when the init ends, or its
    parent (this launcher) is killed, the kernel kills every process left in the namespace.
 
 What was applied is written as JSON to fd 3 when ``report`` is set (``sandbox.isolation_report`` reads it).
-``skip`` (``namespaces``, ``landlock``) leaves a mechanism out as a machine without it would: the tests
+``skip`` (``namespaces``, ``landlock``, ``seccomp``) leaves a mechanism out as a machine without it would: the tests
 use it to run the fallbacks a cluster may get.
 """
 
@@ -165,6 +166,44 @@ def _landlock(read_only: list[str], read_write: list[str], abi: int) -> dict:
     return {"landlock": abi, "landlock_net": abi >= 4, "landlock_scope": abi >= 6}
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+# (audit arch, socket's syscall number) per machine; io_uring_setup is 425 on both.
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+
+
+def _seccomp_no_unix_sockets() -> None:
+    """Deny creating AF_UNIX sockets (and io_uring, which could create them past this filter).
+
+    Landlock does not govern connecting to a unix socket by path, and the sockets there are no place for
+    code under test: munge's (Slurm credentials in this user's name), a container daemon's, the session's.
+    Calls from another syscall ABI (x32, 32-bit) kill the process: the filter only knows this one."""
+    arch, nr_socket = _SECCOMP_ARCH[os.uname().machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    kill, allow, eacces = 0x80000000, 0x7FFF0000, 0x00050000 | 13
+    prog = [(ld, 0, 0, 4),  # 0: arch
+            (jeq, 1, 0, arch),  # 1: ours: go to 3
+            (ret, 0, 0, kill),  # 2
+            (ld, 0, 0, 0),  # 3: syscall number
+            (jge, 5, 0, 0x40000000),  # 4: x32: deny (10)
+            (jeq, 4, 0, 425),  # 5: io_uring_setup: deny (10)
+            (jeq, 0, 2, nr_socket),  # 6: socket: look at its domain (7), else allow (9)
+            (ld, 0, 0, 16),  # 7: args[0], the domain (low 32 bits)
+            (jeq, 1, 0, 1),  # 8: AF_UNIX: deny (10)
+            (ret, 0, 0, allow),  # 9
+            (ret, 0, 0, eacces)]  # 10
+    filters = (_SockFilter * len(prog))(*[_SockFilter(*f) for f in prog])
+    fprog = _SockFprog(len(prog), filters)
+    _check(libc.prctl(22, ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+           "prctl(PR_SET_SECCOMP)")
+
+
 def _renumber_fds(fds: list[int]) -> None:
     """The caller's fds arrive with its numbers (maybe above the open-files limit): move them to 3, 4, ...
 
@@ -183,7 +222,7 @@ def confine(spec: dict) -> dict:
     """Apply every mechanism this machine allows; return what was applied (see the module docstring)."""
     limits = spec["limits"]
     applied: dict = {"netns": False, "pidns": False, "userns": False, "uid": "", "nproc": "", "landlock": 0,
-                     "landlock_net": False, "landlock_scope": False, "errors": []}
+                     "landlock_net": False, "landlock_scope": False, "seccomp": False, "errors": []}
     mb = 1 << 20
     for res, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_s"]),
                        (resource.RLIMIT_NOFILE, limits["open_files"]),
@@ -241,6 +280,12 @@ def confine(spec: dict) -> dict:
             libc.setfsuid(real_uid)  # no fence: no file access as root either
     if not applied["landlock"]:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if "seccomp" not in skip:
+        try:
+            _seccomp_no_unix_sockets()
+            applied["seccomp"] = True
+        except (OSError, KeyError) as e:
+            applied["errors"].append(f"seccomp: {e}")
     return applied
 
 
