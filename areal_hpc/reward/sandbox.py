@@ -44,7 +44,7 @@ class SandboxLimits:
     cpu_s: int = 10
     processes: int = 32
     open_files: int = 64
-    file_size_mb: int = 16
+    file_size_mb: int = 16  # per file; the working directory holds 4x this in all (a tmpfs, where allowed)
     output_kb: int = 64  # stdout/stderr kept, the rest dropped (never buffered unbounded)
 
 
@@ -226,6 +226,9 @@ def report_lines(m: dict) -> list[str]:
         lines.append("network: no network namespace; " + (
             "Landlock denies TCP connect/bind, but UDP and unix sockets stay open" if m["landlock_net"]
             else "code under test can open network connections"))
+    if not m["tmpfs"]:
+        lines.append("disk: no mount namespace; code under test can fill the disk with files (each up to "
+                     "file_size_mb) and open this user's /dev/shm segments")
     if not m["seccomp"]:
         lines.append("unix sockets: no seccomp filter; code under test can connect to this machine's unix "
                      "sockets by path (munge's, a container daemon's) as its user")

@@ -7,13 +7,13 @@ its threads' locks), and single-threaded is what ``unshare(CLONE_NEWUSER)`` requ
 to run, then confines itself in this order, each step kept only where the machine allows it:
 
 1. rlimits: address space, CPU time, open files, file size, no core files.
-2. Namespaces. As root: a network and a PID namespace directly (root may), then every uid (real,
-   effective, saved) is set to a fresh uid per run with every capability dropped; only the filesystem uid
-   stays 0 where Landlock fences files, so that an interpreter under a root-only home stays readable, and
-   no uid the process holds lets it return to 0. RLIMIT_NPROC is not enforced for
-   uid 0 and counts per real uid, so a per-run real uid is what makes the process limit per run.
-   As a user: a user namespace with a network and a PID namespace, capabilities dropped there;
-   RLIMIT_NPROC then counts per namespace.
+2. Namespaces: network, PID, IPC and mount, with a size-capped tmpfs as the working directory and an
+   empty /dev/shm. As root, directly (root may); then every uid (real, effective, saved) is set to a fresh
+   uid per run with every capability dropped; only the filesystem uid stays 0 where Landlock fences files,
+   so that an interpreter under a root-only home stays readable, and no uid the process holds lets it
+   return to 0. RLIMIT_NPROC is not enforced for uid 0 and counts per real uid, so a per-run real uid is
+   what makes the process limit per run. As a user: inside a new user namespace, capabilities dropped
+   there; RLIMIT_NPROC then counts per namespace.
 3. ``no_new_privs`` and Landlock: files read-only under the system and Python paths, read-write in the
    work directory, nothing else; TCP bind/connect denied (ABI 4); signals and abstract unix sockets
    scoped to the sandbox (ABI 6). Landlock also forbids ptrace of any process outside the sandbox.
@@ -24,8 +24,8 @@ to run, then confines itself in this order, each step kept only where the machin
    parent (this launcher) is killed, the kernel kills every process left in the namespace.
 
 What was applied is written as JSON to fd 3 when ``report`` is set (``sandbox.isolation_report`` reads it).
-``skip`` (``namespaces``, ``landlock``, ``seccomp``) leaves a mechanism out as a machine without it would: the tests
-use it to run the fallbacks a cluster may get.
+``skip`` (``namespaces``, ``landlock``, ``seccomp``) leaves a mechanism out as a machine without it would:
+the tests use it to run the fallbacks a cluster may get.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import resource
 import sys
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 0x4000, 1 << 18
+DISK_FILES = 4  # the working directory holds this many full-size files in all
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_GET_SECUREBITS, PR_SET_SECUREBITS = 1, 4, 24, 27, 28
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 # NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each with its lock, and KEEP_CAPS_LOCKED: uid 0 never
@@ -51,6 +54,7 @@ FIRST_FD = 3
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -99,6 +103,32 @@ def _drop_capabilities() -> None:
 
 def _unshare(flags: int) -> None:
     _check(libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    def enc(value: str | None) -> bytes | None:
+        return value.encode() if value is not None else None
+
+    _check(libc.mount(enc(source), target.encode(), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _private_tmpfs(workdir: str, size_mb: int) -> None:
+    """In the new mount namespace: the working directory becomes a tmpfs of ``size_mb`` (the caller's files
+    copied in) and /dev/shm an empty one, so the code cannot fill the disk (RLIMIT_FSIZE bounds one file,
+    not how many) nor open the caller's shared-memory segments."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing mounted here shows outside
+    files = {}
+    for entry in os.scandir(workdir):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as f:
+                files[entry.name] = f.read()
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,mode=0700")
+    for name, data in files.items():
+        with open(os.path.join(workdir, name), "wb") as f:
+            f.write(data)
+    os.chdir(workdir)  # the old cwd is the directory underneath
+    if os.path.isdir("/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
 
 
 def _fresh_uid() -> int:
@@ -222,7 +252,7 @@ def confine(spec: dict) -> dict:
     """Apply every mechanism this machine allows; return what was applied (see the module docstring)."""
     limits = spec["limits"]
     applied: dict = {"netns": False, "pidns": False, "userns": False, "uid": "", "nproc": "", "landlock": 0,
-                     "landlock_net": False, "landlock_scope": False, "seccomp": False, "errors": []}
+                     "landlock_net": False, "landlock_scope": False, "seccomp": False, "tmpfs": False, "errors": []}
     mb = 1 << 20
     for res, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_s"]),
                        (resource.RLIMIT_NOFILE, limits["open_files"]),
@@ -232,12 +262,15 @@ def confine(spec: dict) -> dict:
     skip = set(spec.get("skip", ()))
     abi = 0 if "landlock" in skip else landlock_abi()
     real_uid, was_root = os.getuid(), os.geteuid() == 0
+    disk_mb = DISK_FILES * limits["file_size_mb"]
     if was_root:
         try:
-            _unshare(CLONE_NEWNET | CLONE_NEWPID)
+            _unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC)
             applied["netns"] = applied["pidns"] = True
+            _private_tmpfs(spec["workdir"], disk_mb)
+            applied["tmpfs"] = True
         except OSError as e:
-            applied["errors"].append(f"unshare(net, pid) as root: {e.strerror}")
+            applied["errors"].append(f"namespaces as root: {e}")
         try:
             uid = _fresh_uid()
             os.setgroups([])
@@ -256,15 +289,20 @@ def confine(spec: dict) -> dict:
             applied["errors"].append(f"dropping root: {e}")
     if not applied["netns"] and not was_root and "namespaces" not in skip:
         uid, gid = os.geteuid(), os.getegid()
+        entered = False
         try:
-            _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID)
+            _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC)
+            entered = True
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-            _drop_capabilities()
             applied["userns"] = applied["netns"] = applied["pidns"] = True
+            _private_tmpfs(spec["workdir"], disk_mb)
+            applied["tmpfs"] = True
         except OSError as e:
-            applied["errors"].append(f"unshare(user, net, pid): {e}")
+            applied["errors"].append(f"namespaces as a user: {e}")
+        if entered:
+            _drop_capabilities()
     if applied["userns"] or (applied["uid"] and real_uid != 0):
         resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
         applied["nproc"] = "per run"
