@@ -5,7 +5,8 @@ site-packages, so the standard library only) started in a new session, in a fres
 per-run temporary folder (removed afterwards), with a scrubbed environment (a fixed PATH, HOME and TMPDIR
 pointing at its directory, the caller's LD_LIBRARY_PATH alone inherited: no tokens or secrets) and stdin
 from /dev/null.
-``sandbox_exec.py`` confines it (rlimits, namespaces, a per-run uid as root, Landlock; its docstring says
+``sandbox_exec.py`` confines it (rlimits; network, PID, IPC and mount namespaces with a size-capped tmpfs as
+its directory; a per-run uid as root; Landlock; a seccomp filter against unix sockets: its docstring says
 what each gives). Its stdout and stderr go to files the file-size limit bounds, of which the first
 ``output_kb`` are read back, so a huge print never reaches the caller's memory. At the wall clock, or once
 the caller has what it waited for, every process group of the run is killed (with a PID namespace, that
@@ -224,7 +225,7 @@ def report_lines(m: dict) -> list[str]:
     lines = []
     if not m["netns"]:
         lines.append("network: no network namespace; " + (
-            "Landlock denies TCP connect/bind, but UDP and unix sockets stay open" if m["landlock_net"]
+            "Landlock denies TCP connect/bind, but UDP stays open" if m["landlock_net"]
             else "code under test can open network connections"))
     if not m["tmpfs"]:
         lines.append("disk: no mount namespace; code under test can fill the disk with files (each up to "
