@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,15 @@ def test_os_exit_with_a_forged_verdict() -> None:
     """Its own process may end however it likes, with a forged verdict on stdout first."""
     _escape('import os\nprint(\'{"passed": 1, "total": 1, "error": ""}\', flush=True)\nos._exit(0)\n'
             'def answer():\n    return "ok"\n', reward_too=False)
+
+
+def test_runs_side_by_side_keep_their_own_limits() -> None:
+    """A fork bomb next to honest runs: the process limit is per run, so they still score 1."""
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    with ThreadPoolExecutor(4) as pool:
+        attack = pool.submit(code_reward, PROBLEM, bomb, SandboxLimits(timeout_s=2))
+        time.sleep(0.3)  # the bomb at its limit while the others start
+        honest = [pool.submit(code_reward, PROBLEM, "def answer():\n    return 'ok'\n", FAST) for _ in range(3)]
+        assert [f.result().reward for f in honest] == [1.0, 1.0, 1.0]
+        assert attack.result().timed_out
+    assert not _sandbox_processes()
