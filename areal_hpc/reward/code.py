@@ -85,15 +85,17 @@ def run_tests(problem: Problem, code: str, limits: SandboxLimits) -> TestRun:
             os.set_blocking(results.fileno(), False)
             data = results.read() or b""
         stdout, stderr = run.output("candidate")
+        trusted_err = run.output("trusted")[1].strip().splitlines()
     if not finished:
         return TestRun(0, total, True, f"timed out after {limits.timeout_s:g} s", stdout, stderr)
     try:
         outcome = json.loads(data)
     except ValueError:
-        code_ = trusted.returncode
-        why = f"killed by signal {-code_ if code_ < 0 else code_ - 128}" if code_ < 0 or code_ > 128 else \
-            f"exit status {code_}"
-        return TestRun(0, total, False, f"the test process ended without a result ({why})", stdout, stderr)
+        status = trusted.returncode
+        why = f"killed by signal {-status if status < 0 else status - 128}" if status < 0 or status > 128 else \
+            f"exit status {status}"
+        last = f": {trusted_err[-1][:200]}" if trusted_err else ""
+        return TestRun(0, total, False, f"the test process ended without a result ({why}){last}", stdout, stderr)
     return TestRun(int(outcome["passed"]), total, False, str(outcome["error"]), stdout, stderr)
 
 
