@@ -52,6 +52,12 @@ class RolloutWorker:
         model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
         self.prompts = PromptBuilder(cfg.prompt, self.tok)
         self.rewards = RewardPool(build_scorer(cfg.reward), cfg.reward.workers, cfg.reward.timeout_s)
+        if self.index == 0 and self.task.train_problem(0).verifier == "code" and cfg.reward.fn is None:
+            from areal_hpc.reward.sandbox import isolation_report
+
+            gaps = isolation_report()  # said once per run: what this machine cannot isolate from generated code
+            if gaps:
+                log.warning("code sandbox: not isolated on this machine: %s", "; ".join(gaps))
         self.engine = build_engine(cfg, model, self.tok, seed=cfg.run.seed * 7919 + ctx.rank)
         # Collective with trainer 0's build_sender (before the ring attach, which waits on the trainer).
         self.receiver = build_receiver(cfg.weights, ctx, groups.weights, list(model.named_parameters()),
