@@ -3,7 +3,9 @@ released architecture's shape with random weights (cached too: building 1.5B par
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import sys
@@ -112,8 +114,9 @@ def _convert_gguf(path: str | Path, cache_dir: str | Path, *, console: bool = Fa
         print(f"initial policy: converting {p.name} to safetensors (once: cached in {target})", file=sys.stderr,
               flush=True)
     quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # the gguf reader's own progress bars, not the run's
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
     # transformers marks a GGUF-loaded model as quantized and refuses to save it, but its tensors are already
     # dequantized to fp32: drop the mark so it saves (and later loads) as the plain checkpoint it now is.
     model.hf_quantizer = None

@@ -94,6 +94,7 @@ class RolloutWorker:
         self._group_of: dict[int, int] = {}
         self.reward_seconds = 0.0
         self.reward_timeouts = 0
+        self._reward_errors: set[str] = set()  # distinct scoring errors already logged (a few, not one per sample)
         self._next_local_prompt = self._next_local_prompt_start
         self.pushed = 0
         self.stop = False
@@ -196,6 +197,7 @@ class RolloutWorker:
     def _collect(self) -> None:
         """Rewards back from the pool; a group goes to the trainer once all its members are scored."""
         for sample_id, result in self.rewards.ready():
+            self._note_error(result)
             gid = self._group_of.pop(sample_id)
             self._scored[sample_id] = result
             members = self._scoring[gid]
@@ -204,6 +206,18 @@ class RolloutWorker:
                 problem = self._problems.pop(gid)
                 for m in sorted(members, key=lambda x: x.request.sample_id):
                     self._push(m, problem, self._scored.pop(m.request.sample_id))
+
+    def _note_error(self, result: RewardResult) -> None:
+        """A verifier that fails on every sample (a user's reward.fn raising, a sandbox that cannot start)
+        would otherwise only show as rewards of 0: say its first few distinct errors."""
+        broken = result.error.startswith(("reward pool", "reward worker died", "reference answer"))
+        user_fn = self.cfg.reward.fn is not None and bool(result.error)  # wrong answers of the built-in
+        if not (broken or user_fn) or len(self._reward_errors) >= 5:  # verifiers also carry an error: not these
+            return
+        key = result.error[:80]
+        if key not in self._reward_errors:
+            self._reward_errors.add(key)
+            log.warning("reward: a sample scored 0 because its scoring failed: %s", result.error)
 
     def _push(self, g: Generation, problem: Problem, result: RewardResult) -> None:
         out = self._response(g)
