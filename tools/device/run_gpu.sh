@@ -6,6 +6,8 @@
 #           shared                                  (trainer step: a group's prompt shared in the stream vs copied)
 #           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
+#           smol                                    (the real-model config on the GPU: SmolLM2 on word problems;
+#                                                    the GGUF file travels in parts as .gguf/smol.part.*)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -47,6 +49,11 @@ for s in $stages; do
     broadcast)
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
+    smol)
+      cat .gguf/smol.part.* > /tmp/smol.gguf
+      python3 -m areal_hpc.cli train configs/smollm2-wordproblems.yaml model.path=/tmp/smol.gguf model.device=cuda \
+        run.output_dir="$OUT/runs" run.name=smol-gpu run.cache_dir=/tmp/smolcache run.progress=false \
+        run.final_checkpoint=none ${SMOL_OVERRIDES:-} 2>&1 | tee "$OUT/smol_gpu.log" | tail -40 ;;
     e2e4) python3 tools/bench/e2e_one_gpu.py --config configs/gpu-4x-synthetic.yaml --eta 1 2 4 8 \
             --cache-dir /tmp/e2ecache --out "$OUT/e2e_4gpu.json" ;;
   esac
