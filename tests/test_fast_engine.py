@@ -27,14 +27,15 @@ class _Tok:
     stop_ids = frozenset({2})
 
 
-def _model(device="cpu", dtype=torch.float32, vocab=97, layers=2, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _model(device="cpu", dtype=torch.float32, vocab=97, layers=2, seed=0, arch="qwen2"):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     tie_word_embeddings=True)
     torch.manual_seed(seed)
-    m = Qwen2ForCausalLM(cfg)
+    m = model_cls(cfg)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -524,13 +525,15 @@ def test_warm_up_prepares_every_bucket_before_the_first_step(graphs, monkeypatch
 
 
 @cuda
-def test_gpu_decode_agrees_with_a_plain_forward():
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_gpu_decode_agrees_with_a_plain_forward(arch):
     """On the GPU (compiled, CUDA graphs, bf16): the decode layer's logprobs within 0.05 of an fp32
-    forward over the tokens it sampled. (Token-by-token agreement between two bf16 runs is not a
-    test: on this tiny model with large logits, a rounding difference flips a sample and the rest of
-    that sequence differs.) The split is fixed so that only the layer is tested."""
-    m = _model("cuda", torch.bfloat16, vocab=997, layers=3)
-    ref_model = _model("cuda", torch.float32, vocab=997, layers=3)
+    forward over the tokens it sampled, for Qwen2 and for Llama-family checkpoints (SmolLM2: no q/k/v
+    biases). (Token-by-token agreement between two bf16 runs is not a test: on this tiny model with
+    large logits, a rounding difference flips a sample and the rest of that sequence differs.) The split
+    is fixed so that only the layer is tested."""
+    m = _model("cuda", torch.bfloat16, vocab=997, layers=3, arch=arch)
+    ref_model = _model("cuda", torch.float32, vocab=997, layers=3, arch=arch)
     reqs = _requests(20, vocab=997)
     eng = FastEngine(m, _Tok(), max_batch=8, max_new_tokens=12, max_seq_len=32, temperature=1.0, top_p=1.0,
                      seed=5, decode_attention="64x4")
