@@ -40,3 +40,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer and chat template over a tiny random Llama (``tests/smol.py``), built once per session."""
+    from tests.smol import tiny_smol_checkpoint
+
+    return tiny_smol_checkpoint(tmp_path_factory.getbasetemp() / "smol-tiny")

@@ -24,13 +24,12 @@ from areal_hpc.model.tokenizer import CharTokenizer, HFTokenizer
 from areal_hpc.rollout.engine import TorchEngine
 from areal_hpc.tasks.base import Problem
 from areal_hpc.tasks.prompt import PromptBuilder
-from tests.smol import GGUF, IM_END, gguf_path, tiny_smol_checkpoint
+from tests.smol import GGUF, IM_END, gguf_path
 
 
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer and chat template over a tiny random Llama (``tests/smol.py``)."""
-    return tiny_smol_checkpoint(tmp_path_factory.mktemp("smol"))
+def smol_dir(smol_checkpoint: Path) -> Path:
+    return smol_checkpoint
 
 
 def test_chat_template_gives_the_checkpoints_own_conversation_format(smol_dir: Path) -> None:

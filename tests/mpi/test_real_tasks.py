@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from areal_hpc.storage.records import read_jsonl
-from tests.smol import tiny_smol_checkpoint
 
 from .conftest import run_train
 from .test_async_loop import check_records
@@ -29,8 +28,8 @@ COMMON = ("warmup.enabled=false", "cluster.n_rollout=1", f"run.steps={STEPS}", "
 
 
 @pytest.fixture(scope="module")
-def smol(job_root: Path) -> Path:
-    return tiny_smol_checkpoint(job_root / "smol-tiny")
+def smol(smol_checkpoint: Path) -> Path:
+    return smol_checkpoint
 
 
 def _check(job, smol_run: Path, eta: int = 1) -> dict:

@@ -7,7 +7,7 @@
 #           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
 #           smol                                    (the real-model config on the GPU: SmolLM2 on word problems;
-#                                                    the GGUF file travels in parts as .gguf/smol.part.*)
+#                                                    the GGUF file travels in parts as .gguf_[abc]/smol.part.*)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -50,7 +50,7 @@ for s in $stages; do
       n=$(nvidia-smi -L | wc -l)
       mpiexec -n "$n" python3 tools/bench/broadcast_multi_gpu.py --out "$OUT/broadcast_${n}gpu.json" ;;
     smol)
-      cat .gguf/smol.part.* > /tmp/smol.gguf
+      cat .gguf_*/smol.part.* > /tmp/smol.gguf
       python3 -m areal_hpc.cli train configs/smollm2-wordproblems.yaml model.path=/tmp/smol.gguf model.device=cuda \
         run.output_dir="$OUT/runs" run.name=smol-gpu run.cache_dir=/tmp/smolcache run.progress=false \
         run.final_checkpoint=none ${SMOL_OVERRIDES:-} 2>&1 | tee "$OUT/smol_gpu.log" | tail -40 ;;
