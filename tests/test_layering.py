@@ -13,11 +13,12 @@ The layers, from the bottom; a module may import its own layer and the ones belo
    trajectory type crosses every boundary from the rollout worker to the trainer; the protocols say what an
    engine, a backend, a weight channel and a sample channel offer; the registry names the implementations
    as import strings, resolved only when a config chooses one; ``phases`` times a rank's one-time phases.
-1. ``comm``, ``storage``, ``model``, ``tasks``: building blocks that each know one thing and no role.
+1. ``comm``, ``storage``, ``model``, ``tasks``, ``reward``: building blocks that each know one thing and no role.
    ``comm`` wraps MPI, torch.distributed and devices; ``storage`` is what a run leaves on disk (the HDF5
    rollout log, the run's files, checkpoints and the ``ResumeState`` both roles read, whose policy the caller
    writes); ``model`` is the policy network, the kernels both roles use, the tokenizer and policy files;
-   ``tasks`` gives prompts and answers (it builds its tokenizer through ``model``).
+   ``tasks`` gives prompts and answers (it builds its tokenizer and prompts through ``model``); ``reward``
+   scores a response against its problem (verifiers, the code sandbox, the worker pool) and knows no engine.
 2. ``transport``, ``weights``: the channels between the roles, samples one way (rings and HDF5 shards, on
    top of ``storage`` and ``comm``) and versioned weights the other (broadcast, CUDA IPC, or shared memory
    through ``transport``'s ring). They move data and know neither role's loop.
