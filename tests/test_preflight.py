@@ -42,6 +42,31 @@ def test_bad_jsonl_row_names_key_file_and_line(tmp_path):
     assert message.startswith(f"task.train_path: {train}:3: expected") and "fix or remove that line" in message
 
 
+def test_reward_function_that_does_not_import():
+    message = _message(load_config(QUICKSTART, ["reward.fn=no_such_module_xyz:score"]))
+    assert message.startswith("reward.fn") and "no_such_module_xyz" in message and "PYTHONPATH" in message
+
+
+def test_chat_prompt_for_a_checkpoint_without_a_chat_template(tmp_path):
+    """The tiny model's char tokenizer has no template: asking for chat stops before the ranks start."""
+    from areal_hpc.model.build import build_tiny_model, save_policy
+    from areal_hpc.model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("0123456789+= ")
+    save_policy(build_tiny_model(16, 1, 2, 32, 32, tok.vocab_size, seed=0), tok, tmp_path / "ckpt")
+    message = _message(load_config(QUICKSTART, ["model.kind=hf", f"model.path={tmp_path / 'ckpt'}",
+                                                "prompt.format=chat"]))
+    assert "prompt.format=chat" in message and "no chat template" in message and "prompt.format=raw" in message
+
+
+def test_code_dataset_row_without_tests(tmp_path):
+    train = tmp_path / "code.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"write f{i}", "entry_point": "f"}) + "\n" for i in range(4)))
+    message = _message(load_config(QUICKSTART, ["task.kind=dataset", f"task.train_path={train}", "task.n_eval=1",
+                                                "task.verifier=code", "task.answer_key=prompt", "warmup.flaw=0"]))
+    assert str(train) in message and "tests" in message
+
+
 def test_cuda_device_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     message = _message(load_config(QUICKSTART, ["model.device=cuda"]))

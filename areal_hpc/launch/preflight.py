@@ -5,8 +5,8 @@ that the dataset parses, that ``model.device=cuda`` has a GPU, that the world ha
 Inside the ranks the same mistakes surface only after MPI start-up and the warm-up, on every rank at
 once. The launcher (``areal-hpc train``, ``submit --local``) runs them before mpiexec; a job started by
 mpiexec/srun directly runs them on rank 0 before the ranks do anything else. Each uses the same code the
-ranks use (``check_checkpoint``, ``build_task``, ``resolve_device``), so a check cannot drift from what
-the ranks would do.
+ranks use (``check_checkpoint``, ``PromptBuilder``, ``build_task``, ``build_scorer``, ``resolve_device``),
+so a check cannot drift from what the ranks would do.
 """
 
 from __future__ import annotations
@@ -23,16 +23,24 @@ class PreflightError(Exception):
 def check_inputs(cfg: Config, *, device: bool = True) -> None:
     """The checkpoint, the task's data and (``device``: on the machine the ranks run on) the device."""
     from areal_hpc.model.build import resolve_device
-    from areal_hpc.model.source import check_checkpoint
+    from areal_hpc.model.source import check_checkpoint, is_gguf
+    from areal_hpc.reward.scorer import build_scorer
     from areal_hpc.tasks import build_task
 
     try:
         if cfg.model.kind == "hf" and cfg.model.path is not None:
-            check_checkpoint(cfg.model.path, "model.path")
-        build_task(cfg)
+            checkpoint = check_checkpoint(cfg.model.path, "model.path")
+            if cfg.prompt.format == "chat" and not is_gguf(checkpoint):  # a GGUF's tokenizer is read at conversion
+                from areal_hpc.model.tokenizer import load_tokenizer
+                from areal_hpc.tasks.prompt import PromptBuilder
+
+                PromptBuilder(cfg.prompt, load_tokenizer(checkpoint))
+        task = build_task(cfg)
+        scorer = build_scorer(cfg.reward)  # reward.fn imports here, not on every rank after start-up
+        scorer.check(task.train_problem(0))
         if device:
             resolve_device(cfg.model.device)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ImportError, ValueError, RuntimeError) as e:
         raise PreflightError(str(e)) from None
 
 
