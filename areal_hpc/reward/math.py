@@ -18,6 +18,7 @@ import math
 import re
 import threading
 import time
+from decimal import Decimal
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
@@ -29,6 +30,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A whole answer that is one number with thousands separators: "1,000", "1\,000", "1{,}000", "1 000".
 _GROUPED = re.compile(r"[-+]?\d{1,3}(?:(?:,|\\,|\{,\}| )\d{3})+(?:\.\d+)?")
 _SEPARATOR = re.compile(r",|\\,|\{,\}| ")
+_PLAIN = re.compile(r"[-+]?\d+(?:\.\d+)?")  # a number and nothing else, after _clean
 # A word outside LaTeX commands ("dollars", "The answer is"): such an answer is prose, which math-verify's
 # free-text extraction reads ("18 dollars" -> 18); a formula without words is parsed as LaTeX, where a word
 # would become a product of symbols.
@@ -124,11 +126,30 @@ def _parse_reference(reference: str, budget: _Budget) -> list:
     return _parse_answer(reference if answer is None else answer, budget)
 
 
+def _plain_numbers(response: str, reference: str) -> tuple[Decimal, Decimal] | None:
+    """Both final answers as decimals when both are plain numbers (``42``, ``-3.5``, ``1,000``), else None.
+
+    Why: most answers of arithmetic and GSM8K-style tasks are plain numbers, where equality needs no
+    symbolic parse; skipping sympy makes scoring them about a thousand times cheaper, so the reward workers
+    keep pace with a fast rollout (a late group would reach the trainer a version staler)."""
+    answer = final_answer(response)
+    answer = response if answer is None else answer
+    gold = final_answer(reference)
+    gold = reference if gold is None else gold
+    a, g = _clean(answer), _clean(gold)
+    if not (_PLAIN.fullmatch(a) and _PLAIN.fullmatch(g)):
+        return None
+    return Decimal(a), Decimal(g)
+
+
 def math_reward(response: str, reference: str, timeout_s: float = 5.0) -> RewardResult:
     """1.0 when the response's final answer equals the reference, else 0.0; a timeout scores 0 and says so."""
     t0 = time.monotonic()
     if not response.strip():
         return RewardResult(0.0, time.monotonic() - t0, error="empty response")
+    plain = _plain_numbers(response, reference)
+    if plain is not None:
+        return RewardResult(float(plain[0] == plain[1]), time.monotonic() - t0)
     budget = _Budget(timeout_s)
     try:
         gold = _parse_reference(reference, budget)

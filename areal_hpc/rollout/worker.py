@@ -87,11 +87,10 @@ class RolloutWorker:
         self.sink = rollout_sink(cfg, ctx, files, run_id, self.trainer)  # waits for the trainer's ring
         self._groups: dict[int, list[Generation]] = {}
         self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
-        # Groups whose members are all generated, waiting for their rewards: group -> members, and each
-        # member's result as it comes back from the pool (keyed by sample id).
+        # Groups whose members are all generated, waiting for their rewards (in the order they finished:
+        # group -> members), and each member's result as it comes back from the pool (keyed by sample id).
         self._scoring: dict[int, list[Generation]] = {}
         self._scored: dict[int, RewardResult] = {}
-        self._group_of: dict[int, int] = {}
         self.reward_seconds = 0.0
         self.reward_timeouts = 0
         self._reward_errors: set[str] = set()  # distinct scoring errors already logged (a few, not one per sample)
@@ -186,7 +185,6 @@ class RolloutWorker:
             problem = self._problems[gid]
             for m in members:
                 out = self._response(m)
-                self._group_of[m.request.sample_id] = gid
                 self.rewards.submit(m.request.sample_id, problem, tuple(out), self.tok.decode(out))
 
     def _response(self, g: Generation) -> list[int]:
@@ -195,17 +193,24 @@ class RolloutWorker:
         return [t for t in g.tokens if t not in stops]
 
     def _collect(self) -> None:
-        """Rewards back from the pool; a group goes to the trainer once all its members are scored."""
+        """Rewards back from the pool; scored groups go to the trainer in the order they finished generating.
+
+        Why in order: the staleness gate's bound assumes the trainer consumes a rank's groups in the order
+        they were admitted (as generation finishes them). Scores come back from several workers in any
+        order; delivering a later group first would push an earlier one into the next batch, one version
+        staler than the gate allows, and the trainer would reject it.
+        """
         for sample_id, result in self.rewards.ready():
             self._note_error(result)
-            gid = self._group_of.pop(sample_id)
             self._scored[sample_id] = result
-            members = self._scoring[gid]
-            if all(m.request.sample_id in self._scored for m in members):
-                del self._scoring[gid]
-                problem = self._problems.pop(gid)
-                for m in sorted(members, key=lambda x: x.request.sample_id):
-                    self._push(m, problem, self._scored.pop(m.request.sample_id))
+        while self._scoring:
+            gid, members = next(iter(self._scoring.items()))  # the oldest finished group
+            if not all(m.request.sample_id in self._scored for m in members):
+                return
+            del self._scoring[gid]
+            problem = self._problems.pop(gid)
+            for m in sorted(members, key=lambda x: x.request.sample_id):
+                self._push(m, problem, self._scored.pop(m.request.sample_id))
 
     def _note_error(self, result: RewardResult) -> None:
         """A verifier that fails on every sample (a user's reward.fn raising, a sandbox that cannot start)

@@ -43,8 +43,8 @@ class Evaluator:
     in the HDF5 trainer log and a console line."""
 
     def __init__(self, cfg: Config, worker: TrainerWorker, task: Task, files: RunFiles) -> None:
-        self.cfg, self.worker = cfg, worker
-        self.records = JsonlWriter(files.root / "eval.jsonl")
+        self.cfg, self.worker, self.files = cfg, worker, files
+        self.records: JsonlWriter | None = None  # eval.jsonl appears with the first evaluation
         self.problems = task.eval_problems[:min(cfg.eval.n, len(task.eval_problems))] if cfg.eval.enabled else []
         self.prompts = PromptBuilder(cfg.prompt, worker.tok)
         self._pool: RewardPool | None = None
@@ -66,13 +66,16 @@ class Evaluator:
                        seed=self.cfg.run.seed + step)
         out["seconds"] = time.perf_counter() - t
         self.worker.steps_log.add_eval(step, out)
+        if self.records is None:
+            self.records = JsonlWriter(self.files.root / "eval.jsonl")
         self.records.write({"step": step, **out})
         log.warning("eval at step %d: %s", step, "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in out.items()))
         return out
 
     def close(self) -> None:
-        self.records.close()
+        if self.records is not None:
+            self.records.close()
         if self._pool is not None:
             self._pool.close()
 
@@ -183,6 +186,9 @@ def _summary(cfg: Config, files: RunFiles, worker: TrainerWorker, *, preempted: 
         "aborted_stale_tokens": sum(s.aborted_tokens for s in rollouts),
         "abandoned_prompts": sorted(p for s in rollouts for p in s.abandoned_prompts),
         "rollout_idle_fraction": sum(s.idle_seconds for s in rollouts) / busy,
+        # Verifier time per sample (in the reward pools, off the decode loops) and samples a time limit cut short.
+        "reward_seconds_per_sample": sum(s.reward_seconds for s in rollouts) / max(1, sum(s.pushed for s in rollouts)),
+        "reward_timeouts": sum(s.reward_timeouts for s in rollouts),
         "ring_full_waits": sum(s.ring_full_waits for s in rollouts),
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "final_version": worker.version,

@@ -319,12 +319,13 @@ def _console_failure(output: str) -> str:
 
 @pytest.mark.parametrize("started_by", ["areal-hpc", "mpiexec"])
 def test_error_inside_the_ranks_is_one_line(job_root, tmp_path, started_by):
-    """A checkpoint that passes the launcher's check (config.json exists) but that no rank can load: every
-    rank fails; the console gets the first cause once (from the launcher, or without one from the first rank
-    to fail), the traceback stays in errors/ and the rank logs."""
+    """A checkpoint that passes the launcher's check (config.json and a tokenizer exist) but that no rank can
+    load: every rank fails; the console gets the first cause once (from the launcher, or without one from the
+    first rank to fail), the traceback stays in errors/ and the rank logs."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    (broken / "char_tokenizer.json").write_text(json.dumps({"alphabet": "0123456789+= "}))
     name = f"broken_{started_by}"
     args = train_args(job_root, name, "model.kind=hf", f"model.path={broken}")
     if started_by == "mpiexec":

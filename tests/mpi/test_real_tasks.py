@@ -22,8 +22,8 @@ from .test_async_loop import check_records
 pytestmark = pytest.mark.mpi
 
 STEPS = 4
-COMMON = ("warmup.enabled=false", "cluster.n_rollout=1", f"run.steps={STEPS}", "trainer.batch_size=16",
-          "rollout.group_size=4", "rollout.max_concurrent_groups=4", "rollout.eta=1", "trainer.token_budget=4096",
+COMMON = ("warmup.enabled=false", "cluster.n_rollout=1", f"run.steps={STEPS}", "trainer.batch_size=8",
+          "rollout.group_size=4", "rollout.max_concurrent_groups=2", "rollout.eta=1", "trainer.token_budget=4096",
           "reward.workers=1", "eval.every=2", "run.final_checkpoint=none")
 
 
@@ -46,6 +46,7 @@ def _check(job, smol_run: Path, n_eval: int, k: int, eta: int = 1) -> dict:
     assert [e["step"] for e in lines] == [0, 2, STEPS] and all(e["n"] == n_eval for e in lines)
     summary = json.loads((smol_run / "summary.json").read_text())
     assert summary["eval_final"]["pass@1"] == summary["accuracy_after"]
+    assert summary["reward_seconds_per_sample"] > 0 and summary["reward_timeouts"] == 0
     return rec
 
 

@@ -45,8 +45,10 @@ def test_weights_kind_run(job_root, kind: str, chosen: str, extra: tuple[str, ..
     # Versions were applied: later samples carry newer policy versions than the first ones, on every rank.
     for rank, per_rank in samples.groupby("rank"):
         assert per_rank["max_version"].max() >= 2, f"rollout rank {rank} never applied a new version"
-    staleness = rec["log"].step_samples()["staleness"]
-    assert staleness.max() <= 4
+    # Samples the trainer rejected (more than eta stale) are rare: check_records has checked that none was
+    # trained. With scoring in worker processes a group now and then reaches the trainer a version late.
+    fates = rec["log"].step_samples()
+    assert (fates["fate"] == "rejected").mean() < 0.05, fates["fate"].value_counts()
     summary = json.loads((job.run_dir / "summary.json").read_text())
     assert summary["final_version"] == STEPS
     assert not Path(f"/dev/shm/areal_{_run_id(job.run_dir)}_weights").exists(), "shared weights file left behind"
