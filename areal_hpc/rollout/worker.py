@@ -91,6 +91,7 @@ class RolloutWorker:
         # group -> members), and each member's result as it comes back from the pool (keyed by sample id).
         self._scoring: dict[int, list[Generation]] = {}
         self._scored: dict[int, RewardResult] = {}
+        self._texts: dict[int, str] = {}  # each scored sample's decoded response, by sample id
         self.reward_seconds = 0.0
         self.reward_timeouts = 0
         self._reward_errors: set[str] = set()  # distinct scoring errors already logged (a few, not one per sample)
@@ -185,7 +186,8 @@ class RolloutWorker:
             problem = self._problems[gid]
             for m in members:
                 out = self._response(m)
-                self.rewards.submit(m.request.sample_id, problem, tuple(out), self.tok.decode(out))
+                text = self._texts[m.request.sample_id] = self.tok.decode(out)  # decoded once, logged at push
+                self.rewards.submit(m.request.sample_id, problem, tuple(out), text)
 
     def _response(self, g: Generation) -> list[int]:
         """The response the verifier sees: stop tokens dropped (decoded without special tokens)."""
@@ -225,7 +227,6 @@ class RolloutWorker:
             log.warning("reward: a sample scored 0 because its scoring failed: %s", result.error)
 
     def _push(self, g: Generation, problem: Problem, result: RewardResult) -> None:
-        out = self._response(g)
         r = g.request
         self.reward_seconds += result.seconds
         self.reward_timeouts += result.timed_out
@@ -233,7 +234,7 @@ class RolloutWorker:
             sample_id=r.sample_id, prompt_id=r.prompt_id, group_id=r.group_id, rank=self.ctx.rank,
             prompt_tokens=r.prompt_tokens, response_tokens=g.tokens, behav_logprobs=g.logprobs, versions=g.versions,
             reward=result.reward, answer_ok=result.reward >= 1.0, t_start=g.t_start, t_end=g.t_end,
-            interruptions=g.interruptions, fate=g.fate(self.tok.stop_ids), text=self.tok.decode(out),
+            interruptions=g.interruptions, fate=g.fate(self.tok.stop_ids), text=self._texts.pop(r.sample_id),
             answer=problem.answer, reward_seconds=result.seconds, reward_timed_out=result.timed_out), wait=self.poll)
         self.pushed += 1
 
