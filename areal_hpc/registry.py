@@ -20,6 +20,7 @@ from typing import Any
 ROLLOUT_ENGINES: Mapping[str, str] = MappingProxyType({
     "hf": "areal_hpc.rollout.build:hf_engine",
     "fast": "areal_hpc.rollout.build:fast_engine",
+    "vllm": "areal_hpc.rollout.build:vllm_engine",
 })
 
 TRAIN_BACKENDS: Mapping[str, str] = MappingProxyType({

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass schema, YAML loading, dotted overrides, validation.
 
 One module per section (``run``, ``cluster``, ``model``, ``warmup``, ``task``, ``rollout``, ``trainer``,
-``transport``, ``log``, ``weights``, ``eval``), each a dataclass that validates its own fields;
+``vllm``, ``transport``, ``log``, ``weights``, ``eval``), each a dataclass that validates its own fields;
 ``schema.Config`` is the root and holds the checks across sections; ``loader`` reads YAML and
 overrides; ``reference`` prints docs/config.md from the fields' help text.
 """

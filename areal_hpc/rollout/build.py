@@ -64,3 +64,22 @@ def fast_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) 
     log.info("rollout engine: fast (%s, batch %d, cache %d tokens)", model.dtype, common["max_batch"],
              cfg.model.max_seq_len)
     return FastEngine(model, tok, max_seq_len=cfg.model.max_seq_len, bucket_step=r.batch_bucket_step, **common)
+
+
+def vllm_engine(cfg: Config, model: torch.nn.Module, tok: Tokenizer, seed: int) -> InferenceEngine:
+    from areal_hpc.rollout.vllm_engine import VLLMEngine
+
+    r, common = cfg.rollout, _common(cfg, seed)
+    device = next(model.parameters()).device
+    emb = model.get_input_embeddings().weight
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied_name = next((n for n, p in model.named_parameters() if p is emb), None) if tied else None
+    engine = VLLMEngine(model.name_or_path, tok.stop_ids, params=list(model.named_parameters()),
+                        tied_embedding=tied_name, device=device, dtype=rollout_dtype(cfg, device),
+                        max_model_len=cfg.model.max_seq_len, opts=cfg.vllm, timeout_s=cfg.run.timeout_s, **common)
+    # vLLM holds the weights now; the rank's HF copy keeps only its names and shapes (the receiver's layout).
+    model.to("meta")
+    model.tie_weights()  # moving breaks the tie; the layout must list the shared tensor once, as the trainer's does
+    log.info("rollout engine: vllm %s (%s, batch %d, interrupt=%s)", engine.vllm_version, model.dtype,
+             common["max_batch"], r.interrupt)
+    return engine
