@@ -231,3 +231,31 @@ def test_engine_takes_the_rollouts_top_p() -> None:
     assert (eng.temperature, eng.top_p) == (0.7, 0.9)
     with pytest.raises(ValueError, match="rollout.top_p"):
         trainer(peaked_model(), "padded", 1.0, 1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("flat", [False, True])  # True: every row's nucleus is past the top-k (the full sort)
+def test_cuda_response_logprobs_top_p_bf16(flat: bool) -> None:
+    """The bf16 head on CUDA (Triton logsumexp): minus log m of its own bf16 logits, against a float64 sort of
+    them; kept and recomputed logits agree; the gradient is that of top_p = 1."""
+    torch.manual_seed(0)
+    n, hid, vocab, temp, top_p = 700, 64, 3000, 0.7, 0.9
+    h = torch.randn(n, hid, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hid, device="cuda") * (0.005 if flat else 0.3)).requires_grad_()
+    tgt = torch.randint(0, vocab, (n,), device="cuda")
+    kw = {"chunk_bytes": 4 * vocab * 128}  # 128 rows a chunk
+    base = response_logprobs(h, w, tgt, temp, **kw)
+    got = response_logprobs(h, w, tgt, temp, **kw, top_p=top_p)
+    got2 = response_logprobs(h, w, tgt, temp, **kw, keep_bytes=0, top_p=top_p)
+    torch.testing.assert_close(got, got2, atol=1e-6, rtol=0)
+    z = (h @ (w / temp).bfloat16().T).double()
+    p = torch.softmax(z, -1).sort(-1, descending=True).values
+    cum = p.cumsum(-1)
+    want = torch.where(cum - p < top_p, p, 0.0).sum(-1).log()
+    if flat:
+        assert (cum[:, nucleus_mod.TOP_K - 1] < top_p).all()
+    torch.testing.assert_close((base - got).double(), want, atol=1e-4, rtol=0)
+    g = torch.randn(n, device="cuda")
+    for a, b in zip(torch.autograd.grad((got * g).sum(), (h, w)), torch.autograd.grad((base * g).sum(), (h, w)),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
