@@ -64,7 +64,7 @@ def logits_rows(vocab: int = 301) -> torch.Tensor:
 
 
 # -- the nucleus mass -------------------------------------------------------------------------------
-@pytest.mark.parametrize("top_k", [256, 4])
+@pytest.mark.parametrize("top_k", [1024, 4])
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
 def test_log_nucleus_mass_matches_brute_force(monkeypatch: pytest.MonkeyPatch, top_p: float, top_k: int) -> None:
     monkeypatch.setattr(nucleus_mod, "TOP_K", top_k)  # 4: most rows need the full sort
@@ -97,7 +97,7 @@ def test_log_nucleus_mass_is_zero_at_top_p_one() -> None:
 
 
 # -- the log-prob functions: values less log m, gradient unchanged ------------------------------------
-@pytest.mark.parametrize("top_k", [256, 2])
+@pytest.mark.parametrize("top_k", [1024, 2])
 def test_token_logprobs_top_p(monkeypatch: pytest.MonkeyPatch, top_k: int) -> None:
     monkeypatch.setattr(nucleus_mod, "TOP_K", top_k)
     temp, top_p = 0.7, 0.9
@@ -114,7 +114,7 @@ def test_token_logprobs_top_p(monkeypatch: pytest.MonkeyPatch, top_k: int) -> No
 
 
 @pytest.mark.parametrize("keep_bytes", [1 << 30, 0])  # logits kept for backward, or recomputed chunk by chunk
-@pytest.mark.parametrize("top_k", [256, 2])
+@pytest.mark.parametrize("top_k", [1024, 2])
 def test_response_logprobs_top_p(monkeypatch: pytest.MonkeyPatch, keep_bytes: int, top_k: int) -> None:
     monkeypatch.setattr(nucleus_mod, "TOP_K", top_k)
     temp, top_p, vocab = 0.7, 0.9, 40
@@ -254,7 +254,9 @@ def test_cuda_response_logprobs_top_p_bf16(flat: bool) -> None:
     want = torch.where(cum - p < top_p, p, 0.0).sum(-1).log()
     if flat:
         assert (cum[:, nucleus_mod.TOP_K - 1] < top_p).all()
-    torch.testing.assert_close((base - got).double(), want, atol=1e-4, rtol=0)
+    # On the flat rows (p ~ 1/3000 each) the nucleus boundary can fall within fp32 rounding of a token's prefix
+    # sum, as it can for the rollout's own fp32 sort: including that token or not moves log m by its p / m ~ 4e-4.
+    torch.testing.assert_close((base - got).double(), want, atol=1e-3 if flat else 1e-4, rtol=0)
     g = torch.randn(n, device="cuda")
     for a, b in zip(torch.autograd.grad((got * g).sum(), (h, w)), torch.autograd.grad((base * g).sum(), (h, w)),
                     strict=True):

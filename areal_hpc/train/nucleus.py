@@ -11,9 +11,11 @@ probability a token is kept while the mass before it is < top_p, so the first is
 constant of the gradient (computed without grad): the gradient stays that of log softmax, and a token outside
 this nucleus (a stale sample's) keeps p / m rather than 0, so its weight never becomes 0 or -inf.
 
-Cost, only when top_p < 1: a top-k of each row (k = ``TOP_K``), which settles every row whose k largest
-probabilities already reach top_p; the other rows (flat distributions) are fully sorted, a few at a time, with
-one host sync per call to find them.
+Cost, only when top_p < 1 (nothing is computed at 1): a top-k of each row (k = ``TOP_K``), which settles every
+row whose k largest probabilities already reach top_p, and a full sort of the other rows (flat distributions),
+a chunk at a time, after one host sync per call to find them. Measured on an H200, 16k rows of a 152k
+vocabulary in bf16 (the packed head): forward 9 -> 29 ms, forward and backward 24 -> 47 ms with every row
+settled by the top-k; each row that needs the sort adds ~21 us.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from torch import Tensor
 
 __all__ = ["SORT_CHUNK_BYTES", "TOP_K", "log_mass", "log_nucleus_mass", "top_k_mass"]
 
-# Largest logits read per row before falling back to a full sort: enough for the nucleus of most rows of a
-# trained LM at top_p ~0.9, small enough that the top-k costs about one read of the logits.
-TOP_K = 256
+# Largest logits read per row before falling back to a full sort. A top-k costs about the same for any k up to
+# ~1000 (radix select: ~20 ms for 16k rows of a 152k vocabulary in bf16 on an H200, whatever k), so k is large
+# enough to settle nearly every row of an LM's nucleus at top_p ~0.9.
+TOP_K = 1024
 # Memory of one full-sort chunk: its fp32 logits, sorted values, int64 order, probabilities and prefix sums
 # (~24 bytes a vocab entry: ~70 rows at a 152k vocabulary).
 SORT_CHUNK_BYTES = 256 << 20
