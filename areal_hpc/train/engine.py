@@ -14,7 +14,8 @@ same gradients and step the same way.
 
 Token alignment: for a sequence ``s = prompt + response`` (lengths P, R) the log-prob of response
 token j comes from the logits at position ``P + j - 1``, at the rollout engine's sampling
-temperature, so it equals what the rollout engine logged when it sampled that token.
+temperature and under its top-p truncation (``train/nucleus.py``), so it equals what the rollout
+engine logged when it sampled that token.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def from_config(cfg: Config, model: torch.nn.Module, tok: Tokenizer,
                 dp_group: dist.ProcessGroup | None) -> TorchTrainEngine:
     """The ``torch`` entry of ``registry.TRAIN_BACKENDS``."""
     return TorchTrainEngine(model, cfg.trainer, pad_id=tok.pad_id, temperature=cfg.rollout.temperature,
-                            dp_group=dp_group)
+                            top_p=cfg.rollout.top_p, dp_group=dp_group)
 
 
 class TorchTrainEngine:
@@ -69,6 +70,9 @@ class TorchTrainEngine:
     response-predicting rows, the stream padded to a multiple of ``cfg.token_bucket``; see
     ``train/packed.py``) or padded (HF forward on right-padded rows), both under
     ``cfg.compute_dtype`` (bf16 = autocast over fp32 master weights and AdamW state).
+
+    ``temperature`` and ``top_p`` are the rollout's: every log-prob (proximal and current) is of the
+    distribution the rollout sampled from, so a fresh sample's behaviour weight pi_prox/pi_behav is 1.
     """
 
     def __init__(
@@ -78,16 +82,20 @@ class TorchTrainEngine:
         *,
         pad_id: int,
         temperature: float,
+        top_p: float = 1.0,
         dp_group: dist.ProcessGroup | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(
                 f"temperature must be > 0 (logprobs of the sampling policy), got {temperature}"
             )
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (the rollout's rollout.top_p), got {top_p}")
         self.model = model
         self.cfg = cfg
         self.pad_id = pad_id
         self.temperature = temperature
+        self.top_p = top_p
         self.dp_group = dp_group
         self.device = next(model.parameters()).device
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -276,7 +284,7 @@ class TorchTrainEngine:
                           self.device, pad_to_multiple=self.cfg.token_bucket, pad_id=self.pad_id)
                 self._stream_tokens += mb.ids.shape[0]
                 with torch.profiler.record_function("prof:forward"):
-                    logp = self._packed(mb, self.temperature)
+                    logp = self._packed(mb, self.temperature, self.top_p)
                 yield idx, logp
                 continue
             self._stream_tokens += len(idx) * max(samples[i].n_prompt + samples[i].n_response for i in idx)
@@ -299,7 +307,8 @@ class TorchTrainEngine:
         with autocast_for(self.device, self.compute_dtype):
             # Right padding: default positions 0..L-1 are correct for every row.
             logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
-            return token_logprobs(logits[rows_t, cols_t], input_ids[rows_t, cols_t + 1], self.temperature)
+            return token_logprobs(logits[rows_t, cols_t], input_ids[rows_t, cols_t + 1], self.temperature,
+                                  top_p=self.top_p)
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         if self.dp_group is not None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from areal_hpc.api import LossStats, TokenInputs
 from areal_hpc.config.schema import TrainerConfig
+from areal_hpc.train.nucleus import log_mass, top_k_mass
 
 __all__ = ["STAT_NAMES", "DecoupledPPOLoss", "decoupled_ppo_loss", "ppo_loss", "token_logprobs"]
 
@@ -160,13 +161,18 @@ def token_logprobs(
     tokens: Tensor,
     temperature: float = 1.0,
     chunk_size: int = 4096,
+    top_p: float = 1.0,
 ) -> Tensor:
-    """Log-probability of ``tokens`` under softmax(logits / temperature), in fp32 (at least).
+    """Log-probability of ``tokens`` under softmax(logits / temperature) truncated to its top-p nucleus and
+    renormalised, in fp32 (at least):
 
-        logp_t = z_t[tokens_t] - logsumexp(z_t),  z_t = logits_t / temperature
+        logp_t = z_t[tokens_t] - logsumexp(z_t) - log m_t,  z_t = logits_t / temperature
 
-    ``logits`` is ``[..., V]`` and ``tokens`` is ``[...]`` (same leading shape). The temperature
-    must equal the one the rollout engine sampled with, otherwise u and w are biased.
+    with m_t the mass of the nucleus (``train/nucleus.py``; m_t = 1, and nothing extra computed, at
+    top_p = 1). ``log m_t`` is a constant of the gradient, so the gradient is that of log softmax.
+
+    ``logits`` is ``[..., V]`` and ``tokens`` is ``[...]`` (same leading shape). The temperature and top_p
+    must equal those the rollout engine sampled with, otherwise u and w are biased.
 
     Memory: the full ``[..., V]`` log_softmax is never built. Rows are processed ``chunk_size``
     at a time, so the fp32 temporaries of a forward without grad (e.g. recomputing prox_logp)
@@ -175,6 +181,8 @@ def token_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} differ in leading dims"
@@ -184,16 +192,24 @@ def token_logprobs(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_tokens = tokens.reshape(-1, 1).long()
-    out = []
+    out, masses = [], []
     for start in range(0, flat_logits.shape[0], chunk_size):
         z = flat_logits[start : start + chunk_size].to(dtype)
         if temperature != 1.0:
             z = z / temperature
         picked = z.gather(-1, flat_tokens[start : start + chunk_size]).squeeze(-1)
-        out.append(picked - torch.logsumexp(z, dim=-1))
+        lse = torch.logsumexp(z, dim=-1)
+        out.append(picked - lse)
+        if top_p < 1.0:
+            masses.append(top_k_mass(z, lse, top_p))
     if not out:  # zero tokens
         return flat_logits.new_zeros(tokens.shape, dtype=dtype)
-    return torch.cat(out).reshape(tokens.shape)
+    logp = torch.cat(out)
+    if masses:
+        mass, short = (torch.cat(x) for x in zip(*masses, strict=True))
+        logp = logp - log_mass(mass, short, lambda idx: flat_logits[idx].to(dtype) / temperature,
+                               flat_logits.shape[-1], top_p)
+    return logp.reshape(tokens.shape)
 
 
 def ppo_loss(cfg: TrainerConfig) -> DecoupledPPOLoss:

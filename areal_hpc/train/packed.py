@@ -29,6 +29,7 @@ from torch import Tensor
 from areal_hpc.model.attention import bottom_right_varlen, causal_varlen, prefix_causal_varlen, varlen_available
 from areal_hpc.model.qwen2 import PackedQwen2, Qwen2Shape, check_supported, rms_norm, rope
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
+from areal_hpc.train.nucleus import log_mass, top_k_mass
 from areal_hpc.train.packing import PackedMicrobatch, bucket_tokens, pack_sequences
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _ChunkedHeadLogp(torch.autograd.Function):
-    """``log softmax(h @ (W / T).T)[targets]``: all rows at once with the logits kept for backward
+    """``log softmax(h @ (W / T).T)[targets] - log m``: all rows at once with the logits kept for backward
     when they fit (``keep``), else chunk by chunk with each chunk's logits recomputed in backward.
 
     Why a hand-written backward: autograd through ``token_logprobs`` spends ~10 memory passes per
@@ -144,31 +145,46 @@ class _ChunkedHeadLogp(torch.autograd.Function):
     two matmuls; the weight gradient accumulates in fp32 in the matmul (beta = 1) where possible.
     The two passes are Triton kernels on CUDA (``head_kernels.py``), the gradient written in place.
     Kept logits save the recomputing matmul and turn the chunked matmuls into one each.
+
+    ``m`` is the mass of the top-p nucleus (``train/nucleus.py``; 1 at top_p = 1, and not computed). The
+    forward finds it from the logits it already has (a top-k of each chunk; the few rows that need a full
+    sort get their logits recomputed); backward treats it as a constant, so backward does not change.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int, keep: bool) -> Tensor:
+    def forward(ctx, h: Tensor, w_t: Tensor, targets: Tensor, rows: int, keep: bool, top_p: float) -> Tensor:
         ctx.rows = rows
         if keep:  # one matmul over every row; the logits stay for backward, which overwrites them
             z = h @ w_t.T
             lse, zt = lse_and_target(z, targets)
             ctx.save_for_backward(h, w_t, targets, lse)
             ctx.kept = z
+            if top_p < 1.0:
+                return zt - lse - log_mass(*top_k_mass(z, lse, top_p), lambda idx: z[idx], z.shape[1], top_p)
             return zt - lse
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        if top_p < 1.0:
+            mass = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            short = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
         for a in range(0, h.shape[0], rows):
-            lse_c, zt = lse_and_target(h[a:a + rows] @ w_t.T, targets[a:a + rows])
+            z = h[a:a + rows] @ w_t.T
+            lse_c, zt = lse_and_target(z, targets[a:a + rows])
             lse[a:a + rows] = lse_c
             out[a:a + rows] = zt - lse_c
+            if top_p < 1.0:
+                mass[a:a + rows], short[a:a + rows] = top_k_mass(z, lse_c, top_p)
         ctx.save_for_backward(h, w_t, targets, lse)
         ctx.kept = None
+        if top_p < 1.0:  # the rows whose nucleus the top-k did not settle: their logits recomputed, then sorted
+            out -= log_mass(mass, short, lambda idx: h[idx] @ w_t.T, w_t.shape[0], top_p)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+        # log m (top_p < 1) is a constant: the gradient is that of log softmax, as at top_p = 1.
         with torch.profiler.record_function("prof:head_bwd"):
-            return _ChunkedHeadLogp._backward(ctx, g)
+            return *_ChunkedHeadLogp._backward(ctx, g), None
 
     @staticmethod
     def _backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
@@ -209,8 +225,10 @@ def _keep_logits(h: Tensor, vocab: int, keep_bytes: int) -> bool:
 
 
 def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-                      chunk_bytes: int = LOGITS_CHUNK_BYTES, keep_bytes: int = LOGITS_KEEP_BYTES) -> Tensor:
-    """fp32 ``log softmax(h @ weight.T / temperature)[targets]`` for rows ``h`` [N, H], chunk by chunk.
+                      chunk_bytes: int = LOGITS_CHUNK_BYTES, keep_bytes: int = LOGITS_KEEP_BYTES, *,
+                      top_p: float = 1.0) -> Tensor:
+    """fp32 ``log softmax(h @ weight.T / temperature)[targets]`` for rows ``h`` [N, H], chunk by chunk, less
+    the log of the top-p nucleus mass when ``top_p < 1`` (the distribution the rollout sampled from).
 
     The matmuls run in ``h``'s dtype (the compute dtype); the temperature is folded into one copy of
     the weight, made once per call. A chunk holds ``chunk_bytes / (4 * vocab)`` rows (a multiple of
@@ -227,7 +245,8 @@ def response_logprobs(h: Tensor, weight: Tensor, targets: Tensor, temperature: f
     with torch.autocast(h.device.type, enabled=False):
         w_t = (weight / temperature if temperature != 1.0 else weight).to(h.dtype)
         with torch.profiler.record_function("prof:head_fwd"):
-            return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows, _keep_logits(h, weight.shape[0], keep_bytes))
+            return _ChunkedHeadLogp.apply(h, w_t, targets.long(), rows, _keep_logits(h, weight.shape[0], keep_bytes),
+                                          top_p)
 
 
 def _allow_recompiles(n: int) -> None:
@@ -371,8 +390,9 @@ class PackedLogp:
                     self(mb, temperature)
         return len(self.buckets)
 
-    def __call__(self, mb: PackedMicrobatch, temperature: float) -> Tensor:
-        """fp32 log-probs of ``mb.targets``, in ``mb.pred_rows`` order; grad flows iff grad mode is on."""
+    def __call__(self, mb: PackedMicrobatch, temperature: float, top_p: float = 1.0) -> Tensor:
+        """fp32 log-probs of ``mb.targets`` under the temperature and top-p the rollout sampled with, in
+        ``mb.pred_rows`` order; grad flows iff grad mode is on."""
         net = self._ensure(mb.max_len)
 
         def attend(_i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -385,4 +405,4 @@ class PackedLogp:
             h = net.hidden(mb.ids, mb.pos, attend, compute_dtype=cd, checkpoint=self.checkpointing,
                            layer_fn=self._layer_fn)
             rows = h.index_select(0, mb.pred_rows).to(cd or h.dtype)  # the final norm's output is fp32
-            return response_logprobs(rows, net.lm_head, mb.targets, temperature)
+            return response_logprobs(rows, net.lm_head, mb.targets, temperature, top_p=top_p)
