@@ -199,3 +199,30 @@ def test_unsupported_version_is_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match=r"vLLM 0\.31\.2 is not supported .*>=0\.32,<0\.33.*pip install") as e:
         import_vllm()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_importance_weight_is_one_on_vllm_samples(on_a, policies, temperature, top_p):
+    """π_prox/π_behav, the trainer's own log-probs (padded and packed) over vLLM's recorded ones, is 1 on fresh
+    samples at the version that generated them."""
+    import numpy as np
+
+    from areal_hpc.config import Config
+    from areal_hpc.train.engine import TorchTrainEngine
+    from areal_hpc.trajectory import Trajectory
+
+    on_a.temperature, on_a.top_p = temperature, top_p
+    gens = on_a.generate(_requests(8, base=600 + int(100 * temperature) + int(10 * top_p)))
+    samples = [Trajectory(sample_id=g.request.sample_id, group_id=g.request.group_id,
+                          prompt_tokens=np.asarray(g.request.prompt_tokens, np.int32),
+                          response_tokens=np.asarray(g.tokens, np.int32),
+                          behav_logprobs=np.asarray(g.logprobs, np.float32),
+                          versions=np.asarray(g.versions, np.int32), reward=0.0) for g in gens]
+    assert sum(s.n_response for s in samples) >= 40
+    cfg = Config().trainer
+    for packing in ("padded", "packed"):
+        cfg.packing = packing
+        eng = TorchTrainEngine(policies[0], cfg, pad_id=0, temperature=temperature, top_p=top_p)
+        logw = np.concatenate([p - s.behav_logprobs for p, s in zip(eng.compute_logp(samples), samples, strict=True)])
+        assert np.abs(logw).max() < LOGP_TOL, f"{packing}: max |log w| {np.abs(logw).max():.2e}"

@@ -197,6 +197,11 @@ def hf_generate(model, reqs: list[GenRequest], new: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--engine" or a.startswith("--engine=") for a in argv):  # engines side by side (vLLM)
+        from tools.bench.decode_engines import main as engines_main
+
+        return engines_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen2-0.5b")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
