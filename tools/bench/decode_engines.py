@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     layers = args.layers or (0 if cuda else 2)
     dtype = torch.bfloat16 if cuda else torch.float32
     max_len = args.prompt + new + 8
-    model = build_random(args.preset, seed=0, dtype=dtype, device=dev, max_positions=max_len,
-                         shrink={"num_hidden_layers": layers, "layer_types": ["full_attention"] * layers} if layers else None).eval()
+    shrink = {"num_hidden_layers": layers, "layer_types": ["full_attention"] * layers} if layers else None
+    model = build_random(args.preset, seed=0, dtype=dtype, device=dev, max_positions=max_len, shrink=shrink).eval()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
