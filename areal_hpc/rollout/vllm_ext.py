@@ -8,10 +8,7 @@ side maps the same buffer once and loads from it in place.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import pickle
-import signal
 from collections.abc import Iterator
 
 import torch
@@ -23,7 +20,6 @@ class WeightLoader:
     def areal_attach(self, handle: bytes, tied_embedding: str | None, timeout_s: float) -> None:
         from areal_hpc.weights.shared import SharedWeightReceiver
 
-        _die_with_parent()
         device = getattr(self, "device", None) or torch.device("cpu")
         self._areal_rx = SharedWeightReceiver(pickle.loads(handle), 0, torch.device(device), timeout_s=timeout_s)
         self._areal_tied = tied_embedding
@@ -56,16 +52,3 @@ class WeightLoader:
             rx.close()
             self._areal_rx = None
 
-
-def _die_with_parent() -> None:
-    """Have the kernel kill this process when the rollout rank that started it dies.
-
-    An MPI abort or an out-of-memory kill ends the rank with SIGKILL, which runs no cleanup: without this the
-    engine core would live on, holding its memory (and on a GPU the device) after the job has ended.
-    """
-    if not os.path.exists("/proc/self"):  # Linux only
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
