@@ -121,10 +121,9 @@ class VLLMEngine:
             kw["max_num_batched_tokens"] = opts.max_num_batched_tokens
         if device.type == "cpu":
             # A prompt prefilled in chunks rewinds its request's sampling generator after each partial chunk,
-            # which vLLM's CPU backend cannot do for seeded requests (every request here has its own seed):
-            # whole prompts per step instead, so a step must hold the longest sequence.
-            kw["enable_chunked_prefill"] = False
-            kw["max_num_batched_tokens"] = max(opts.max_num_batched_tokens or 2048, max_model_len)
+            # which vLLM's CPU backend cannot do for seeded requests (every request here has its own seed): a
+            # step budget that holds every sequence in flight at full length means no prompt is ever split.
+            kw["max_num_batched_tokens"] = max(opts.max_num_batched_tokens or 2048, max_batch * max_model_len)
         args = EngineArgs(model=path, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
                           max_model_len=max_model_len, max_num_seqs=max_batch, enforce_eager=eager,
                           enable_prefix_caching=opts.prefix_caching, logprobs_mode="processed_logprobs",
