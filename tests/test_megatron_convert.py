@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core", reason="needs megatron-core (pip install 'a
 from megatron.core import parallel_state  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
 
-from areal_hpc.train.megatron.build import build_gpt_model, gpt_model_kwargs, model_config  # noqa: E402
+from areal_hpc.train.megatron.build import build_gpt_model, gpt_kwargs, model_config  # noqa: E402
 from areal_hpc.train.megatron.convert import hf_to_megatron, megatron_to_hf  # noqa: E402
 from areal_hpc.train.megatron.shapes import MegatronShape, check_supported, layer_range  # noqa: E402
 
@@ -86,8 +86,8 @@ def test_layout_matches_hf_projections(megatron_world) -> None:
     of each query group where its attention reads them, silu(gate) * up, the norms in their places."""
     config = CONFIGS["qwen2-untied"]()
     hf = hf_model(config)
-    model = build_gpt_model(config, params_dtype=torch.float32)
-    model.load_state_dict(hf_to_megatron(hf.state_dict(), config), strict=True)
+    model = build_gpt_model(config, params_dtype=torch.float32, te=False)  # the local spec's module names
+    model.load_state_dict(hf_to_megatron(hf.state_dict(), config, te=False), strict=True)
     s = MegatronShape.of(config)
     x = torch.randn(5, 3, s.hidden)  # Megatron's [seq, batch, hidden]
     for i in (0, s.n_layers - 1):
@@ -113,7 +113,7 @@ def test_rope_frequencies_match_hf(megatron_world, name: str) -> None:
         hf = AutoModelForCausalLM.from_config(config)
         model = build_gpt_model(config, params_dtype=torch.float32)
         assert torch.equal(model.rotary_pos_emb.inv_freq, hf.model.rotary_emb.inv_freq)
-    assert gpt_model_kwargs(config)["rope_scaling"] and gpt_model_kwargs(config)["rope_scaling_factor"] == 8.0
+    assert gpt_kwargs(config)["rope_scaling"] and gpt_kwargs(config)["rope_scaling_factor"] == 8.0
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -144,7 +144,7 @@ def test_tensor_parallel_split_gather(name: str) -> None:
             assert shards[0][k].shape[0] == shards[1][k].shape[0] == 51
             assert torch.equal(torch.cat([shards[0][k], shards[1][k]])[:101], t)
             assert not shards[1][k][-1].any()
-    assert gpt_model_kwargs(config, tp_size=2)["vocab_size"] == 102
+    assert gpt_kwargs(config, tp_size=2)["vocab_size"] == 102
 
 
 @pytest.mark.parametrize("name", ["qwen2-untied", "llama-untied-head32"])
@@ -248,3 +248,40 @@ def test_bad_states_and_layouts() -> None:
         megatron_to_hf([stage0], config)  # stage 0's dict read as the whole model
     with pytest.raises(ValueError, match=r"'decoder.layers.2.input_layernorm.weight' of tensor-parallel rank 0 is not"):
         megatron_to_hf([hf_to_megatron(hf_state, config)], config, pp_size=2, pp_rank=0)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 5e5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core's forward)")
+@pytest.mark.parametrize("name", ["qwen2-tied", "llama-untied-head32", "llama3-rope"])
+def test_logits_match_hf_on_gpu(megatron_world, name: str) -> None:
+    """Megatron's forward over converted weights gives HF's logits: within matmul rounding in fp32, and in
+    bf16 no further from HF's fp32 logits than HF's own bf16 forward is (2x, or 2% of the logit scale)."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # the RNG tracker its attention dropout runs under
+    config = (LlamaConfig(**{**TINY, "max_position_embeddings": 16384}, rope_parameters=LLAMA3_ROPE)
+              if name == "llama3-rope" else CONFIGS[name]())
+    hf = hf_model(config).cuda().eval()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, s = 3, 96
+    ids = torch.randint(0, config.vocab_size, (b, s), device="cuda", generator=g)
+    positions = torch.arange(s, device="cuda").expand(b, s)
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device="cuda"), 1)[None, None]  # True: masked out
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+        scale = ref.abs().max().item()
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build_gpt_model(config, params_dtype=dtype).cuda().eval()
+            model.load_state_dict(hf_to_megatron(hf.to(dtype).state_dict(), config), strict=True)
+            got = model(ids, positions, causal).float()
+            assert got.shape == ref.shape
+            err = (got - ref).abs().max().item()
+            if dtype == torch.float32:
+                assert err <= 1e-3 * scale, (name, err, scale)  # TF32 matmuls, were they on, stay inside
+            else:
+                hf_err = (hf(ids).logits.float() - ref).abs().max().item()
+                assert err <= max(2 * hf_err, 0.02 * scale), (name, err, hf_err, scale)
+            hf.float()

@@ -21,6 +21,7 @@ Facts of megatron-core 0.16.1 this relies on:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -38,9 +39,10 @@ def require_megatron() -> None:
                           "(megatron-core==0.16.1), or set trainer.backend=torch")
 
 
+@functools.cache
 def te_available() -> bool:
     """Transformer Engine imports: build with its layer spec (fused norm+linear, its attention) and convert
-    with ``te=True``."""
+    with ``te=True`` (both default to this answer)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # noqa: BLE001 - an installed TE without its CUDA libraries fails with other errors too
@@ -48,10 +50,11 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(te: bool) -> Any:
-    """The decoder layer spec: Transformer Engine's where it is installed, megatron's local modules otherwise
-    (the state dict names differ: see ``convert``'s ``te``)."""
+def layer_spec(te: bool | None = None) -> Any:
+    """The decoder layer spec: Transformer Engine's where it is installed (``te=None``), megatron's local
+    modules otherwise (the state dict names differ: ``convert``'s ``te`` follows the same default)."""
     require_megatron()
+    te = te_available() if te is None else te
     from megatron.core.models.gpt import gpt_layer_specs
 
     return (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec() if te
@@ -94,12 +97,14 @@ def model_config(hf_config: Any, *, params_dtype: torch.dtype, tp_size: int = 1,
     return TransformerConfig(**exact, **settings)
 
 
-def gpt_model_kwargs(hf_config: Any, *, tp_size: int = 1) -> dict[str, Any]:
-    """``GPTModel``'s arguments besides config and spec. The vocabulary is padded for the tensor-parallel
-    split (``shapes.padded_vocab_size``: logits past the HF vocabulary must be dropped)."""
+def gpt_kwargs(hf_config: Any, *, tp_size: int = 1, max_sequence_length: int | None = None) -> dict[str, Any]:
+    """``GPTModel``'s arguments besides config, spec and process groups. The vocabulary is padded for the
+    tensor-parallel split (``shapes.padded_vocab_size``: logits past the HF vocabulary must be dropped).
+    ``max_sequence_length`` (the checkpoint's max_position_embeddings by default) sizes only learned
+    position embeddings, which RoPE models have none of."""
     s = MegatronShape.of(hf_config)
     return dict(
-        vocab_size=s.padded_vocab(tp_size), max_sequence_length=s.max_positions,
+        vocab_size=s.padded_vocab(tp_size), max_sequence_length=max_sequence_length or s.max_positions,
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope", rotary_percent=1.0,
         rotary_base=s.rope_theta, rope_scaling=s.rope_scaling_factor is not None,
         rope_scaling_factor=s.rope_scaling_factor or 8.0,
@@ -107,7 +112,7 @@ def gpt_model_kwargs(hf_config: Any, *, tp_size: int = 1) -> dict[str, Any]:
 
 
 def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp_size: int = 1, pp_size: int = 1,
-                    pp_rank: int = 0, te: bool = False, **overrides: Any) -> Any:
+                    pp_rank: int = 0, te: bool | None = None, **overrides: Any) -> Any:
     """Pipeline stage ``pp_rank``'s ``GPTModel`` (embedding on the first stage, final norm and output layer on
     the last), on the current CUDA device or on CPU. Megatron's parallel_state must already be initialised
     with the same sizes, and ``pp_rank`` must be this process's pipeline rank."""
@@ -115,7 +120,7 @@ def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp_size: int =
 
     config = model_config(hf_config, params_dtype=params_dtype, tp_size=tp_size, pp_size=pp_size, **overrides)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec(te), pre_process=pp_rank == 0,
-                     post_process=pp_rank == pp_size - 1, **gpt_model_kwargs(hf_config, tp_size=tp_size))
+                     post_process=pp_rank == pp_size - 1, **gpt_kwargs(hf_config, tp_size=tp_size))
     # the local spec's torch.nn.RMSNorm is built without params_dtype (fp32 in a bf16 model); megatron's
     # training wrapper (Float16Module) casts the whole module, do it here so the model is one dtype as HF's is
     return model.to(dtype=params_dtype)

@@ -22,8 +22,9 @@ stage's gradient); it is written from the HF embedding and ignored on the way ba
 stage's embedding is the one HF weight.
 
 ``te=True`` names the norms the way Transformer Engine's layer spec has them (fused into the following
-linear as ``layer_norm_weight``, the mapping megatron's own modelopt hooks use); the local spec is what
-runs without Transformer Engine and what the tests load with ``strict=True``.
+linear as ``layer_norm_weight``, the mapping megatron's own modelopt hooks use); ``te=None`` follows
+``layer_spec()``'s own choice (TE where it imports). The local spec is what runs without Transformer
+Engine and what the tests load with ``strict=True``; the TE names are not loaded in any test.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from areal_hpc.train.megatron.shapes import MegatronShape, layer_range
+from areal_hpc.train.megatron.build import gpt_kwargs, layer_spec, model_config, te_available
+from areal_hpc.train.megatron.shapes import MegatronShape, check_supported, layer_range
+
+# the model side too, so that a backend finds everything about HF <-> Megatron in one module
+__all__ = ["check_supported", "gpt_kwargs", "hf_to_megatron", "layer_range", "layer_spec", "megatron_to_hf",
+           "model_config"]
 
 # how a tensor is laid out across tensor-parallel ranks
 REPLICATED, QKV, FC1, ROW, VOCAB = "replicated", "qkv", "fc1", "row", "vocab"
@@ -166,7 +172,7 @@ def _ignorable_hf(name: str, shape: MegatronShape, pp_size: int) -> bool:
 
 
 def hf_to_megatron(hf_state: Mapping[str, Tensor], hf_config: Any, *, tp_size: int = 1, tp_rank: int = 0,
-                   pp_size: int = 1, pp_rank: int = 0, te: bool = False) -> dict[str, Tensor | None]:
+                   pp_size: int = 1, pp_rank: int = 0, te: bool | None = None) -> dict[str, Tensor | None]:
     """Tensor-parallel rank ``tp_rank``'s state dict of pipeline stage ``pp_rank``, for a ``GPTModel`` built
     from ``hf_config`` (``build.py``), ready for ``load_state_dict(strict=True)``.
 
@@ -177,7 +183,7 @@ def hf_to_megatron(hf_state: Mapping[str, Tensor], hf_config: Any, *, tp_size: i
     shape.check_parallel(tp_size, pp_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tensor parallel rank {tp_rank} is outside 0..{tp_size - 1}")
-    rules, extra = _stage_rules(shape, pp_size, pp_rank, te)
+    rules, extra = _stage_rules(shape, pp_size, pp_rank, te_available() if te is None else te)
     used = {h for r in rules for h in r.hf}
     for name in hf_state:
         if name not in used and not _ignorable_hf(name, shape, pp_size):
@@ -195,7 +201,7 @@ def hf_to_megatron(hf_state: Mapping[str, Tensor], hf_config: Any, *, tp_size: i
 
 
 def megatron_to_hf(shards: Sequence[Mapping[str, Any]], hf_config: Any, *, pp_size: int = 1, pp_rank: int = 0,
-                   te: bool = False) -> dict[str, Tensor]:
+                   te: bool | None = None) -> dict[str, Tensor]:
     """HF tensors (global names) of pipeline stage ``pp_rank`` from its tensor-parallel ranks' state dicts,
     given in rank order: ``GPTModel.state_dict()`` or ``named_parameters()`` of each rank.
 
@@ -208,7 +214,7 @@ def megatron_to_hf(shards: Sequence[Mapping[str, Any]], hf_config: Any, *, pp_si
     shape = MegatronShape.of(hf_config)
     tp_size = len(shards)
     shape.check_parallel(tp_size, pp_size)
-    rules, _ = _stage_rules(shape, pp_size, pp_rank, te)
+    rules, _ = _stage_rules(shape, pp_size, pp_rank, te_available() if te is None else te)
     want = {r.megatron for r in rules}
     for rank, shard in enumerate(shards):
         for name in shard:
