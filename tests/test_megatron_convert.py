@@ -4,6 +4,7 @@ against HF's own projections, and the one-line errors. One module, so megatron-c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -57,6 +58,11 @@ def hf_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch
     return model
 
 
+def cpu_model(config, **kw) -> torch.nn.Module:
+    """A GPTModel on CPU, also where CUDA is present (the HF side of these tests is on CPU)."""
+    return build_gpt_model(config, use_cpu_initialization=True, **kw)
+
+
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
@@ -73,7 +79,7 @@ def test_round_trip_through_gpt_model(megatron_world, name: str, dtype: torch.dt
     config = CONFIGS[name]()
     hf = hf_model(config, dtype)
     state = hf_to_megatron(hf.state_dict(), config)  # a tied model's state_dict lists lm_head.weight too
-    model = build_gpt_model(config, params_dtype=dtype)
+    model = cpu_model(config, params_dtype=dtype)
     assert sorted(state) == sorted(model.state_dict())
     model.load_state_dict(state, strict=True)
     assert_same(megatron_to_hf([model.state_dict()], config), params(hf))
@@ -86,7 +92,7 @@ def test_layout_matches_hf_projections(megatron_world) -> None:
     of each query group where its attention reads them, silu(gate) * up, the norms in their places."""
     config = CONFIGS["qwen2-untied"]()
     hf = hf_model(config)
-    model = build_gpt_model(config, params_dtype=torch.float32, te=False)  # the local spec's module names
+    model = cpu_model(config, params_dtype=torch.float32, te=False)  # the local spec's module names
     model.load_state_dict(hf_to_megatron(hf.state_dict(), config, te=False), strict=True)
     s = MegatronShape.of(config)
     x = torch.randn(5, 3, s.hidden)  # Megatron's [seq, batch, hidden]
@@ -104,14 +110,58 @@ def test_layout_matches_hf_projections(megatron_world) -> None:
     torch.testing.assert_close(model.decoder.final_layernorm(x), hf.model.norm(x), rtol=0, atol=1e-6)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 5e5}
+FORWARD_CASES = ["qwen2-tied", "llama-untied-head32", "llama3-rope"]
+
+
+def forward_config(name: str):
+    if name == "llama3-rope":  # Llama 3.1's scaling; at 96 positions it moves these logits by ~0.04
+        return LlamaConfig(**{**TINY, "max_position_embeddings": 16384}, rope_parameters=LLAMA3_ROPE)
+    return CONFIGS[name]()
+
+
+def forward_inputs(config, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids [b, s], positions and the causal mask (True: masked out) as ``GPTModel.forward`` takes them."""
+    b, s = 3, 96
+    ids = torch.randint(0, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(1)).to(device)
+    positions = torch.arange(s, device=device).expand(b, s)
+    return ids, positions, torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), 1)[None, None]
+
+
+class _NoRngTracker:
+    def fork(self, *args, **kwargs) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("name", FORWARD_CASES)
+def test_logits_match_hf_on_cpu(megatron_world, monkeypatch, name: str) -> None:
+    """The whole function in fp32: Megatron's forward over converted weights gives HF's logits. megatron-core
+    0.16.1's forward asks for the CUDA device in two places that change nothing on CPU (RoPE's table moves to
+    ``torch.cuda.current_device()``; attention dropout, p=0 here, runs under the CUDA RNG tracker): those two
+    are pointed at the CPU for this test."""
+    from megatron.core import tensor_parallel
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda *a, **k: _NoRngTracker())
+    config = forward_config(name)
+    hf = hf_model(config).eval()
+    model = cpu_model(config, params_dtype=torch.float32).eval()
+    model.load_state_dict(hf_to_megatron(hf.state_dict(), config), strict=True)
+    ids, positions, causal = forward_inputs(config, "cpu")
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = model(ids, positions, causal)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["llama-tied", "llama-untied-head32"])
 def test_rope_frequencies_match_hf(megatron_world, name: str) -> None:
     """Megatron's RoPE frequencies equal HF's exactly, plain and with Llama 3's scaling."""
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_theta": 5e5}
-    for config in (CONFIGS[name](), LlamaConfig(**{**TINY, "max_position_embeddings": 16384}, rope_parameters=rope)):
+    for config in (CONFIGS[name](), forward_config("llama3-rope")):
         hf = AutoModelForCausalLM.from_config(config)
-        model = build_gpt_model(config, params_dtype=torch.float32)
+        model = cpu_model(config, params_dtype=torch.float32)
         assert torch.equal(model.rotary_pos_emb.inv_freq, hf.model.rotary_emb.inv_freq)
     assert gpt_kwargs(config)["rope_scaling"] and gpt_kwargs(config)["rope_scaling_factor"] == 8.0
 
@@ -156,7 +206,7 @@ def test_pipeline_stages_load_and_rejoin(megatron_world, name: str) -> None:
     got: dict[str, torch.Tensor] = {}
     for pp_rank in range(2):
         state = hf_to_megatron(hf_state, config, pp_size=2, pp_rank=pp_rank)
-        model = build_gpt_model(config, params_dtype=torch.float32, pp_size=2, pp_rank=pp_rank)
+        model = cpu_model(config, params_dtype=torch.float32, pp_size=2, pp_rank=pp_rank)
         model.load_state_dict(state, strict=True)
         part = megatron_to_hf([model.state_dict()], config, pp_size=2, pp_rank=pp_rank)
         assert not set(part) & set(got)
@@ -249,27 +299,17 @@ def test_bad_states_and_layouts() -> None:
     with pytest.raises(ValueError, match=r"'decoder.layers.2.input_layernorm.weight' of tensor-parallel rank 0 is not"):
         megatron_to_hf([hf_to_megatron(hf_state, config)], config, pp_size=2, pp_rank=0)
 
-
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 5e5}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core's forward)")
-@pytest.mark.parametrize("name", ["qwen2-tied", "llama-untied-head32", "llama3-rope"])
+@pytest.mark.parametrize("name", FORWARD_CASES)
 def test_logits_match_hf_on_gpu(megatron_world, name: str) -> None:
-    """Megatron's forward over converted weights gives HF's logits: within matmul rounding in fp32, and in
-    bf16 no further from HF's fp32 logits than HF's own bf16 forward is (2x, or 2% of the logit scale)."""
+    """On CUDA, unpatched: Megatron's logits equal HF's within matmul rounding in fp32, and in bf16 they are
+    no further from HF's fp32 logits than HF's own bf16 forward is (2x, or 2% of the logit scale)."""
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # the RNG tracker its attention dropout runs under
-    config = (LlamaConfig(**{**TINY, "max_position_embeddings": 16384}, rope_parameters=LLAMA3_ROPE)
-              if name == "llama3-rope" else CONFIGS[name]())
+    config = forward_config(name)
     hf = hf_model(config).cuda().eval()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    b, s = 3, 96
-    ids = torch.randint(0, config.vocab_size, (b, s), device="cuda", generator=g)
-    positions = torch.arange(s, device="cuda").expand(b, s)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device="cuda"), 1)[None, None]  # True: masked out
+    ids, positions, causal = forward_inputs(config, "cuda")
     with torch.no_grad():
         ref = hf(ids).logits.float()
         scale = ref.abs().max().item()
@@ -284,4 +324,3 @@ def test_logits_match_hf_on_gpu(megatron_world, name: str) -> None:
             else:
                 hf_err = (hf(ids).logits.float() - ref).abs().max().item()
                 assert err <= max(2 * hf_err, 0.02 * scale), (name, err, hf_err, scale)
-            hf.float()
