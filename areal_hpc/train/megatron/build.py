@@ -13,8 +13,10 @@ Facts of megatron-core 0.16.1 this relies on:
   ``packed_seq_params``), not ``position_ids``: sequences must start at position 0, as ours do.
 * The local spec's norm is ``torch.nn.RMSNorm`` (without Apex): built in fp32 whatever ``params_dtype``
   says, and it refuses sequence parallelism.
-* Building needs ``torch.distributed`` and ``parallel_state.initialize_model_parallel`` even for one rank;
-  on CPU also ``use_cpu_initialization=True`` (the default here when CUDA is absent). A forward needs CUDA
+* Building needs ``torch.distributed`` and either ``parallel_state.initialize_model_parallel`` or a
+  ``pg_collection``, even for one rank; on CPU also ``use_cpu_initialization=True`` (the default here when
+  CUDA is absent). With a tied head and more than one pipeline stage the build itself wants CUDA (it
+  all-reduces the last stage's copy of the embedding on the GPU). A forward needs CUDA
   and, on GPU, ``tensor_parallel.model_parallel_cuda_manual_seed`` (its RNG tracker wraps the attention
   dropout even at p=0).
 """
@@ -34,7 +36,7 @@ from areal_hpc.train.megatron.shapes import MegatronShape
 def require_megatron() -> None:
     """One line naming the fix, where megatron-core's own error would be a ModuleNotFoundError deep in a
     backend factory."""
-    if importlib.util.find_spec("megatron.core") is None:
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         raise ImportError("trainer.backend=megatron needs megatron-core: pip install 'areal_hpc[megatron]' "
                           "(megatron-core==0.16.1), or set trainer.backend=torch")
 
