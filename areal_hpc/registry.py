@@ -25,6 +25,7 @@ ROLLOUT_ENGINES: Mapping[str, str] = MappingProxyType({
 
 TRAIN_BACKENDS: Mapping[str, str] = MappingProxyType({
     "torch": "areal_hpc.train.engine:from_config",
+    "megatron": "areal_hpc.train.megatron.engine:from_config",
 })
 
 

@@ -77,8 +77,8 @@ def test_registry_names_are_the_config_choices() -> None:
         assert callable(registry.rollout_engine_factory(name))
     for name in registry.TRAIN_BACKENDS:
         assert callable(registry.train_backend_factory(name))
-    with pytest.raises(ValueError, match=r"trainer.backend='megatron' is not registered; choose one of torch"):
-        registry.train_backend_factory("megatron")
+    with pytest.raises(ValueError, match=r"trainer.backend='deepspeed' is not registered; choose one of torch"):
+        registry.train_backend_factory("deepspeed")
 
 
 def test_hf_engine_is_an_inference_engine() -> None:

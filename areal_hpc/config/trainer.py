@@ -12,7 +12,10 @@ class TrainerConfig:
     """Decoupled PPO objective and optimizer."""
 
     backend: str = setting("torch", "training backend (areal_hpc/registry.py): torch, data parallel over the trainer "
-                           "ranks", ("torch",))
+                           "ranks; megatron: megatron-core's GPTModel (CUDA; install the megatron extra)",
+                           ("torch", "megatron"))
+    tensor_parallel: int = setting(1, "megatron backend: tensor-parallel size (1 for now: a replica per trainer rank)")
+    pipeline_parallel: int = setting(1, "megatron backend: pipeline-parallel size (1 for now)")
     lr: float = setting(1e-4, "learning rate")
     batch_size: int = setting(64, "samples per step; a multiple of rollout.group_size")
     eps_clip: float = setting(0.2, "PPO clip range")
@@ -66,6 +69,11 @@ class TrainerConfig:
     adv_eps: float = setting(1e-6, "epsilon added to the group std when normalising advantages")
 
     def validate(self) -> None:
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            v = getattr(self, key)
+            need(v >= 1, f"trainer.{key}", v, "must be >= 1", f"set trainer.{key}=1")
+            need(v == 1 or self.backend == "megatron", f"trainer.{key}", v, "applies to trainer.backend=megatron only",
+                 f"set trainer.{key}=1 or trainer.backend=megatron")
         need(self.lr > 0, "trainer.lr", self.lr, "must be > 0", "use a positive learning rate like trainer.lr=1e-4")
         need(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1", "set trainer.batch_size=64")
         need(0 < self.eps_clip < 1, "trainer.eps_clip", self.eps_clip, "must be in (0, 1)", "set trainer.eps_clip=0.2")

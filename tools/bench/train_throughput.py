@@ -191,6 +191,45 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budg
     return out
 
 
+def run_megatron(model: torch.nn.Module, samples: list[Trajectory], budget: int, compute_dtype: str, steps: int,
+                 warmup: int) -> dict:
+    """The megatron backend (``trainer.backend: megatron``) on the same samples and loss as ``run_ours``."""
+    import socket
+
+    import torch.distributed as dist
+
+    from areal_hpc.config import Config
+    from areal_hpc.train.megatron.engine import MegatronTrainEngine
+
+    device = next(model.parameters()).device
+    if not dist.is_initialized():  # the backend's process groups hang off the job's world: a world of one here
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    cfg = Config()
+    cfg.trainer.lr, cfg.trainer.token_budget, cfg.trainer.compute_dtype = 1e-6, budget, compute_dtype
+    cfg.model.max_seq_len = max(len(s.prompt_tokens) + len(s.response_tokens) for s in samples)
+    t0 = time.perf_counter()
+    eng = MegatronTrainEngine(model, cfg, pad_id=0)
+    prepare_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
+    weight = np.ones(len(samples), np.float32)
+    prox = eng.compute_logp(samples)
+    stats: dict = {}
+
+    def step() -> None:
+        stats.update(eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict())
+
+    t_step = timed(step, steps, warmup, device)
+    t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
+    out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
+               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"],
+               stream_tokens=stats.get("stream_tokens"), prepare_s=prepare_s)
+    return out
+
+
 def profile_step(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budget: int, compute_dtype: str,
                  top: int = 40) -> str:
     """Top CUDA kernels of one optimizer step (after two warm-up steps), by device time, as a table."""
@@ -301,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="result JSON (default: train_throughput_<device>.json in the current folder)")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="only these of our variants, by key (e.g. packed+compile packed+compile+static)")
+    ap.add_argument("--backend", choices=("torch", "megatron"), default="torch",
+                    help="megatron: also time the megatron backend (padded micro-batches) on the same samples")
     ap.add_argument("--profile", action="store_true",
                     help="also print the top CUDA kernels of one step (eager and compiled, no checkpointing)")
     args = ap.parse_args(argv)
@@ -344,6 +385,16 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(dict(variant=v.name, key=v.key, checkpointing=v.checkpointing, compile=v.compile,
                             dynamic=v.dynamic, mode=v.mode, **r,
                             tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
+                            logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
+                            wall_s=time.perf_counter() - t0))
+    if args.backend == "megatron":
+        free_memory(device)
+        t0 = time.perf_counter()
+        r = run_megatron(model, samples, budget, dtype_name, args.steps, args.warmup)
+        flops = 6 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=False)
+        flops_fwd = 2 * n_matmul * tokens + attn_flops(shape, lengths, fwd_only=True)
+        results.append(dict(variant="megatron padded", key="megatron padded", checkpointing=False, compile=False,
+                            **r, tokens_per_s=tokens / r["step_s"], mfu=flops / r["step_s"] / peak,
                             logp_tokens_per_s=tokens / r["logp_s"], logp_mfu=flops_fwd / r["logp_s"] / peak,
                             wall_s=time.perf_counter() - t0))
     if not args.no_hf:

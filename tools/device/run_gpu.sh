@@ -6,6 +6,8 @@
 #           shared                                  (trainer step: a group's prompt shared in the stream vs copied)
 #           syncprobe                               (which lines of the step loops wait for the GPU; host-bound?)
 #           broadcast e2e4                          (issue 6: a node with 2-4 GPUs, one rank per GPU)
+#           megatron                                (issue 22: the megatron backend's tests, its MPI run and the
+#                                                    trainer benchmark beside the torch trainer, 0.5B and 1.5B)
 #           smol                                    (the real-model config on the GPU: SmolLM2 on word problems;
 #                                                    the GGUF file travels in parts as .gguf_[abc]/smol.part.*)
 set -u -o pipefail
@@ -38,6 +40,13 @@ for s in $stages; do
              --out "$OUT/train.json" ;;
     trainloop) python3 tools/bench/train_throughput.py --no-hf --token-budget 6000 --steps ${TRAIN_STEPS:-5} \
              --variants packed+compile packed+compile+bucket1024 --out "$OUT/train_loop.json" ;;
+    megatron)
+      python3 -m pytest -q -p no:cacheprovider -rs -x tests/test_megatron_convert.py tests/test_megatron_engine.py \
+        ${MEGATRON_MPI:+tests/mpi/test_megatron_run.py} 2>&1 | tee "$OUT/megatron_tests.log" | tail -25
+      for preset in ${MEGATRON_PRESETS:-qwen2-0.5b qwen2-1.5b}; do
+        python3 tools/bench/train_throughput.py --no-hf --backend megatron --variants packed+compile \
+          --preset "$preset" --steps "${TRAIN_STEPS:-4}" --out "$OUT/train_megatron_$preset.json" 2>&1 | tail -6
+      done ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
     shared) python3 tools/bench/shared_prompts.py ${SHARED_PROFILE:+--profile} --out "$OUT/shared_prompts.json" 2>&1 | tee "$OUT/shared_prompts.log" ;;
     syncprobe) python3 tools/device/sync_probe.py --out "$OUT/sync_probe.json" ;;
