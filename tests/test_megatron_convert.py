@@ -144,6 +144,9 @@ def test_logits_match_hf_on_cpu(megatron_world, monkeypatch, name: str) -> None:
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda *a, **k: _NoRngTracker())
+    # Attention's scratch tensors come from Megatron's process-wide buffer, allocated on the "current device":
+    # a private one, so CPU tensors never stay cached for a later CUDA test.
+    monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", parallel_state.GlobalMemoryBuffer())
     config = forward_config(name)
     hf = hf_model(config).eval()
     model = cpu_model(config, params_dtype=torch.float32).eval()

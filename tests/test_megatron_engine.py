@@ -35,8 +35,9 @@ def world(monkeypatch):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    # The backend creates Megatron's process-wide scratch buffer; put it back as it was for other modules.
-    monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", parallel_state._GLOBAL_MEMORY_BUFFER)
+    # The backend creates Megatron's process-wide scratch buffer (on CPU here, with the patches below): a fresh
+    # one per test, and the previous one back afterwards, so no CPU scratch tensor reaches a CUDA test.
+    monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", None)
     if not CUDA:
         from megatron.core import tensor_parallel
         from megatron.core.tensor_parallel import random as mrandom

@@ -45,7 +45,7 @@ for s in $stages; do
         ${MEGATRON_MPI:+tests/mpi/test_megatron_run.py} 2>&1 | tee "$OUT/megatron_tests.log" | tail -25
       for preset in ${MEGATRON_PRESETS:-qwen2-0.5b qwen2-1.5b}; do
         python3 tools/bench/train_throughput.py --no-hf --backend megatron --variants packed+compile \
-          --preset "$preset" --steps "${TRAIN_STEPS:-4}" --out "$OUT/train_megatron_$preset.json" 2>&1 | tail -6
+          --preset "$preset" --token-budget "${MEGATRON_BUDGET:-4096}" --steps "${TRAIN_STEPS:-4}" --out "$OUT/train_megatron_$preset.json" 2>&1 | tail -6
       done ;;
     weights) python3 tools/bench/weight_sync.py --out "$OUT/weight_sync.json" ;;
     shared) python3 tools/bench/shared_prompts.py ${SHARED_PROFILE:+--profile} --out "$OUT/shared_prompts.json" 2>&1 | tee "$OUT/shared_prompts.log" ;;

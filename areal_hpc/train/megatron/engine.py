@@ -123,7 +123,14 @@ class MegatronTrainEngine(TorchTrainEngine):
         pgc = _groups(tc.tensor_parallel, tc.pipeline_parallel, dp_group)
         model_parallel_cuda_manual_seed(cfg.run.seed, tp_rank=0, ep_rank=0, etp_rank=0)
         hf_cfg = model.config
-        mcfg = convert.model_config(hf_cfg, params_dtype=torch.float32, gradient_accumulation_fusion=False)
+        # Selective recompute of core attention: the local spec's unfused attention keeps [b, heads, L, L] scores
+        # per layer for backward, which dominates memory at reasoning lengths; recomputing them costs little.
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+            if tc.activation_checkpointing else dict(recompute_granularity="selective")
+        if device.type != "cuda":  # megatron's recompute saves and restores the CUDA RNG state
+            recompute = {}
+        mcfg = convert.model_config(hf_cfg, params_dtype=torch.float32, gradient_accumulation_fusion=False,
+                                    **recompute)
         self.gpt = GPTModel(config=mcfg, transformer_layer_spec=convert.layer_spec(), pg_collection=pgc,
                             **convert.gpt_kwargs(hf_cfg, max_sequence_length=cfg.model.max_seq_len)).to(device)
         self.gpt.load_state_dict(convert.hf_to_megatron(model.state_dict(), hf_cfg), strict=True)
