@@ -4,8 +4,10 @@ Paper rule: with N_r rollouts started so far, batch size B and current version i
 start only if ⌊(N_r − 1)/B⌋ ≤ i + η. Counted in groups and per rank: this rank owns ``share`` of the
 B/group_size groups each training step consumes, so it may have at most (i + η + 1)·share groups
 admitted (net of groups the trainer rejected and credited back). A sample admitted under that bound
-lands in a training step ≤ i + η if the trainer consumes every rank's share in order; when ranks run
-at different speeds it may not, which is why the trainer checks every sample again.
+lands in a training step ≤ i + η because the trainer takes exactly each rank's share per step, oldest
+first (``train/worker.py``): a faster rank's extra groups wait for a later step instead of pushing a
+slower rank's groups a version later. The trainer still checks every sample again (a resumed run's gate
+starts from an estimate: ``storage/checkpoint.py``).
 """
 
 from __future__ import annotations

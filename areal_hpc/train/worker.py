@@ -21,6 +21,7 @@ from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.model.build import load_policy
 from areal_hpc.registry import train_backend_factory
+from areal_hpc.rollout.staleness import rank_shares
 from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import TrainerLogWriter
@@ -84,6 +85,11 @@ class TrainerWorker:
             self.version = resume.version
             if ctx.rank == 0:  # the cumulative record travels with trainer 0's next checkpoint
                 self._consumed = resume.consumed_prompts.tolist()
+        # Each step takes exactly its share of groups from each of its rollout ranks (the same split their
+        # admission gates use), so a group admitted under the gate's bound is trained within eta versions
+        # whatever the ranks' relative speeds (rollout/staleness.py).
+        siblings = topo.rollouts_of(ctx.rank)
+        self._quota = dict(zip(siblings, rank_shares(self.local_groups, len(siblings)), strict=True))
         self._partial: dict[int, list[Trajectory]] = defaultdict(list)
         self._ready: list[tuple[int, list[Trajectory]]] = []  # (source rank, complete group)
         self.popped = dict.fromkeys(self.sources, 0)
@@ -108,13 +114,17 @@ class TrainerWorker:
         if len(group) == self.G:
             self._ready.append((src, self._partial.pop(t.group_id)))
 
-    def _oldest_ready(self) -> int:
-        """Index of the ready group with the oldest token version (FIFO among equals).
+    def _oldest_ready(self, taken: dict[int, int]) -> int | None:
+        """Index of the ready group with the oldest token version (FIFO among equals) among the rollout ranks
+        whose share of this step is not yet taken; None when no ready group may be taken now.
 
-        Taking groups oldest-first approximates consuming every rollout rank's share in order, which
-        is what the admission gate's bound assumes; arrival order would favour the fastest ring.
+        A rank that delivers faster does not get more of the step: its extra groups wait for the next step,
+        and the slower rank's groups are not pushed a version later (what the admission bound assumes).
         """
-        return min(range(len(self._ready)), key=lambda i: (self._ready[i][1][0].oldest_version, i))
+        eligible = [i for i, (src, _) in enumerate(self._ready) if taken.get(src, 0) < self._quota.get(src, 1 << 62)]
+        if not eligible:
+            return None
+        return min(eligible, key=lambda i: (self._ready[i][1][0].oldest_version, i))
 
     def _collect(self) -> tuple[list[Trajectory], list[int], list[float], list[tuple[int, int]]]:
         """Complete groups for one step: (samples, their staleness, per-sample loss weight, rejected (id,
@@ -126,9 +136,10 @@ class TrainerWorker:
         rejected: list[tuple[int, int]] = []
         deadline = time.monotonic() + self.cfg.run.timeout_s
         t0 = time.perf_counter()
+        taken: dict[int, int] = {}  # accepted groups per rollout rank in this step
         while len(accepted) < self.local_groups * self.G:
             self._drain()  # everything that has arrived, so the oldest-first choice sees it all
-            if not self._ready:
+            if self._oldest_ready(taken) is None:
                 for src, msg in self.ctx.poll():
                     raise RuntimeError(f"trainer {self.ctx.rank}: unexpected {msg} from rank {src} during training")
                 if time.monotonic() > deadline:
@@ -138,8 +149,8 @@ class TrainerWorker:
                     )
                 time.sleep(0.0005)
                 continue
-            while self._ready and len(accepted) < self.local_groups * self.G:
-                src, group = self._ready.pop(self._oldest_ready())
+            while len(accepted) < self.local_groups * self.G and (i := self._oldest_ready(taken)) is not None:
+                src, group = self._ready.pop(i)
                 stale, group_weights = screen_group([s.versions for s in group], self.version, eta, policy,
                                                     self.cfg.trainer.stale_weight)
                 self._consumed.append(group[0].group_id)
@@ -147,6 +158,7 @@ class TrainerWorker:
                     rejected.extend((s.sample_id, st) for s, st in zip(group, stale))
                     self.ctx.send(src, {"type": "credit", "groups": 1})
                     continue
+                taken[src] = taken.get(src, 0) + 1
                 accepted.extend(group)
                 staleness.extend(stale)
                 weights.extend(group_weights)
