@@ -57,11 +57,13 @@ def world(monkeypatch):
 
 
 def _hf(kind: str, tied: bool) -> torch.nn.Module:
+    """``kind`` qwen2 or llama; ``tied="config"``: config.json says tied but the module has its own head (as a
+    checkpoint saved with both tensors loads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     C, M = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     cfg = C(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, rope_theta=10000.0,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=bool(tied), rope_theta=10000.0,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0)
     torch.manual_seed(0)
     model = M(cfg).float()
@@ -69,6 +71,8 @@ def _hf(kind: str, tied: bool) -> torch.nn.Module:
     with torch.no_grad():  # every tensor random (HF starts norms at one and biases at zero, hiding a swap)
         for name, p in model.named_parameters():
             p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    if tied == "config":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 0.05)
     return model.to(DEVICE)
 
 
@@ -88,7 +92,7 @@ def _batch(n: int = 12):
     return samples, TrainBatch(samples, adv, np.ones(n, np.float32))
 
 
-@pytest.mark.parametrize("kind,tied", [("qwen2", True), ("llama", False)])
+@pytest.mark.parametrize("kind,tied", [("qwen2", True), ("llama", False), ("qwen2", "config")])
 def test_one_ppo_step_matches_the_torch_trainer(world, kind, tied):
     from areal_hpc.config import Config
     from areal_hpc.train.engine import TorchTrainEngine

@@ -22,6 +22,7 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -123,6 +124,14 @@ class MegatronTrainEngine(TorchTrainEngine):
         pgc = _groups(tc.tensor_parallel, tc.pipeline_parallel, dp_group)
         model_parallel_cuda_manual_seed(cfg.run.seed, tp_rank=0, ep_rank=0, etp_rank=0)
         hf_cfg = model.config
+        # The module decides whether the head is tied, not config.json alone: a checkpoint can say tied and still
+        # load with its own lm_head tensor, which then trains on its own.
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = out is not None and out.weight is emb.weight
+        if bool(getattr(hf_cfg, "tie_word_embeddings", False)) != tied:
+            hf_cfg = copy.deepcopy(hf_cfg)
+            hf_cfg.tie_word_embeddings = tied
+        self._hf_cfg = hf_cfg
         # Selective recompute of core attention: the local spec's unfused attention keeps [b, heads, L, L] scores
         # per layer for backward, which dominates memory at reasoning lengths; recomputing them costs little.
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
@@ -136,7 +145,7 @@ class MegatronTrainEngine(TorchTrainEngine):
         self.gpt.load_state_dict(convert.hf_to_megatron(model.state_dict(), hf_cfg), strict=True)
         # The output layer is bypassed: the response rows of the hidden states go through the chunked head.
         self.gpt.output_layer.forward = lambda x, *a, **k: (x, None)
-        self._tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
+        self._tied = tied
         self._vocab = int(hf_cfg.vocab_size)
         self._params = [p for p in self.gpt.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._params, lr=tc.lr, betas=(float(tc.adam_betas[0]),
@@ -156,7 +165,7 @@ class MegatronTrainEngine(TorchTrainEngine):
         """The Megatron weights in HF names, copied into the HF policy first (what eval and checkpoints read)."""
         from areal_hpc.train.megatron import convert
 
-        hf = convert.megatron_to_hf([self._megatron_state()], self.model.config)
+        hf = convert.megatron_to_hf([self._megatron_state()], self._hf_cfg)
         params = dict(self.model.named_parameters())
         for name in self._hf_names:
             params[name].copy_(hf[name])
