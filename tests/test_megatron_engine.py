@@ -155,3 +155,19 @@ def test_errors_are_one_line(world, monkeypatch):
     monkeypatch.undo()  # the real CUDA check
     with pytest.raises(ValueError, match="trainer.backend=megatron needs a CUDA device"):
         engine.require_cuda(torch.device("cpu"))
+
+
+def test_missing_or_other_megatron_is_one_line(monkeypatch):
+    import sys
+
+    import megatron.core
+
+    from areal_hpc.train.megatron.engine import import_megatron
+
+    monkeypatch.setattr(megatron.core, "__version__", "0.19.2")
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.19\.2 is not supported .*>=0\.16,<0\.17.*\[megatron\]"):
+        import_megatron()
+    monkeypatch.setitem(sys.modules, "megatron.core", None)  # what an environment without it gives
+    with pytest.raises(RuntimeError, match=r"megatron-core does not import .*pip install -e '\.\[megatron\]'.*"
+                                           r"trainer\.backend=torch"):
+        import_megatron()
