@@ -375,8 +375,13 @@ def test_hdf5_transport_can_delete_consumed_shards(job_root):
 def test_preempted_run_resumes_without_losing_or_repeating_prompts(job_root):
     """SIGUSR1 (Slurm's warning before a time limit) mid-run: checkpoint, stop; the same command
     again resumes. The combined log shows every prompt consumed once and the bound held throughout."""
-    name, steps = "preempt", 60
-    proc = subprocess.Popen(train_args(job_root, name, f"run.steps={steps}", "eval.n=50"), cwd=REPO,
+    preempt_and_resume(job_root, "preempt")
+
+
+def preempt_and_resume(job_root: Path, name: str, *overrides: str, steps: int = 60) -> None:
+    """The preemption test's body, for any backend or engine (``overrides``); two rollout ranks. ``steps``: long
+    enough that the run is still going when the signal comes (15 steps in)."""
+    proc = subprocess.Popen(train_args(job_root, name, f"run.steps={steps}", "eval.n=50", *overrides), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_dir = job_root / name
     try:
@@ -398,7 +403,7 @@ def test_preempted_run_resumes_without_losing_or_repeating_prompts(job_root):
     assert first["preempted"] and first["final_version"] < steps
     assert (run_dir / "checkpoints" / "latest.json").exists()
 
-    job = run_train(job_root, name, f"run.steps={steps}", "eval.n=50")
+    job = run_train(job_root, name, f"run.steps={steps}", "eval.n=50", *overrides)
     assert job.rc == 0, job.output[-3000:]
     assert "resuming" in job.output
     rec = check_records(run_dir, eta=4, steps=steps, resumed=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from .conftest import run_train
-from .test_async_loop import assert_learned, check_records
+from .test_async_loop import assert_learned, check_records, preempt_and_resume
 
 pytest.importorskip("megatron.core", reason="needs megatron-core: pip install -e '.[megatron]'")
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(not torch.cuda.is_available(), reason="the megatron backend "
@@ -23,3 +23,10 @@ def test_quickstart_with_the_megatron_backend_learns(job_root):
     assert_learned(rec["summary"])
     assert "megatron-core GPTModel" in (job.run_dir / "logs" / "rank0.log").read_text()
     assert (job.run_dir / "checkpoints" / "final" / "config.json").exists()
+
+
+def test_preempted_megatron_run_resumes_without_losing_or_repeating_prompts(job_root):
+    """The torch backend's preemption guarantees with the megatron backend: its trainer state (Megatron's weights
+    and the optimizer's) in the checkpoint, every prompt consumed once over both attempts, eta held."""
+    preempt_and_resume(job_root, "megatron_preempt", "model.device=cuda", "trainer.backend=megatron",
+                       "rollout.engine=fast", steps=400)
