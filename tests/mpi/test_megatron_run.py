@@ -29,4 +29,4 @@ def test_preempted_megatron_run_resumes_without_losing_or_repeating_prompts(job_
     """The torch backend's preemption guarantees with the megatron backend: its trainer state (Megatron's weights
     and the optimizer's) in the checkpoint, every prompt consumed once over both attempts, eta held."""
     preempt_and_resume(job_root, "megatron_preempt", "model.device=cuda", "trainer.backend=megatron",
-                       "rollout.engine=fast", steps=400)
+                       "rollout.engine=fast", steps=150)
