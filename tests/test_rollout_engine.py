@@ -19,13 +19,7 @@ ATOL = 1e-4
 PROMPTS = ["12+34=", "5*6=", "987-1=", "3=", "44+4=", "1-2=", "7", "123*456="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls are dominated by thread hand-off on a shared CPU; one thread keeps the file fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int) -> torch.nn.Module:

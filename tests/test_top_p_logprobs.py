@@ -30,13 +30,7 @@ TOK = CharTokenizer("0123456789+-*= abcdefghijklmnopqrstuvwxyz")
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls are dominated by thread hand-off on a shared CPU; one thread keeps the file fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_log_mass(z: torch.Tensor, top_p: float) -> torch.Tensor:

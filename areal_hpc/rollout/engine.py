@@ -45,6 +45,18 @@ def run_to_completion(engine: InferenceEngine, requests: list[GenRequest]) -> li
     return sorted(out, key=lambda g: g.request.sample_id)
 
 
+def generate_at_temperature(engine: Any, requests: list[GenRequest], greedy: bool) -> list[Generation]:
+    """``run_to_completion`` with ``engine.temperature`` set to 0 for the call when ``greedy`` (engines whose
+    sampling reads that attribute at each step or submit)."""
+    saved = engine.temperature
+    if greedy:
+        engine.temperature = 0.0
+    try:
+        return run_to_completion(engine, requests)
+    finally:
+        engine.temperature = saved
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return it and its exact log-probability under the sampling distribution.
@@ -191,13 +203,7 @@ class TorchEngine:
     def generate(self, requests: list[GenRequest], greedy: bool = False) -> list[Generation]:
         """Run requests to completion (evaluation); only valid while no other work is in flight."""
         assert not self._live and not self._pending, "generate() needs an idle engine"
-        saved = self.temperature
-        if greedy:
-            self.temperature = 0.0
-        try:
-            return run_to_completion(self, requests)
-        finally:
-            self.temperature = saved
+        return generate_at_temperature(self, requests, greedy)
 
     # -- internals --------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from areal_hpc.api import Generation, GenRequest
 from areal_hpc.config.vllm import VllmConfig
-from areal_hpc.rollout.engine import first_versions, run_to_completion
+from areal_hpc.rollout.engine import first_versions, generate_at_temperature
 from areal_hpc.transport.shm_ring import cleanup_stale
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,7 @@ class VLLMEngine:
 
     def generate(self, requests: list[GenRequest], greedy: bool = False) -> list[Generation]:
         assert not self._live, "generate() needs an idle engine"
-        saved = self.temperature
-        if greedy:
-            self.temperature = 0.0
-        try:
-            return run_to_completion(self, requests)
-        finally:
-            self.temperature = saved
+        return generate_at_temperature(self, requests, greedy)
 
     def warm_up(self) -> float:
         return 0.0  # vLLM captures and compiles while it starts (build_seconds)

@@ -174,6 +174,12 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budg
     t0 = time.perf_counter()
     eng.prepare()  # the bucket variant compiles every bucket here, as the trainer does before step 1
     prepare_s = time.perf_counter() - t0
+    return time_train_engine(eng, samples, steps, warmup, device, prepare_s)
+
+
+def time_train_engine(eng, samples: list[Trajectory], steps: int, warmup: int, device: torch.device,
+                      prepare_s: float) -> dict:
+    """Median optimizer-step and no-grad log-prob seconds of a ``TrainEngine`` on ``samples`` (PPO loss)."""
     rng = np.random.default_rng(0)
     adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
     weight = np.ones(len(samples), np.float32)
@@ -185,17 +191,14 @@ def run_ours(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budg
 
     t_step = timed(step, steps, warmup, device)
     t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
-    out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
-               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"],
-               prepare_s=prepare_s)
-    return out
+    return dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
+                loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"],
+                stream_tokens=stats.get("stream_tokens"), prepare_s=prepare_s)
 
 
 def run_megatron(model: torch.nn.Module, samples: list[Trajectory], budget: int, compute_dtype: str, steps: int,
                  warmup: int) -> dict:
     """The megatron backend (``trainer.backend: megatron``) on the same samples and loss as ``run_ours``."""
-    import socket
-
     import torch.distributed as dist
 
     from areal_hpc.config import Config
@@ -203,31 +206,13 @@ def run_megatron(model: torch.nn.Module, samples: list[Trajectory], budget: int,
 
     device = next(model.parameters()).device
     if not dist.is_initialized():  # the backend's process groups hang off the job's world: a world of one here
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     cfg = Config()
     cfg.trainer.lr, cfg.trainer.token_budget, cfg.trainer.compute_dtype = 1e-6, budget, compute_dtype
     cfg.model.max_seq_len = max(len(s.prompt_tokens) + len(s.response_tokens) for s in samples)
     t0 = time.perf_counter()
     eng = MegatronTrainEngine(model, cfg, pad_id=0)
-    prepare_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    adv = np.where(rng.random(len(samples)) < 0.5, -1.0, 1.0).astype(np.float32)
-    weight = np.ones(len(samples), np.float32)
-    prox = eng.compute_logp(samples)
-    stats: dict = {}
-
-    def step() -> None:
-        stats.update(eng.train_batch(TrainBatch(samples, adv, weight, prox), ppo_loss(eng.cfg)).as_dict())
-
-    t_step = timed(step, steps, warmup, device)
-    t_logp = timed(lambda: eng.compute_logp(samples), max(2, steps // 2), 1, device)
-    out = dict(step_s=float(np.median(t_step)), logp_s=float(np.median(t_logp)), peak_mem_gib=peak_gib(device),
-               loss=stats["loss"], grad_norm=stats["grad_norm"], n_microbatches=stats["n_microbatches"],
-               stream_tokens=stats.get("stream_tokens"), prepare_s=prepare_s)
-    return out
+    return time_train_engine(eng, samples, steps, warmup, device, time.perf_counter() - t0)
 
 
 def profile_step(model: torch.nn.Module, v: Variant, samples: list[Trajectory], budget: int, compute_dtype: str,

@@ -175,7 +175,12 @@ class MegatronTrainEngine(TorchTrainEngine):
         return {"megatron": self._megatron_state(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.gpt.load_state_dict(state["megatron"], strict=False)
+        # The saved state leaves out Megatron's empty ``_extra_state`` entries; anything else missing is an error.
+        missing, unexpected = self.gpt.load_state_dict(state["megatron"], strict=False)
+        bad = [k for k in missing if not k.endswith("._extra_state")] + list(unexpected)
+        if bad:
+            raise ValueError(f"trainer_state.pt does not fit this megatron model ({bad[0]!r} and {len(bad) - 1} more); "
+                             "resume with the model.* settings the run was started with")
         self.optimizer.load_state_dict(state["optimizer"])
         self.parameters_for_sync()
 
