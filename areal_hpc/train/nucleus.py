@@ -13,9 +13,8 @@ this nucleus (a stale sample's) keeps p / m rather than 0, so its weight never b
 
 Cost, only when top_p < 1 (nothing is computed at 1): a top-k of each row (k = ``TOP_K``), which settles every
 row whose k largest probabilities already reach top_p, and a full sort of the other rows (flat distributions),
-a chunk at a time, after one host sync per call to find them. Measured on an H200, 16k rows of a 152k
-vocabulary in bf16 (the packed head): forward 9 -> 29 ms, forward and backward 24 -> 47 ms with every row
-settled by the top-k; each row that needs the sort adds ~21 us.
+a chunk at a time, after one host sync per call to find them. The head costs two to three times as much
+with every row settled by the top-k (figures: docs/gpu-path.md).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch import Tensor
 __all__ = ["SORT_CHUNK_BYTES", "TOP_K", "log_mass", "log_nucleus_mass", "top_k_mass"]
 
 # Largest logits read per row before falling back to a full sort. A top-k costs about the same for any k up to
-# ~1000 (radix select: ~20 ms for 16k rows of a 152k vocabulary in bf16 on an H200, whatever k), so k is large
+# ~1000 (radix select: its time does not grow with k there), so k is large
 # enough to settle nearly every row of an LM's nucleus at top_p ~0.9.
 TOP_K = 1024
 # Memory of one full-sort chunk: its fp32 logits, sorted values, int64 order, probabilities and prefix sums
