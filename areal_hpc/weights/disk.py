@@ -167,11 +167,12 @@ class DiskWeightWriter:
             except BaseException:
                 self._pending = None  # half overwritten: it must not be written under its old version
                 raise
-            src_device = params[0][1].device if params else torch.device("cpu")
+            src_device = params[0][1].device
+            event = None
             if src_device.type == "cuda":  # the thread waits for the copy; this thread does not
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(src_device))
-                self._events[slot] = event
+            self._events[slot] = event
             self._pending = (version, slot)
             self._last_published = version
             self._cond.notify_all()

@@ -1,17 +1,18 @@
 """Disk weight channel per version: what the trainer's step pays, what the disk takes, what a worker waits.
 
-For one model shape (default the Qwen2-0.5B preset, fp32 on CPU), times through ``DiskWeightWriter``
-and ``DiskWeightReader`` (areal_hpc/weights/disk.py):
+For one model shape (default the Qwen2-0.5B preset, fp32 on CPU; ``--device cuda`` for a GPU trainer),
+times through ``DiskWeightWriter`` and ``DiskWeightReader`` (areal_hpc/weights/disk.py):
 
 - publish: the snapshot into the writer's CPU buffers, the only part the training step waits for
   (the first one also allocates the buffers, reported apart);
-- write: the background thread's safetensors write + fsync + rename + pointer, in seconds and MB/s;
+- write: the background thread's safetensors write + fsync + rename + pointer, in seconds and MB/s
+  (from a GPU it includes waiting for the asynchronous copy to finish);
 - load: a reader's background load of that version, once from the page cache (the file was just
   written on this machine) and once after asking the kernel to drop the file's cached pages (what a
   worker on another node pays, to the extent the filesystem honours the hint).
 
 Point ``--dir`` at the shared filesystem the run folder lives on to measure that one. Prints a table,
-writes JSON (default disk_weights_cpu.json in the current folder).
+writes JSON (default disk_weights_<device>.json in the current folder).
 
     python tools/bench/disk_weights.py                 # qwen2-0.5b, fp32, 3 versions
     python tools/bench/disk_weights.py --quick         # a 2-layer slice: seconds, anywhere
@@ -57,7 +58,7 @@ def load_once(directory: Path, version: int) -> float:
 
 def run(args: argparse.Namespace, directory: Path) -> dict:
     shapes = param_shapes(args.preset, args.quick)
-    params = make_params(shapes, torch.float32, "cpu")
+    params = make_params(shapes, torch.float32, args.device)
     writer = DiskWeightWriter(directory, dtype=getattr(torch, args.dtype))
     rows = []
     try:
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
             with torch.no_grad():
                 for _, p in params:
                     p.add_(1e-3)  # an optimizer step between versions
+            if args.device == "cuda":
+                torch.cuda.synchronize()  # time the publish, not the step queued before it
             s0, w0, b0 = writer.seconds_snapshot, writer.seconds_writing, writer.bytes_written
             writer.publish(v, params)
             snapshot_s = writer.seconds_snapshot - s0
@@ -89,8 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a 2-layer slice of the shape")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the file's dtype (trainer parameters are fp32; bfloat16 converts during the snapshot)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the trainer's parameters live (cuda: the snapshot is an asynchronous copy to "
+                         "pinned memory, and publish only queues it)")
     ap.add_argument("--dir", default=None, help="where to write (default a temporary folder under $TMPDIR)")
-    ap.add_argument("--out", default="disk_weights_cpu.json", help="result JSON")
+    ap.add_argument("--out", default=None, help="result JSON (default disk_weights_<device>.json)")
     args = ap.parse_args(argv)
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="disk_weights_"))
@@ -111,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['load_warm_s']:>15.2f} {r['load_cold_s']:>14.2f}")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
               "torch": torch.__version__, "preset": args.preset, "quick": args.quick, "dtype": args.dtype,
-              "dir": str(directory), "cpu_count": os.cpu_count(), "median": med, "rows": rows}
-    out = Path(args.out)
+              "device": args.device, "dir": str(directory), "cpu_count": os.cpu_count(), "median": med, "rows": rows}
+    out = Path(args.out or f"disk_weights_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
