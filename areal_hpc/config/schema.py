@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from areal_hpc.config.cluster import ClusterConfig
+from areal_hpc.config.elastic import ElasticConfig
 from areal_hpc.config.eval import EvalConfig
 from areal_hpc.config.fields import check_choices, need
 from areal_hpc.config.log import LogConfig
@@ -28,7 +29,7 @@ from areal_hpc.config.vllm import VllmConfig
 from areal_hpc.config.warmup import WarmupConfig
 from areal_hpc.config.weights import WeightsConfig
 
-__all__ = ["ClusterConfig", "Config", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig", "RewardConfig",
+__all__ = ["ClusterConfig", "Config", "ElasticConfig", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig", "RewardConfig",
            "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "VllmConfig",
            "WarmupConfig", "WeightsConfig"]
 
@@ -61,6 +62,7 @@ class Config:
     transport: TransportConfig = _section(TransportConfig, "sample transport")
     log: LogConfig = _section(LogConfig, "HDF5 rollout log")
     weights: WeightsConfig = _section(WeightsConfig, "weight broadcast")
+    elastic: ElasticConfig = _section(ElasticConfig, "attached rollout workers")
     eval: EvalConfig = _section(EvalConfig, "held-out evaluation")
 
     def validate(self) -> None:
