@@ -58,6 +58,7 @@ class Trajectory:
     # reward worker pool off the decode loop; NaN where not measured (a schema-1 log).
     reward_seconds: float = 0.0
     reward_timed_out: bool = False  # a time limit cut scoring short: the reward is 0 and says nothing of the answer
+    worker: int = -1  # the attached worker that generated it (elastic/; -1: an in-job rollout rank)
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _array(self.prompt_tokens, np.int32)

@@ -72,6 +72,7 @@ def make_run(root: Path, name: str, eta: int, *, seed: int, finished: bool = Tru
                 "prompt_len": np.full(len(part), 3, np.int32), "response_len": s["response_len"][part],
                 "response_text": [f"{i} ok" for i in part], "answer": [str(i) for i in part],
                 "reward_seconds": s["reward_seconds"][part], "reward_timed_out": s["reward_timed_out"][part],
+                "worker": np.full(len(part), -1, np.int32),
             }
             resp = [rng.integers(0, 50, s["response_len"][i]).astype(np.int32) for i in part]
             versions = [np.sort(rng.integers(0, 1 + s["interruptions"][i], len(r))).astype(np.int32)

@@ -13,7 +13,7 @@ import pytest
 
 from areal_hpc.analysis.cli import main
 from areal_hpc.storage.runlog import RunLog
-from areal_hpc.storage.schema import ADDED_ROW_FIELDS, shard_file_name
+from areal_hpc.storage.schema import ADDED_ROW_FIELDS, SCHEMA_VERSION, shard_file_name
 from areal_hpc.storage.shards import ShardError, read_shard
 from areal_hpc.storage.writers import RolloutLogWriter, TrainerLogWriter
 from areal_hpc.trajectory import TrainStats, Trajectory
@@ -69,7 +69,7 @@ def test_reward_time_round_trips_through_shards_and_the_shard_transport(tmp_path
     trajs = [_traj(i, seconds=0.01 * (i + 1), timed_out=i == 3) for i in range(6)]
     _rollout(tmp_path, trajs)
     shard = read_shard(tmp_path / "rollout_log" / shard_file_name("rollout", 0, 0))
-    assert shard.attrs["schema_version"] == 2
+    assert shard.attrs["schema_version"] == SCHEMA_VERSION
     assert shard.rows["reward_seconds"].dtype == np.float32 and shard.rows["reward_timed_out"].dtype == np.uint8
     source = ShardSource(tmp_path / "rollout_log", 0, retain=True)
     back = source.poll()
@@ -88,7 +88,7 @@ def test_reward_time_round_trips_through_shards_and_the_shard_transport(tmp_path
 
 
 def _to_schema_1(path: Path) -> None:
-    """Rewrite a shard in the layout of schema 1: without the columns schema 2 added."""
+    """Rewrite a shard in the layout of schema 1: without the columns schemas 2 and 3 added."""
     with h5py.File(path, "r+") as f:
         for name in ADDED_ROW_FIELDS["rollout"]:
             del f[name]
@@ -103,15 +103,16 @@ def test_schema_1_shards_still_read(tmp_path: Path) -> None:
     assert np.isnan(shard.rows["reward_seconds"]).all() and shard.rows["reward_seconds"].dtype == np.float32
     assert shard.rows["reward_timed_out"].tolist() == [0] * 4 and shard.rows["reward_timed_out"].dtype == np.uint8
     assert [math.isnan(t.reward_seconds) for t in shard_trajectories(old)] == [True] * 4
+    assert shard.rows["worker"].tolist() == [-1] * 4
     s = RunLog(tmp_path, strict=True).samples()  # a log of both versions, as a resumed run after an upgrade
     assert s["sample_id"].tolist() == list(range(6))
     assert s["reward_seconds"].isna().tolist() == [True] * 4 + [False] * 2
     assert read_shard(old, ["reward_timed_out"]).rows["reward_timed_out"].tolist() == [0] * 4
     new = tmp_path / "rollout_log" / shard_file_name("rollout", 0, 1)
-    with h5py.File(new, "r+") as f:  # a schema-2 shard must have them
+    with h5py.File(new, "r+") as f:  # a shard of the current schema must have them
         del f["reward_seconds"]
     with pytest.raises(ShardError, match=r"rollout-r000-000001.h5: dataset 'reward_seconds' is missing; schema "
-                                         r"version 2 requires it"):
+                                         rf"version {SCHEMA_VERSION} requires it"):
         read_shard(new)
 
 

@@ -272,7 +272,7 @@ def _traj(n_prompt: int, n_resp: int, **fields: object) -> Trajectory:
         "behav_logprobs": -rng.random(n_resp, dtype=np.float32) * 5,
         "versions": rng.integers(0, 100, n_resp).astype(np.int32),
         "reward": 0.1, "t_start": time.time(), "t_end": time.time() + 1.5, "answer_ok": True,
-        "interruptions": 2, "fate": "length", "reward_seconds": 0.734, "reward_timed_out": True,
+        "interruptions": 2, "fate": "length", "reward_seconds": 0.734, "reward_timed_out": True, "worker": 3,
     }
     return Trajectory(**{**base, **fields})
 

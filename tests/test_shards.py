@@ -56,6 +56,7 @@ def rollout_batch(rng: np.random.Generator, first_id: int, n: int, max_prompt: i
         "response_text": [TEXTS[i % len(TEXTS)] + str(i) for i in range(n)],
         "answer": [str(i % 97) for i in range(n)],
         "reward_seconds": rng.exponential(0.1, n).astype(np.float32), "reward_timed_out": rng.random(n) < 0.1,
+        "worker": rng.integers(-1, 4, n).astype(np.int32),
     }
     ragged = {
         "prompt": {"prompt_tokens": split(rng.integers(0, 150_000, int(p_len.sum()), dtype=np.int32), p_len)},

@@ -29,8 +29,8 @@ from areal_hpc.config.vllm import VllmConfig
 from areal_hpc.config.warmup import WarmupConfig
 from areal_hpc.config.weights import WeightsConfig
 
-__all__ = ["ClusterConfig", "Config", "ElasticConfig", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig", "RewardConfig",
-           "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "VllmConfig",
+__all__ = ["ClusterConfig", "Config", "ElasticConfig", "EvalConfig", "LogConfig", "ModelConfig", "PromptConfig",
+           "RewardConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "TransportConfig", "VllmConfig",
            "WarmupConfig", "WeightsConfig"]
 
 

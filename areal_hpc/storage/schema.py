@@ -1,4 +1,4 @@
-"""The HDF5 rollout log's format contract, schema version 2 (docs/rollout-log.md), as constants.
+"""The HDF5 rollout log's format contract, schema version 3 (docs/rollout-log.md), as constants.
 
 Writer, reader and docs all take names and dtypes from here, so the format is defined once. The
 tables are read-only mappings: the contract is not something a caller can change at run time.
@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 #: Version every writer stamps on its shards; readers also accept the older versions in ``READABLE_VERSIONS``.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 ROLLOUT = "rollout"
 TRAINER = "trainer"
@@ -46,7 +46,7 @@ ROW_FIELDS: Mapping[str, Mapping[str, str]] = _ro({
         "sample_id": "int64", "prompt_id": "int64", "group_id": "int64", "rank": "int32", "reward": "float32",
         "answer_ok": "uint8", "t_start": "float64", "t_end": "float64", "interruptions": "int32",
         "prompt_len": "int32", "response_len": "int32", "response_text": STRING, "answer": STRING,
-        "reward_seconds": "float32", "reward_timed_out": "uint8",
+        "reward_seconds": "float32", "reward_timed_out": "uint8", "worker": "int32",
     },
     TRAINER: {
         "step": "int64", "trained_version": "int64", "time": "float64", "loss": "float32", "grad_norm": "float32",
@@ -73,7 +73,7 @@ OFFSETS_DTYPE = "int64"
 #: in its place)}. A schema-1 rollout shard reads ``reward_seconds`` as NaN (not measured) and
 #: ``reward_timed_out`` as 0.
 ADDED_ROW_FIELDS: Mapping[str, Mapping[str, tuple[int, float]]] = _ro({
-    ROLLOUT: {"reward_seconds": (2, float("nan")), "reward_timed_out": (2, 0)},
+    ROLLOUT: {"reward_seconds": (2, float("nan")), "reward_timed_out": (2, 0), "worker": (3, -1)},
     TRAINER: {},
 })
 

@@ -25,12 +25,13 @@ import numpy as np
 from areal_hpc.trajectory import FATES, Trajectory
 
 _MAGIC = 0x4A525441  # b"ATRJ" little-endian
-# 3: reward_seconds and reward_timed_out; 2: the fields of Trajectory, fixed (1 carried free-form extra fields)
-_VERSION = 3
+# 4: worker; 3: reward_seconds and reward_timed_out; 2: the fields of Trajectory, fixed (1 carried free-form
+# extra fields)
+_VERSION = 4
 
 # magic, version, fate (index in FATES, 255: unknown), answer_ok, reward_timed_out, sample_id, prompt_id,
-# group_id, rank, reward, reward_seconds, t_start, t_end, interruptions, producer_full_waits, n_prompt, n_resp
-_HEADER = struct.Struct("<IHBBBqqqqddddIIII")
+# group_id, rank, worker, reward, reward_seconds, t_start, t_end, interruptions, producer_full_waits, n_prompt, n_resp
+_HEADER = struct.Struct("<IHBBBqqqqiddddIIII")
 _NO_FATE = 255
 
 _I32 = np.dtype("<i4")
@@ -57,8 +58,8 @@ def encode_parts(t: Trajectory, producer_full_waits: int = 0) -> list[bytes | me
     try:
         header = _HEADER.pack(_MAGIC, _VERSION, _NO_FATE if t.fate is None else FATES.index(t.fate),
                               bool(t.answer_ok), bool(t.reward_timed_out), t.sample_id, t.prompt_id, t.group_id,
-                              t.rank, float(t.reward), float(t.reward_seconds), float(t.t_start), float(t.t_end),
-                              t.interruptions, producer_full_waits,
+                              t.rank, t.worker, float(t.reward), float(t.reward_seconds), float(t.t_start),
+                              float(t.t_end), t.interruptions, producer_full_waits,
                               t.n_prompt, t.n_response)
     except struct.error as e:
         raise ValueError(f"trajectory {t.sample_id}: a scalar field is out of range: {e}") from e
@@ -77,7 +78,7 @@ def decode(b: bytes | bytearray | memoryview, *, copy: bool = True) -> tuple[Tra
     buf = memoryview(b).cast("B") if not isinstance(b, bytes) else memoryview(b)
     if len(buf) < _HEADER.size:
         raise ValueError(f"trajectory record too short: {len(buf)} bytes < header {_HEADER.size}")
-    (magic, version, fate, answer_ok, timed_out, sample_id, prompt_id, group_id, rank, reward, reward_seconds,
+    (magic, version, fate, answer_ok, timed_out, sample_id, prompt_id, group_id, rank, worker, reward, reward_seconds,
      t_start, t_end, interruptions, waits, n_prompt, n_resp) = _HEADER.unpack_from(buf)
     if magic != _MAGIC:
         raise ValueError(f"not an encoded trajectory (magic {magic:#x})")
@@ -98,7 +99,7 @@ def decode(b: bytes | bytearray | memoryview, *, copy: bool = True) -> tuple[Tra
         raise ValueError(f"trajectory record corrupted: flags answer_ok={answer_ok} reward_timed_out={timed_out}")
     traj = Trajectory(sample_id=sample_id, group_id=group_id, prompt_tokens=arrays[0], response_tokens=arrays[1],
                       behav_logprobs=arrays[2], versions=arrays[3], reward=reward, prompt_id=prompt_id, rank=rank,
-                      answer_ok=bool(answer_ok), t_start=t_start, t_end=t_end, interruptions=interruptions,
+                      worker=worker, answer_ok=bool(answer_ok), t_start=t_start, t_end=t_end, interruptions=interruptions,
                       fate=None if fate == _NO_FATE else FATES[fate], reward_seconds=reward_seconds,
                       reward_timed_out=bool(timed_out))
     return traj, waits
