@@ -99,7 +99,8 @@ def decode(b: bytes | bytearray | memoryview, *, copy: bool = True) -> tuple[Tra
         raise ValueError(f"trajectory record corrupted: flags answer_ok={answer_ok} reward_timed_out={timed_out}")
     traj = Trajectory(sample_id=sample_id, group_id=group_id, prompt_tokens=arrays[0], response_tokens=arrays[1],
                       behav_logprobs=arrays[2], versions=arrays[3], reward=reward, prompt_id=prompt_id, rank=rank,
-                      worker=worker, answer_ok=bool(answer_ok), t_start=t_start, t_end=t_end, interruptions=interruptions,
+                      worker=worker, answer_ok=bool(answer_ok), t_start=t_start, t_end=t_end,
+                      interruptions=interruptions,
                       fate=None if fate == _NO_FATE else FATES[fate], reward_seconds=reward_seconds,
                       reward_timed_out=bool(timed_out))
     return traj, waits
