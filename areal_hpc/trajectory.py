@@ -130,6 +130,7 @@ class StepStats:
     t_data: float  # seconds waiting for complete groups
     t_step: float  # seconds of the whole step
     train: TrainStats  # the train engine's (global over data-parallel ranks)
+    workers: dict[str, float] = field(default_factory=dict)  # attached workers' figures (elastic/planner.py)
 
 
 @dataclass
@@ -169,6 +170,9 @@ def combine(parts: list[StepStats]) -> dict[str, float]:
         "interrupted": sum(p.interrupted for p in parts), "multi_version": sum(p.multi_version for p in parts),
         "t_data": max(p.t_data for p in parts), "t_step": max(p.t_step for p in parts),
     }
+    for p in parts:  # each trainer plans for its own attached workers: their keys do not overlap but the totals'
+        for k, v in p.workers.items():
+            row[k] = row.get(k, 0.0) + v
     trains = [p.train.as_dict() for p in parts]
     for k in trains[0]:
         row[f"train/{k}"] = sum(t[k] for t in trains) / len(trains)

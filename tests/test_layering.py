@@ -24,7 +24,8 @@ The layers, from the bottom; a module may import its own layer and the ones belo
    through ``transport``'s ring). They move data and know neither role's loop.
 3. ``rollout``, ``train``: the two roles, each with its engines and its loop (the trainer's loop, its eval
    and checkpoint calls included). The trainer evaluates through ``rollout``'s generation: same layer, so
-   allowed, as long as no circle.
+   allowed, as long as no circle. ``elastic`` is a role too: the attached rollout worker (built from
+   ``rollout``'s parts) and the trainer's planner of its grants, with the run-folder files they share.
 4. ``analysis``, ``bench``: what reads a finished run (``areal-hpc analyze``) or runs the benchmarks. Above
    the roles so that no role depends on them.
 5. ``launch``: starts processes (mpiexec, srun, submitit), assigns each rank its role and runs it; the only
@@ -50,7 +51,7 @@ LAYERS: list[tuple[str, ...]] = [
      "areal_hpc.phases"),
     ("areal_hpc.comm", "areal_hpc.storage", "areal_hpc.model", "areal_hpc.tasks", "areal_hpc.reward"),
     ("areal_hpc.transport", "areal_hpc.weights"),
-    ("areal_hpc.rollout", "areal_hpc.train"),
+    ("areal_hpc.rollout", "areal_hpc.train", "areal_hpc.elastic"),
     ("areal_hpc.analysis", "areal_hpc.bench"),
     ("areal_hpc.launch",),
     ("areal_hpc.cli",),

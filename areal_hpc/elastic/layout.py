@@ -18,17 +18,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from areal_hpc.storage.checkpoint import ATTACHED_PROMPT_BASE
+
 #: A worker's shards are ``rollout-r{SHARD_INDEX_BASE + worker}-…`` beside the in-job ranks' (``rollout-r000-…``).
 SHARD_INDEX_BASE = 1000
 #: Key of a worker's sample source in a trainer (in-job sources are keyed by MPI rank, far below this).
 SOURCE_BASE = 1_000_000
 #: Prompts granted to attached workers are numbered from here in the task's stream, apart from the in-job ranks'
 #: per-rank streams (prompt = k·n_rollout + index), so a checkpoint's data position stays exact for both.
-PROMPT_BASE = 1 << 40
-#: Sample ids of attached workers: above every in-job id (attempt·10^12 + prompt·G + j).
-SAMPLE_BASE = 1 << 60
-#: Sample ids of one attempt of the run are apart by this much; grant issue numbers fill the rest.
-SAMPLE_ATTEMPT_STRIDE = 1 << 50
+PROMPT_BASE = ATTACHED_PROMPT_BASE
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:

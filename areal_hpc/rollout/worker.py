@@ -17,21 +17,15 @@ from __future__ import annotations
 import logging
 import time
 
-from areal_hpc.api import Generation, GenRequest
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
 from areal_hpc.model.build import load_policy
-from areal_hpc.reward.pool import RewardPool
-from areal_hpc.reward.result import RewardResult
-from areal_hpc.reward.scorer import build_scorer
-from areal_hpc.rollout.build import build_engine
+from areal_hpc.rollout.producer import GroupProducer, granted_sample_base
 from areal_hpc.rollout.staleness import StalenessGate, rank_shares
 from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
-from areal_hpc.tasks import Problem, build_task
-from areal_hpc.tasks.prompt import PromptBuilder
-from areal_hpc.trajectory import RolloutStats, Trajectory
+from areal_hpc.trajectory import RolloutStats
 from areal_hpc.transport.sinks import rollout_sink
 from areal_hpc.weights.select import build_receiver
 
@@ -40,25 +34,21 @@ log = logging.getLogger(__name__)
 SAMPLE_ID_ATTEMPT_STRIDE = 10**12
 
 
-class RolloutWorker:
+class RolloutWorker(GroupProducer):
     def __init__(self, cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFiles, policy_path: str,
                  run_id: str, resume: ResumeState | None = None) -> None:
-        self.cfg, self.ctx = cfg, ctx
+        self.ctx = ctx
         topo = ctx.topo
         self.index = topo.role_rank
         self.n_rollout = topo.n_rollout
-        self.G = cfg.rollout.group_size
-        self.task = build_task(cfg)
-        model, self.tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
-        self.prompts = PromptBuilder(cfg.prompt, self.tok)
-        self.rewards = RewardPool(build_scorer(cfg.reward), cfg.reward.workers, cfg.reward.timeout_s)
+        model, tok = load_policy(policy_path, cfg.model.dtype, cfg.model.device)
+        super().__init__(cfg, model, tok, rank=ctx.rank, worker=-1, seed=cfg.run.seed * 7919 + ctx.rank)
         if self.index == 0 and self.task.train_problem(0).verifier == "code" and cfg.reward.fn is None:
             from areal_hpc.reward.sandbox import isolation_report
 
             gaps = isolation_report()  # said once per run: what this machine cannot isolate from generated code
             if gaps:
                 log.warning("code sandbox: not isolated on this machine: %s", "; ".join(gaps))
-        self.engine = build_engine(cfg, model, self.tok, seed=cfg.run.seed * 7919 + ctx.rank)
         # Collective with trainer 0's build_sender (before the ring attach, which waits on the trainer).
         self.receiver = build_receiver(cfg.weights, ctx, groups.weights, list(model.named_parameters()),
                                        self.engine.device, cfg.run.timeout_s)
@@ -85,18 +75,9 @@ class RolloutWorker:
         else:
             self._next_local_prompt_start = 0
         self.sink = rollout_sink(cfg, ctx, files, run_id, self.trainer)  # waits for the trainer's ring
-        self._groups: dict[int, list[Generation]] = {}
-        self._problems: dict[int, Problem] = {}  # prompt of each group in flight, for the verifier
-        # Groups whose members are all generated, waiting for their rewards (in the order they finished:
-        # group -> members), and each member's result as it comes back from the pool (keyed by sample id).
-        self._scoring: dict[int, list[Generation]] = {}
-        self._scored: dict[int, RewardResult] = {}
-        self._texts: dict[int, str] = {}  # each scored sample's decoded response, by sample id
-        self.reward_seconds = 0.0
-        self.reward_timeouts = 0
-        self._reward_errors: set[str] = set()  # distinct scoring errors already logged (a few, not one per sample)
+        # Prompts a trainer took back from an attached worker that left: (prompt, issue, step), made first.
+        self._grants: list[tuple[int, int, int]] = []
         self._next_local_prompt = self._next_local_prompt_start
-        self.pushed = 0
         self.stop = False
         self.idle_seconds = 0.0
         self.versions_applied = 0
@@ -114,6 +95,11 @@ class RolloutWorker:
                 self.receiver.announce(msg["version"])
             elif kind == "credit":
                 self.gate.credit(msg["groups"])
+            elif kind == "plan":  # the trainer's plan of a step eta+1 versions ahead (workers are attached)
+                self.gate.plan(msg["step"], msg["share"])
+            elif kind == "grant":
+                self.gate.grant(msg["step"], len(msg["prompts"]))
+                self._grants.extend((prompt, issue, msg["step"]) for prompt, issue in msg["prompts"])
             elif kind == "stop":
                 self.stop = True
         self._apply_ready(block=False)
@@ -157,6 +143,12 @@ class RolloutWorker:
 
     # -- generation ---------------------------------------------------------------------------------
     def _admit(self) -> None:
+        eta = self.cfg.rollout.eta
+        while self.engine.free_slots() >= self.G and self._grants and self._grants[0][2] - eta <= self.engine.version:
+            if not self.gate.admit(self.engine.version):
+                break
+            prompt, issue, _ = self._grants.pop(0)
+            self._submit_group(prompt, granted_sample_base(self._attempt, issue, self.G))
         while self.engine.free_slots() >= self.G and self.gate.admit(self.engine.version):
             if self._redo:
                 local = self._redo.pop(0)
@@ -164,79 +156,8 @@ class RolloutWorker:
                 local = self._next_local_prompt
                 self._next_local_prompt += 1
             prompt_index = local * self.n_rollout + self.index
-            problem = self.task.train_problem(prompt_index)
-            self._problems[prompt_index] = problem
-            tokens = self.prompts.ids(problem)
-            self.engine.submit(
-                # ids stay unique across resumed attempts that regenerate the same prompt
-                GenRequest(sample_id=self._attempt * SAMPLE_ID_ATTEMPT_STRIDE + prompt_index * self.G + j,
-                           prompt_id=prompt_index, group_id=prompt_index,
-                           prompt_tokens=tokens, max_tokens=problem.max_tokens)
-                for j in range(self.G)
-            )
-
-    def _finish(self, g: Generation) -> None:
-        """A member is done; once its whole group is, the group goes to the reward pool."""
-        members = self._groups.setdefault(g.request.group_id, [])
-        members.append(g)
-        if len(members) == self.G:
-            gid = g.request.group_id
-            del self._groups[gid]
-            self._scoring[gid] = members
-            problem = self._problems[gid]
-            for m in members:
-                out = self._response(m)
-                text = self._texts[m.request.sample_id] = self.tok.decode(out)  # decoded once, logged at push
-                self.rewards.submit(m.request.sample_id, problem, tuple(out), text)
-
-    def _response(self, g: Generation) -> list[int]:
-        """The response the verifier sees: stop tokens dropped (decoded without special tokens)."""
-        stops = self.tok.stop_ids
-        return [t for t in g.tokens if t not in stops]
-
-    def _collect(self) -> None:
-        """Rewards back from the pool; scored groups go to the trainer in the order they finished generating.
-
-        Why in order: the staleness gate's bound assumes the trainer consumes a rank's groups in the order
-        they were admitted (as generation finishes them). Scores come back from several workers in any
-        order; delivering a later group first would push an earlier one into the next batch, one version
-        staler than the gate allows, and the trainer would reject it.
-        """
-        for sample_id, result in self.rewards.ready():
-            self._note_error(result)
-            self._scored[sample_id] = result
-        while self._scoring:
-            gid, members = next(iter(self._scoring.items()))  # the oldest finished group
-            if not all(m.request.sample_id in self._scored for m in members):
-                return
-            del self._scoring[gid]
-            problem = self._problems.pop(gid)
-            for m in sorted(members, key=lambda x: x.request.sample_id):
-                self._push(m, problem, self._scored.pop(m.request.sample_id))
-
-    def _note_error(self, result: RewardResult) -> None:
-        """A verifier that fails on every sample (a user's reward.fn raising, a sandbox that cannot start)
-        would otherwise only show as rewards of 0: say its first few distinct errors."""
-        broken = result.error.startswith(("reward pool", "reward worker died", "reference answer"))
-        user_fn = self.cfg.reward.fn is not None and bool(result.error)  # wrong answers of the built-in
-        if not (broken or user_fn) or len(self._reward_errors) >= 5:  # verifiers also carry an error: not these
-            return
-        key = result.error[:80]
-        if key not in self._reward_errors:
-            self._reward_errors.add(key)
-            log.warning("reward: a sample scored 0 because its scoring failed: %s", result.error)
-
-    def _push(self, g: Generation, problem: Problem, result: RewardResult) -> None:
-        r = g.request
-        self.reward_seconds += result.seconds
-        self.reward_timeouts += result.timed_out
-        self.sink.put(Trajectory(
-            sample_id=r.sample_id, prompt_id=r.prompt_id, group_id=r.group_id, rank=self.ctx.rank,
-            prompt_tokens=r.prompt_tokens, response_tokens=g.tokens, behav_logprobs=g.logprobs, versions=g.versions,
-            reward=result.reward, answer_ok=result.reward >= 1.0, t_start=g.t_start, t_end=g.t_end,
-            interruptions=g.interruptions, fate=g.fate(self.tok.stop_ids), text=self._texts.pop(r.sample_id),
-            answer=problem.answer, reward_seconds=result.seconds, reward_timed_out=result.timed_out), wait=self.poll)
-        self.pushed += 1
+            # ids stay unique across resumed attempts that regenerate the same prompt
+            self._submit_group(prompt_index, self._attempt * SAMPLE_ID_ATTEMPT_STRIDE + prompt_index * self.G)
 
     def run(self) -> RolloutStats:
         log.info("rollout %d: share %d groups/step, eta %d, feeding trainer %d", self.index, self.gate.share,

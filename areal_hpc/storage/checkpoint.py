@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 LATEST = "latest.json"
+#: Prompts that trainers grant to attached rollout workers (elastic/) are numbered from here, apart from the
+#: in-job ranks' streams, so both data positions come back exactly from one list of consumed prompts.
+ATTACHED_PROMPT_BASE = 1 << 40
 
 
 @dataclass
@@ -45,7 +48,8 @@ class ResumeState:
 
     def rollout_plan(self, index: int, n_rollout: int) -> tuple[list[int], int]:
         """(local prompt numbers to regenerate first, next new local number) for rollout ``index``."""
-        mine = self.consumed_prompts[self.consumed_prompts % n_rollout == index] // n_rollout
+        injob = self.consumed_prompts[self.consumed_prompts < ATTACHED_PROMPT_BASE]
+        mine = injob[injob % n_rollout == index] // n_rollout
         if mine.size == 0:
             return [], 0
         next_k = int(mine.max()) + 1

@@ -134,6 +134,7 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
     phases.add("steps", train_seconds)
     progress.close()
     with phases.time("stop_rollouts"):  # the rollouts' last weight receives and final shard writes
+        worker.close_elastic(preempted)  # attached workers finish their open shard and leave
         stop = worker.stop_rollouts()
         stops = ctx.role_comm.gather(stop, root=0)
         rollout_stats = ctx.world.gather(None, root=0)

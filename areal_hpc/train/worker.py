@@ -8,9 +8,14 @@ it) or down-weighted, and counted either way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import socket
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,17 +24,21 @@ from areal_hpc.api import SampleSource, TrainBatch, TrainEngine
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
+from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles, write_json
+from areal_hpc.elastic.lease import read_leases
+from areal_hpc.elastic.planner import ElasticPlanner, is_attached, source_of
 from areal_hpc.model.build import load_policy
 from areal_hpc.registry import train_backend_factory
-from areal_hpc.rollout.staleness import rank_shares
 from areal_hpc.storage.checkpoint import ResumeState
 from areal_hpc.storage.records import RunFiles
 from areal_hpc.storage.writers import TrainerLogWriter
 from areal_hpc.train.advantages import group_normalized_advantages_flat
 from areal_hpc.train.loss import ppo_loss
 from areal_hpc.trajectory import StepStats, Trajectory
+from areal_hpc.transport.hdf5_source import ShardSource
 from areal_hpc.transport.select import log_attrs
 from areal_hpc.transport.sinks import trainer_sources
+from areal_hpc.weights.disk import DiskWeightWriter
 from areal_hpc.weights.select import build_sender
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,15 @@ log = logging.getLogger(__name__)
 
 class NoDataError(RuntimeError):
     pass
+
+
+def _disk_dtype(cfg: Config) -> torch.dtype | None:
+    """The attached workers' weight files: the rollout's dtype (half the bytes of fp32 masters on a GPU)."""
+    name = cfg.elastic.weights_dtype
+    if name == "auto":
+        name = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else (
+            "bfloat16" if cfg.model.device.startswith("cuda") else cfg.model.dtype)
+    return getattr(torch, name, None)
 
 
 def screen_group(versions: list[np.ndarray], trained_version: int, eta: int, policy: str,
@@ -89,9 +107,20 @@ class TrainerWorker:
         # admission gates use), so a group admitted under the gate's bound is trained within eta versions
         # whatever the ranks' relative speeds (rollout/staleness.py).
         siblings = topo.rollouts_of(ctx.rank)
-        self._quota = dict(zip(siblings, rank_shares(self.local_groups, len(siblings)), strict=True))
-        self._partial: dict[int, list[Trajectory]] = defaultdict(list)
+        self._partial: dict[tuple[int, int], list[Trajectory]] = defaultdict(list)  # (source, group) -> members
         self._ready: list[tuple[int, list[Trajectory]]] = []  # (source rank, complete group)
+        # Rollout workers attached from other jobs (elastic/): their groups are granted by name for a step.
+        self.elastic = ElasticFiles(files.root)
+        self.attempt = resume.attempt + 1 if resume is not None else 0
+        self.planner = ElasticPlanner(
+            cfg, self.elastic, trainer_index=topo.role_rank, n_trainer=topo.n_trainer, injob=siblings,
+            groups_per_step=self.local_groups, attempt=self.attempt, version=self.version,
+            consumed=resume.consumed_prompts if resume is not None else np.zeros(0, np.int64), send=ctx.send)
+        self._granted: dict[int, tuple[int, list[Trajectory]]] = {}  # prompt -> (source, group) of a grant
+        self._disk: DiskWeightWriter | None = None  # trainer 0, once a worker is attached
+        self._run_record: dict | None = None
+        if ctx.rank == 0:
+            self._open_for_workers(policy_path, run_id)
         self.popped = dict.fromkeys(self.sources, 0)
         self.rejected_total = 0
         self.downweighted_total = 0
@@ -106,22 +135,81 @@ class TrainerWorker:
                 n += 1
         return n
 
-    def _add(self, src: int, t: Trajectory) -> None:
-        """File a sample under its group; a group is ready once all its members are in."""
-        self.popped[src] += 1
-        group = self._partial[t.group_id]
-        group.append(t)
-        if len(group) == self.G:
-            self._ready.append((src, self._partial.pop(t.group_id)))
+    def _drain_source(self, src: int) -> None:
+        source = self.sources.get(src)
+        if source is not None:
+            for t in source.poll():
+                self._add(src, t)
 
-    def _oldest_ready(self, taken: dict[int, int]) -> int | None:
+    def _add(self, src: int, t: Trajectory) -> None:
+        """File a sample under its group; a group is ready once all its members are in. A granted prompt's
+        group waits for its step by name; one whose grant moved to another producer is dropped."""
+        self.popped[src] += 1
+        key = (src, t.group_id)
+        group = self._partial[key]
+        group.append(t)
+        if len(group) < self.G:
+            return
+        members = self._partial.pop(key)
+        if is_attached(src) or self.planner.is_grant(t.group_id):
+            if self.planner.arrived(src, t.group_id):
+                self._granted[t.group_id] = (src, members)
+        else:
+            self._ready.append((src, members))
+
+    def _look_for_workers(self, waiting_step: int | None = None, waited_s: float = 0.0) -> None:
+        """New attached workers get a shard source; trainer 0 keeps the run's record fresh and, while any
+        worker is attached, writes each version to the disk channel (the first at once)."""
+        new = self.planner.maintain(self._drain_source, waiting_step, waited_s)
+        if new is None:  # not time to look yet
+            return
+        for wid in new:
+            src = source_of(wid)
+            self.sources[src] = ShardSource(self.files.rollout_log, SHARD_INDEX_BASE + wid, retain=True,
+                                            poll_s=self.cfg.transport.poll_s)
+            self.popped[src] = 0
+        if self.ctx.rank == 0:
+            self._renew_run_record()
+            if self._disk is None and any(lease.attempt == self.attempt and lease.state != "left"
+                                          for lease in read_leases(self.elastic).values()):
+                self._disk = DiskWeightWriter(self.elastic.weights, dtype=_disk_dtype(self.cfg))
+                self._disk.publish(self.version, self.engine.parameters_for_sync())
+
+    def _open_for_workers(self, policy_path: str, run_id: str) -> None:
+        """``elastic/run.json``: this run takes attached workers (``areal-hpc attach``); what they need to start."""
+        self.elastic.workers.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.elastic.weights, ignore_errors=True)  # an earlier attempt's versions (perhaps newer)
+        self._run_record = {
+            "run_id": run_id, "attempt": self.attempt, "state": "running", "policy": str(Path(policy_path).resolve()),
+            "config_sha": hashlib.sha256(self.files.config.read_bytes()).hexdigest(), "time": time.time(),
+            "host": socket.gethostname(), "pid": os.getpid(), "version": self.version}
+        write_json(self.elastic.run, self._run_record)
+        self._record_at = time.monotonic()
+
+    def _renew_run_record(self, state: str | None = None) -> None:
+        rec = self._run_record
+        if rec is None or (state is None and time.monotonic() - self._record_at < self.cfg.elastic.heartbeat_s):
+            return
+        rec.update(time=time.time(), version=self.version, state=state or rec["state"])
+        write_json(self.elastic.run, rec)
+        self._record_at = time.monotonic()
+
+    def close_elastic(self, preempted: bool) -> None:
+        """The run's end (or requeue) for attached workers: they finish their open shard and leave."""
+        if self.ctx.rank != 0:
+            return
+        self._renew_run_record("requeued" if preempted else "ended")
+        if self._disk is not None:
+            self._disk.close()
+
+    def _oldest_ready(self, taken: dict[int, int], quota: dict[int, int]) -> int | None:
         """Index of the ready group with the oldest token version (FIFO among equals) among the rollout ranks
         whose share of this step is not yet taken; None when no ready group may be taken now.
 
         A rank that delivers faster does not get more of the step: its extra groups wait for the next step,
         and the slower rank's groups are not pushed a version later (what the admission bound assumes).
         """
-        eligible = [i for i, (src, _) in enumerate(self._ready) if taken.get(src, 0) < self._quota.get(src, 1 << 62)]
+        eligible = [i for i, (src, _) in enumerate(self._ready) if taken.get(src, 0) < quota.get(src, 1 << 62)]
         if not eligible:
             return None
         return min(eligible, key=lambda i: (self._ready[i][1][0].oldest_version, i))
@@ -137,9 +225,13 @@ class TrainerWorker:
         deadline = time.monotonic() + self.cfg.run.timeout_s
         t0 = time.perf_counter()
         taken: dict[int, int] = {}  # accepted groups per rollout rank in this step
+        quota = self.planner.injob_quota(self.version)
+        waited_since = time.monotonic()
         while len(accepted) < self.local_groups * self.G:
             self._drain()  # everything that has arrived, so the oldest-first choice sees it all
-            if self._oldest_ready(taken) is None:
+            self._look_for_workers(self.version, time.monotonic() - waited_since)
+            due = [p for p in self.planner.grants_for(self.version) if p in self._granted]
+            if not due and self._oldest_ready(taken, quota) is None:
                 for src, msg in self.ctx.poll():
                     raise RuntimeError(f"trainer {self.ctx.rank}: unexpected {msg} from rank {src} during training")
                 if time.monotonic() > deadline:
@@ -149,7 +241,21 @@ class TrainerWorker:
                     )
                 time.sleep(0.0005)
                 continue
-            while len(accepted) < self.local_groups * self.G and (i := self._oldest_ready(taken)) is not None:
+            deadline = time.monotonic() + self.cfg.run.timeout_s
+            for prompt in due:  # granted groups: trained at their step, by name
+                src, group = self._granted.pop(prompt)
+                stale, group_weights = screen_group([s.versions for s in group], self.version, eta, policy,
+                                                    self.cfg.trainer.stale_weight)
+                self._consumed.append(prompt)
+                self.planner.judged(prompt, stale, rejected=group_weights is None)
+                if group_weights is None:
+                    rejected.extend((s.sample_id, st) for s, st in zip(group, stale))
+                    continue
+                waited_since = time.monotonic()
+                accepted.extend(group)
+                staleness.extend(stale)
+                weights.extend(group_weights)
+            while len(accepted) < self.local_groups * self.G and (i := self._oldest_ready(taken, quota)) is not None:
                 src, group = self._ready.pop(i)
                 stale, group_weights = screen_group([s.versions for s in group], self.version, eta, policy,
                                                     self.cfg.trainer.stale_weight)
@@ -158,6 +264,7 @@ class TrainerWorker:
                     rejected.extend((s.sample_id, st) for s, st in zip(group, stale))
                     self.ctx.send(src, {"type": "credit", "groups": 1})
                     continue
+                waited_since = time.monotonic()
                 taken[src] = taken.get(src, 0) + 1
                 accepted.extend(group)
                 staleness.extend(stale)
@@ -182,10 +289,17 @@ class TrainerWorker:
                                         self.loss_fn)
         trained_version = self.version
         self.version += 1
+        # Plan the step eta+1 versions ahead before announcing the version that lets producers reach it.
+        self.planner.step_done(time.perf_counter() - t0, self.version)
         if self.sender is not None:
             self.sender.send(self.engine.parameters_for_sync())
             for r in self.ctx.topo.rollout_ranks:
                 self.ctx.send(r, {"type": "weights", "version": self.version})
+        if self._disk is not None:
+            self._disk.publish(self.version, self.engine.parameters_for_sync())
+            self._disk.prune(v for lease in read_leases(self.elastic).values()
+                             if not lease.expired(time.time(), self.cfg.elastic.lease_s) and lease.state != "left"
+                             for v in lease.held_versions())
         self.steps_log.add(trained_version + 1, trained_version, stats, [b.sample_id for b in batch], staleness,
                            weights, [i for i, _ in rejected], [st for _, st in rejected])
         return StepStats(
@@ -195,7 +309,8 @@ class TrainerWorker:
             ring_full_waits=sum(s.full_waits for s in self.sources.values()),
             interrupted=sum(b.interruptions > 0 for b in batch),
             multi_version=sum(len(set(b.versions.tolist())) > 1 for b in batch),
-            t_data=t_data, t_step=time.perf_counter() - t0, train=stats)
+            t_data=t_data, t_step=time.perf_counter() - t0, train=stats,
+            workers=self.planner.metrics() if self.planner.workers else {})
 
     def consumed_prompts(self) -> np.ndarray:
         return np.asarray(self._consumed, dtype=np.int64)
@@ -207,7 +322,8 @@ class TrainerWorker:
                 self.ctx.send(r, {"type": "stop"})
         expected: dict[int, int] = {}
         deadline = time.monotonic() + 120.0
-        while len(expected) < len(self.popped) or any(self.popped[r] < n for r, n in expected.items()):
+        injob = [r for r in self.popped if not is_attached(r)]
+        while len(expected) < len(injob) or any(self.popped[r] < n for r, n in expected.items()):
             for src, msg in self.ctx.poll():
                 if msg["type"] == "stopped":
                     expected[src] = msg["pushed"]
@@ -215,7 +331,10 @@ class TrainerWorker:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"trainer {self.ctx.rank}: rollout ranks did not stop within 120 s")
                 time.sleep(0.001)
+        for src in [s for s in self.sources if is_attached(s)]:
+            self._drain_source(src)  # what attached workers delivered by now; the rest they keep in their log
         leftover = [s.sample_id for _, g in self._ready for s in g]
+        leftover += [s.sample_id for _, g in self._granted.values() for s in g]
         leftover += [s.sample_id for g in self._partial.values() for s in g]
         self.steps_log.flush(leftover=leftover)
         if self.sender is not None:
