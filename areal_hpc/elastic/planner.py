@@ -90,7 +90,7 @@ class ElasticPlanner:
         self.grants: dict[int, Grant] = {}  # prompt -> its live grant
         self.by_step: dict[int, set[int]] = {}  # step -> prompts granted for it
         self.workers: dict[int, Attached] = {}
-        self.planned_until = version + self.eta  # steps up to here keep the static shares (nobody attached yet)
+        self.planned_until = version + self.eta + 1  # up to here the static shares stand (nobody attached yet)
         self._issue = 0
         mine = consumed[(consumed >= PROMPT_BASE) & ((consumed - PROMPT_BASE) % n_trainer == trainer_index)]
         ks = (mine - PROMPT_BASE) // n_trainer
