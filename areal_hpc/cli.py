@@ -13,6 +13,7 @@ import sys
 
 from areal_hpc.analysis.cli import add_parser as add_analyze
 from areal_hpc.bench import add_parser as add_bench
+from areal_hpc.launch.attach import add_parser as add_attach
 from areal_hpc.launch.clean import add_parser as add_clean
 from areal_hpc.launch.evaluate import add_parser as add_eval
 from areal_hpc.launch.status import add_parser as add_status
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="areal-hpc", description="Fully asynchronous RL for LLMs on Slurm/MPI")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_eval, add_analyze, add_submit, add_status, add_clean, add_bench):
+    for add in (add_train, add_eval, add_analyze, add_submit, add_attach, add_status, add_clean, add_bench):
         add(sub)
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,10 @@ started with ``train`` or ``submit --local`` have no scheduler, so their state i
 - FAILED: a rank recorded an error (``errors/``), or the ranks are gone without a summary; the detail says why;
 - DONE: ``summary.json`` of a finished run; PENDING: nothing started yet.
 
+A run with attached rollout workers (``areal-hpc attach``) also gets a table of them, from their leases in
+``RUN/elastic/workers/``: starting, ready, left (with why) or expired (no heartbeat within the run's
+``elastic.lease_s``: killed, or its node is gone), its weights version, samples and samples/s over its uptime.
+
 Exit codes: 0 shown; 2 the path is not a sweep or run folder.
 """
 
@@ -31,6 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from areal_hpc.config import load_config
+from areal_hpc.config.elastic import ElasticConfig
+from areal_hpc.elastic.layout import ElasticFiles
+from areal_hpc.elastic.lease import read_leases
 from areal_hpc.launch.failure import first_failure
 from areal_hpc.launch.preempt import resume_command
 from areal_hpc.launch.run_dir import SUBMIT_FILE, SWEEP_FILE
@@ -285,6 +293,73 @@ def format_table(rows: list[RunStatus]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class WorkerStatus:
+    """One attached worker, from its last lease."""
+
+    worker: int
+    job: str
+    host: str
+    state: str  # starting | ready | left | expired
+    version: int  # weights version its engine runs (-1: none loaded yet)
+    samples: int
+    samples_per_s: float | None  # over its uptime; None before its first heartbeat after the start
+    uptime_s: float  # from its start to its last heartbeat
+    heartbeat_age_s: float
+    reason: str = ""  # why it left
+
+
+def _lease_s(run_dir: Path) -> float:
+    """The run's ``elastic.lease_s``; the default when its config does not load here (a model path of another
+    machine): the table is still worth showing."""
+    try:
+        return load_config(run_dir / "config.yaml").elastic.lease_s
+    except (ValueError, OSError):
+        return ElasticConfig().lease_s
+
+
+def workers(run_dir: Path, now: float | None = None) -> list[WorkerStatus]:
+    """The run's attached workers, by id; empty when none ever attached."""
+    files = ElasticFiles(run_dir)
+    leases = read_leases(files)
+    if not leases:
+        return []
+    now = time.time() if now is None else now
+    lease_s = _lease_s(run_dir)
+    rows = []
+    for wid, lease in sorted(leases.items()):
+        uptime = max(0.0, lease.time - lease.started)
+        rows.append(WorkerStatus(
+            worker=wid, job=lease.job, host=_short(lease.host),
+            state="expired" if lease.expired(now, lease_s) else lease.state, version=lease.version,
+            samples=lease.samples, samples_per_s=lease.samples / uptime if uptime > 0 else None, uptime_s=uptime,
+            heartbeat_age_s=max(0.0, now - lease.time), reason=lease.reason))
+    return rows
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_workers(name: str, rows: list[WorkerStatus]) -> str:
+    header = ("worker", "job", "host", "state", "version", "samples", "samples/s", "uptime", "heartbeat", "reason")
+    body = [(f"w{r.worker:04d}", r.job, r.host, r.state, "-" if r.version < 0 else str(r.version), str(r.samples),
+             "-" if r.samples_per_s is None else f"{r.samples_per_s:.2f}", _duration(r.uptime_s),
+             f"{r.heartbeat_age_s:.0f}s ago", r.reason) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    lines = [f"attached workers of {name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *body)]
+    return "\n".join(lines)
+
+
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, metavar="SWEEP_DIR|RUN_DIR", help="folder printed by `areal-hpc submit`")
     p.add_argument("--format", choices=("table", "json"), default="table", help="aligned text or one JSON list")
@@ -305,8 +380,14 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
+    attached = {r.run_dir: workers(Path(r.run_dir)) for r in rows}
     if args.format == "json":
-        print(json.dumps(strict_json([asdict(r) for r in rows]), indent=2, allow_nan=False))
+        out = [{**asdict(r), "workers": [asdict(w) for w in attached[r.run_dir]]} if attached[r.run_dir] else asdict(r)
+               for r in rows]
+        print(json.dumps(strict_json(out), indent=2, allow_nan=False))
     else:
         print(format_table(rows))
+        for r in rows:
+            if attached[r.run_dir]:
+                print(f"\n{format_workers(r.name, attached[r.run_dir])}")
     return 0
