@@ -238,8 +238,8 @@ def _options(args: argparse.Namespace) -> AttachOptions:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        opts = _options(args)
         cfg = check_attachable(args.run_dir, args.overrides)
+        opts = _options(args)
     except (AttachError, UsageError) as e:
         print(f"areal-hpc: {e}", file=sys.stderr)
         return 2
