@@ -27,6 +27,9 @@ BENCHES = {
                        "sample"),
     "proximal": ("proximal_pass.py", "proximal log-probs from the training forward vs a separate pass (any config)"),
     "shard-io": ("shard_io.py", "HDF5 rollout-shard write/read speed vs a plain file"),
+    "disk-weights": ("disk_weights.py", "disk weight channel: the step's publish stall, write MB/s, a worker's "
+                     "load time"),
+    "elastic": ("elastic_attach.py", "samples/s of a run with 0, 1, 2, ... attached rollout workers, side by side"),
 }
 
 # Where an editable install (or running from the checkout) finds the scripts: the checkout's root is two

@@ -25,7 +25,7 @@ class Lease:
     attempt: int  # the run's attempt the worker registered with (a requeued run starts a new one)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
-    job: str = field(default_factory=lambda: os.environ.get("SLURM_JOB_ID", "local"))
+    job: str = field(default_factory=lambda: slurm_job_name())
     state: State = "starting"
     version: int = -1  # the weights version its engine runs (-1: none loaded yet)
     loading: int = -1  # the version being read from disk (-1: none), kept from pruning
@@ -40,6 +40,15 @@ class Lease:
 
     def expired(self, now: float, lease_s: float) -> bool:
         return self.state != "left" and now - self.time > lease_s
+
+
+def slurm_job_name() -> str:
+    """``ARRAY_TASK`` for an array task (what squeue shows, and what scancel takes for this task alone: the first
+    task's own job id is the array's, which scancel would take as every task), else the job id, else ``local``."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "local")
 
 
 def register(files: ElasticFiles, attempt: int) -> Lease:

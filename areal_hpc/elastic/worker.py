@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from areal_hpc.config import Config
 from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles, read_json
@@ -169,6 +172,13 @@ def _setup_logging(run_files: RunFiles, wid: int, level: str) -> None:
     root.addHandler(sh)
 
 
+def _threads() -> int:
+    """CPU threads for the worker's torch: its Slurm task's cores, else a quarter of the machine's (a worker
+    attached here shares the machine with the run's own ranks)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(cpus) if cpus.isdigit() and int(cpus) > 0 else max(1, (os.cpu_count() or 4) // 4)
+
+
 def run_worker(run_dir: Path, overrides: list[str]) -> int:
     """Attach one rollout worker to the run in ``run_dir`` and work until it leaves; its exit status."""
     from areal_hpc.elastic.attachable import check_attachable
@@ -179,6 +189,7 @@ def run_worker(run_dir: Path, overrides: list[str]) -> int:
     record = read_json(files.run) or {}
     lease = register(files, int(record["attempt"]))
     _setup_logging(RunFiles(run_dir), lease.worker, cfg.run.log_level)
+    torch.set_num_threads(_threads())
     leaving: list[str] = []
 
     def on_signal(signum: int, _frame) -> None:  # only a flag: the loop leaves between two decode steps

@@ -67,8 +67,10 @@ def test_attached_array_workers_killed_and_preempted_lose_and_repeat_nothing(slu
                            lease["state"] == "ready" and _shards(run_dir, w) for w, lease in ls.items()) and ls,
                        180, main)
         killed, preempted = sorted(leases)
-        subprocess.run(["scancel", "--signal=KILL", leases[killed]["job"]], env=slurm_env, check=True, timeout=30)
-        subprocess.run(["scancel", "--signal=TERM", leases[preempted]["job"]], env=slurm_env, check=True, timeout=30)
+        # To the job step (submitit's srun): scancel --signal=KILL to a job is a cancel (TERM first, KILL later).
+        for wid, sig in ((killed, "KILL"), (preempted, "TERM")):
+            subprocess.run(["scancel", f"--signal={sig}", f"{leases[wid]['job']}.0"], env=slurm_env, check=True,
+                           timeout=30)
         out, _ = main.communicate(timeout=400)
     finally:
         if main.poll() is None:
