@@ -23,8 +23,11 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,12 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from areal_hpc.api import LossFn, TrainBatch
 from areal_hpc.config import Config
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.train.engine import TorchTrainEngine
+from areal_hpc.train.megatron.shapes import MegatronShape
 from areal_hpc.train.packed import autocast_for, resolve_compute_dtype, response_logprobs
 from areal_hpc.train.packing import pad_microbatch
-from areal_hpc.trajectory import Trajectory
+from areal_hpc.trajectory import TrainStats, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +81,62 @@ def require_cuda(device: torch.device) -> None:
                          f"trainer is on {device}; set model.device=cuda, or trainer.backend=torch")
 
 
-def _groups(tp: int, pp: int, dp_group: dist.ProcessGroup | None) -> Any:
-    """Megatron's process groups over this trainer rank (model parallel of size 1, the job's trainer DP group)."""
+@dataclass(frozen=True)
+class _Groups:
+    """This trainer rank's place in the layout and the torch.distributed groups that go with it."""
+
+    pgc: Any  # megatron's ProcessGroupCollection
+    tp: dist.ProcessGroup  # this model replica's tensor-parallel ranks
+    dp: dist.ProcessGroup | None  # the same tensor-parallel rank of every replica (None: one replica)
+    tp_rank: int
+    tp_size: int
+
+
+def _groups(tp: int, pp: int, dp_group: dist.ProcessGroup | None) -> _Groups:
+    """Megatron's process groups over the trainer ranks (``tp.layout``): ``dp_group`` holds every trainer rank
+    (the worker's data-parallel group; None with one trainer).
+
+    Groups are made with local synchronisation, so the rollout ranks (in the same world) take no part; every
+    trainer rank walks the whole layout in the same order, as torch requires for overlapping groups made that
+    way (a rank outside a group returns at once)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    if tp != 1 or pp != 1:
-        raise ValueError(f"trainer.tensor_parallel={tp} trainer.pipeline_parallel={pp}: the megatron backend runs one "
-                         "model replica per trainer rank for now (data parallel over the trainer ranks); set "
-                         "trainer.tensor_parallel=1 trainer.pipeline_parallel=1")
+    from areal_hpc.train.megatron.tp import layout
+
+    if pp != 1:
+        raise ValueError(f"trainer.pipeline_parallel={pp}: the megatron backend has no pipeline schedule yet (tensor "
+                         "and data parallel only); set trainer.pipeline_parallel=1")
+    trainers = dist.get_process_group_ranks(dp_group) if dp_group is not None else [dist.get_rank()]
+    tp_layout, dp_layout = layout(len(trainers), tp)
     from megatron.core import parallel_state
 
     # The local spec's attention takes its scratch tensors from Megatron's process-wide buffer, which
     # initialize_model_parallel would create; that call builds groups over the whole job (rollout ranks too).
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
-    own = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    me = dist.get_rank()
+    own = dist.new_group([me], use_local_synchronization=True)
+    tp_group = own
+    if tp > 1:
+        for members in tp_layout:
+            g = dist.new_group([trainers[i] for i in members], use_local_synchronization=True)
+            if me in (trainers[i] for i in members):
+                tp_group = g
+    dp = dp_group
+    if tp > 1:
+        dp = None
+        if len(dp_layout[0]) > 1:
+            for members in dp_layout:
+                g = dist.new_group([trainers[i] for i in members], use_local_synchronization=True)
+                if me in (trainers[i] for i in members):
+                    dp = g
     pgc = ProcessGroupCollection()
-    for name in ("tp", "pp", "mp", "cp", "tp_cp", "embd", "pos_embd", "ep", "expt_tp", "tp_ep", "tp_ep_pp",
-                 "expt_dp"):
+    for name in ("pp", "cp", "embd", "pos_embd", "ep"):
         setattr(pgc, name, own)
-    pgc.dp = pgc.dp_cp = pgc.intra_dp_cp = dp_group if dp_group is not None else own
-    return pgc
+    for name in ("tp", "mp", "tp_cp", "expt_tp", "tp_ep", "tp_ep_pp"):
+        setattr(pgc, name, tp_group)
+    pgc.dp = pgc.dp_cp = pgc.intra_dp_cp = pgc.expt_dp = dp if dp is not None else own
+    return _Groups(pgc=pgc, tp=tp_group, dp=dp, tp_rank=dist.get_rank(tp_group), tp_size=tp)
 
 
 class MegatronTrainEngine(TorchTrainEngine):
@@ -121,8 +161,6 @@ class MegatronTrainEngine(TorchTrainEngine):
         self.packing = "padded"
         self.compute_dtype = resolve_compute_dtype(tc.compute_dtype, device)
         self._packed, self._share_ok, self._stream_tokens = None, False, 0
-        pgc = _groups(tc.tensor_parallel, tc.pipeline_parallel, dp_group)
-        model_parallel_cuda_manual_seed(cfg.run.seed, tp_rank=0, ep_rank=0, etp_rank=0)
         hf_cfg = model.config
         # The module decides whether the head is tied, not config.json alone: a checkpoint can say tied and still
         # load with its own lm_head tensor, which then trains on its own.
@@ -132,49 +170,101 @@ class MegatronTrainEngine(TorchTrainEngine):
             hf_cfg = copy.deepcopy(hf_cfg)
             hf_cfg.tie_word_embeddings = tied
         self._hf_cfg = hf_cfg
+        check_model_layout(hf_cfg, tc.tensor_parallel, tc.pipeline_parallel)
+        groups = _groups(tc.tensor_parallel, tc.pipeline_parallel, dp_group)
+        self._tp, self._tp_rank, self._tp_size = groups.tp, groups.tp_rank, groups.tp_size
+        self.dp_group = groups.dp  # gradients and token counts are summed over the replicas only
+        model_parallel_cuda_manual_seed(cfg.run.seed, tp_rank=self._tp_rank, ep_rank=0, etp_rank=self._tp_rank)
         # Selective recompute of core attention: the local spec's unfused attention keeps [b, heads, L, L] scores
         # per layer for backward, which dominates memory at reasoning lengths; recomputing them costs little.
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
             if tc.activation_checkpointing else dict(recompute_granularity="selective")
         if device.type != "cuda":  # megatron's recompute saves and restores the CUDA RNG state
             recompute = {}
-        mcfg = convert.model_config(hf_cfg, params_dtype=torch.float32, gradient_accumulation_fusion=False,
-                                    **recompute)
-        self.gpt = GPTModel(config=mcfg, transformer_layer_spec=convert.layer_spec(), pg_collection=pgc,
-                            **convert.gpt_kwargs(hf_cfg, max_sequence_length=cfg.model.max_seq_len)).to(device)
-        self.gpt.load_state_dict(convert.hf_to_megatron(model.state_dict(), hf_cfg), strict=True)
+        tp = self._tp_size
+        mcfg = convert.model_config(hf_cfg, params_dtype=torch.float32, tp_size=tp,
+                                    gradient_accumulation_fusion=False, **recompute)
+        self.gpt = GPTModel(config=mcfg, transformer_layer_spec=convert.layer_spec(), pg_collection=groups.pgc,
+                            **convert.gpt_kwargs(hf_cfg, tp_size=tp, max_sequence_length=cfg.model.max_seq_len)
+                            ).to(device)
+        self.gpt.load_state_dict(convert.hf_to_megatron(model.state_dict(), hf_cfg, tp_size=tp,
+                                                        tp_rank=self._tp_rank), strict=True)
         # The output layer is bypassed: the response rows of the hidden states go through the chunked head.
         self.gpt.output_layer.forward = lambda x, *a, **k: (x, None)
         self._tied = tied
         self._vocab = int(hf_cfg.vocab_size)
-        self._params = [p for p in self.gpt.parameters() if p.requires_grad]
+        # this rank's rows of the (padded) vocabulary; rows past the HF vocabulary are never sampled
+        per_rank = MegatronShape.of(hf_cfg).padded_vocab(tp) // tp
+        self._vocab_start, self._vocab_width = self._tp_rank * per_rank, per_rank
+        self._vocab_rows = max(0, min(per_rank, self._vocab - self._vocab_start))
+        named = [(name, p) for name, p in self.gpt.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in named]
+        split = convert.split_names(hf_cfg) if tp > 1 else set()
+        self._sharded = [name in split for name, _ in named]
         self.optimizer = torch.optim.AdamW(self._params, lr=tc.lr, betas=(float(tc.adam_betas[0]),
                                            float(tc.adam_betas[1])), eps=tc.adam_eps, weight_decay=tc.weight_decay,
                                            fused=device.type == "cuda")
         self._hf_names = [n for n, _ in model.named_parameters()]
         n = sum(p.numel() for p in self._params)
-        log.info("trainer: megatron-core GPTModel (%s, %.1fM parameters, padded micro-batches, compute %s)",
-                 type(hf_cfg).__name__, n / 1e6, str(self.compute_dtype).removeprefix("torch."))
+        log.info("trainer: megatron-core GPTModel (%s, %.1fM parameters on this rank, tensor parallel %d, padded "
+                 "micro-batches, compute %s)", type(hf_cfg).__name__, n / 1e6, tp,
+                 str(self.compute_dtype).removeprefix("torch."))
 
     # -- api.TrainEngine ------------------------------------------------------------------------------
     def prepare(self) -> None:
         pass  # eager modules: nothing to compile ahead
 
     @torch.no_grad()
-    def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
-        """The Megatron weights in HF names, copied into the HF policy first (what eval and checkpoints read)."""
-        from areal_hpc.train.megatron import convert
+    def compute_logp(self, samples: list[Trajectory]) -> list[np.ndarray]:
+        """This rank's samples' log-probs; under tensor parallelism the forward runs on the union of the group's
+        samples (every rank of a replica must run the same forward), and each rank keeps its own."""
+        if self._tp_size == 1:
+            return super().compute_logp(samples)
+        parts = self._gather_objects(samples)
+        out = super().compute_logp([s for p in parts for s in p])
+        a = sum(len(p) for p in parts[:self._tp_rank])
+        return out[a:a + len(samples)]
 
-        hf = convert.megatron_to_hf([self._megatron_state()], self._hf_cfg)
+    def train_batch(self, batch: TrainBatch, loss_fn: LossFn) -> TrainStats:
+        """The torch trainer's step (token-mean loss over the global batch, gradients summed over the
+        data-parallel replicas), on the union of the tensor-parallel group's batches: each trainer rank still
+        collects its own groups, and a replica trains on all of its ranks' groups at once. The global token count
+        is then summed over replicas, not ranks, so the loss is exactly the one-rank loss of the same total batch.
+        Afterwards the new weights are gathered into the HF policy on every rank (``parameters_for_sync``)."""
+        own = sum(s.n_response for s in batch.samples)
+        if self._tp_size > 1:
+            parts = self._gather_objects(batch)
+            batch = TrainBatch([s for p in parts for s in p.samples],
+                               np.concatenate([p.advantages for p in parts]),
+                               np.concatenate([p.sample_weight for p in parts]),
+                               None if parts[0].prox_logp is None else [x for p in parts for x in p.prox_logp])
+        stats = super().train_batch(batch, loss_fn)
+        self._publish()
+        return dataclasses.replace(stats, n_tokens=own)
+
+    def parameters_for_sync(self) -> list[tuple[str, Tensor]]:
+        """The HF policy's parameters, which hold the trained weights (gathered from the tensor-parallel shards
+        after every step, ``_publish``): no collective here, so only the rank that sends needs to call it."""
         params = dict(self.model.named_parameters())
-        for name in self._hf_names:
-            params[name].copy_(hf[name])
         return [(name, params[name].detach()) for name in self._hf_names]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"megatron": self._megatron_state(), "optimizer": self.optimizer.state_dict()}
+        """This rank's Megatron tensors and optimizer state; under tensor parallelism every rank's, gathered (a
+        collective over the tensor-parallel group: every trainer rank calls it), so one trainer_state.pt
+        resumes the whole layout."""
+        own = {"megatron": self._megatron_state(), "optimizer": self.optimizer.state_dict()}
+        if self._tp_size == 1:
+            return own
+        return {"tensor_parallel": self._gather_objects(_to_cpu(own))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "tensor_parallel" in state or self._tp_size > 1:
+            shards = state.get("tensor_parallel", [state])
+            if len(shards) != self._tp_size:
+                raise ValueError(f"trainer_state.pt holds {len(shards)} tensor-parallel shard(s) but "
+                                 f"trainer.tensor_parallel={self._tp_size}; resume with the trainer.tensor_parallel "
+                                 "the run was started with")
+            state = shards[self._tp_rank]
         # The saved state leaves out Megatron's empty ``_extra_state`` entries; anything else missing is an error.
         missing, unexpected = self.gpt.load_state_dict(state["megatron"], strict=False)
         bad = [k for k in missing if not k.endswith("._extra_state")] + list(unexpected)
@@ -182,7 +272,43 @@ class MegatronTrainEngine(TorchTrainEngine):
             raise ValueError(f"trainer_state.pt does not fit this megatron model ({bad[0]!r} and {len(bad) - 1} more); "
                              "resume with the model.* settings the run was started with")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.parameters_for_sync()
+        self._publish()
+
+    # -- tensor parallel --------------------------------------------------------------------------------
+    def _gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self._tp_size
+        dist.all_gather_object(out, obj, group=self._tp)
+        return out
+
+    @torch.no_grad()
+    def _publish(self) -> None:
+        """The Megatron weights in HF names, copied into the HF policy (what is sent, evaluated and saved); under
+        tensor parallelism the shards are all-gathered first, on every rank of the group."""
+        from areal_hpc.train.megatron import convert
+        from areal_hpc.train.megatron.tp import all_gather_tensor
+
+        own = self._megatron_state()
+        shards = [own] if self._tp_size == 1 else \
+            [dict(zip(own, ts, strict=True)) for ts in zip(*(all_gather_tensor(t, self._tp) for t in own.values()),
+                                                            strict=True)]
+        hf = convert.megatron_to_hf(shards, self._hf_cfg)
+        params = dict(self.model.named_parameters())
+        for name in self._hf_names:
+            params[name].copy_(hf[name])
+
+    def _clip_and_step(self) -> float:
+        if self._tp_size == 1:
+            return super()._clip_and_step()
+        from areal_hpc.train.megatron.tp import clip_grad_norm_tp
+
+        grad_norm = clip_grad_norm_tp(self._params, self._sharded,
+                                      self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf, self._tp)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # the same norm on every rank of the layout: all skip together
+            log.warning("non-finite grad norm %s: skipping optimizer step", grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     # -- the forward the inherited step calls -------------------------------------------------------------
     def _microbatch_logp(self, samples: Sequence[Trajectory],
@@ -210,9 +336,44 @@ class MegatronTrainEngine(TorchTrainEngine):
         with autocast_for(self.device, self.compute_dtype):
             h = self.gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)  # [b, L, H]
         weight = self.gpt.shared_embedding_or_output_weight() if self._tied else self.gpt.output_layer.weight
-        weight = weight[: self._vocab]  # rows past the HF vocabulary pad the tensor-parallel split: never sampled
+        # rows past the HF vocabulary pad the tensor-parallel split: never sampled, left out of every softmax
+        weight = weight[: self._vocab_rows]
         h_resp = h[rows, cols].to(self.compute_dtype)
-        return response_logprobs(h_resp, weight, input_ids[rows, cols + 1], self.temperature, top_p=self.top_p)
+        targets = input_ids[rows, cols + 1]
+        if self._tp_size == 1:
+            return response_logprobs(h_resp, weight, targets, self.temperature, top_p=self.top_p)
+        from areal_hpc.train.megatron.tp import vocab_parallel_logp
+
+        return vocab_parallel_logp(h_resp, weight, targets, vocab_start=self._vocab_start, width=self._vocab_width,
+                                   temperature=self.temperature, top_p=self.top_p, group=self._tp)
 
     def _megatron_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("._extra_state")}
+
+
+def check_model_layout(hf_config: Any, tp: int, pp: int) -> None:
+    """The parallel sizes against the checkpoint's shape, named by their config keys: Megatron splits attention by
+    query groups (and so by heads) and the MLP by columns across tensor-parallel ranks, and layers evenly across
+    pipeline stages."""
+    s = MegatronShape.of(hf_config)
+    for what, n in (("num_attention_heads", s.n_heads), ("num_key_value_heads", s.n_groups),
+                    ("intermediate_size", s.ffn)):
+        if n % tp:
+            ok = [d for d in range(1, s.n_groups + 1) if not (s.n_groups % d or s.n_heads % d or s.ffn % d)]
+            raise ValueError(f"trainer.tensor_parallel={tp} does not divide this checkpoint's {what}={n}; set "
+                             f"trainer.tensor_parallel to one of {ok}")
+    if s.n_layers % pp:
+        ok = [d for d in range(1, s.n_layers + 1) if not s.n_layers % d]
+        raise ValueError(f"trainer.pipeline_parallel={pp} does not divide this checkpoint's num_hidden_layers="
+                         f"{s.n_layers}; set trainer.pipeline_parallel to one of {ok}")
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A state dict's tensors on the host, so gathering it pickles no device tensors."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
