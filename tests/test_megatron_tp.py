@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="needs megatron-core: pip install -e '.[megatron]' (CI's dev extra has it)")
 
-WORLD = 2
+WORLD = 2  # trainer ranks (the worker runs with more too: tensor_parallel=2 with data parallel across pairs)
+TP = 2
 CASES = {"qwen2-tied": ("qwen2", True, 0.9), "llama-untied": ("llama", False, 1.0)}
 
 
@@ -100,9 +101,9 @@ def _cfg(tp: int, top_p: float):
     return cfg
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _cpu_megatron()
         from areal_hpc.train import nucleus
@@ -120,15 +121,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             return real_gather(t, group)
 
         tp_mod.all_gather_tensor = counting_gather
-        trainers = dist.new_group(list(range(WORLD)))  # the worker's data-parallel group: every trainer rank
-        batches = [_batch(r) for r in range(WORLD)]
+        trainers = dist.new_group(list(range(world)))  # the worker's data-parallel group: every trainer rank
+        batches = [_batch(r) for r in range(world)]
         union = _union(batches)
         out = {}
         for case, (kind, tied, top_p) in CASES.items():
             hf_ref, hf_tp = _hf(kind, tied), _hf(kind, tied)
             before = {n: p.detach().clone() for n, p in hf_ref.named_parameters()}
             ref = MegatronTrainEngine(hf_ref, _cfg(1, top_p), pad_id=0, dp_group=None)
-            tp = MegatronTrainEngine(hf_tp, _cfg(WORLD, top_p), pad_id=0, dp_group=trainers)
+            tp = MegatronTrainEngine(hf_tp, _cfg(TP, top_p), pad_id=0, dp_group=trainers)
             loss = ppo_loss(_cfg(1, top_p).trainer)
             lp_ref = ref.compute_logp(union.samples)
             gathered.clear()
@@ -148,7 +149,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             r["shapes"] = {n: tuple(x.shape) == tuple(before[n].shape) for n, x in got}
             if case == "qwen2-tied":  # resume: every rank's shard and AdamW state from one gathered state dict
                 state = tp.state_dict()
-                resumed = MegatronTrainEngine(_hf(kind, tied), _cfg(WORLD, top_p), pad_id=0, dp_group=trainers)
+                resumed = MegatronTrainEngine(_hf(kind, tied), _cfg(TP, top_p), pad_id=0, dp_group=trainers)
+                try:  # a checkpoint of another tensor-parallel size: one line, before anything is loaded
+                    resumed.load_state_dict({"tensor_parallel": state["tensor_parallel"][:1]})
+                except ValueError as e:
+                    r["wrong_tp"] = str(e)
                 resumed.load_state_dict(copy.deepcopy(state))
                 nxt = batches[::-1]
                 s2 = [e.train_batch(b, loss) for e, b in ((ref, _union(nxt)), (tp, nxt[rank]), (resumed, nxt[rank]))]
@@ -164,11 +169,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("megatron_tp")
-    ctx = mp.spawn(_worker, args=(str(tmp / "rdzv"), str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
+def _run(world: int, tmp: Path) -> list[dict]:
+    ctx = mp.spawn(_worker, args=(world, str(tmp / "rdzv"), str(tmp)), nprocs=world, join=False)
+    deadline = time.monotonic() + 60 * world
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -177,7 +180,12 @@ def results(tmp_path_factory) -> list[dict]:
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, 9)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    return _run(WORLD, tmp_path_factory.mktemp("megatron_tp"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -220,7 +228,9 @@ def test_weights_for_sync_are_the_gathered_one_rank_tensors(results, case):
 def test_checkpoint_resumes_every_shard(results):
     for r in results:
         res = r["qwen2-tied"]
-        assert res["shards"] == WORLD
+        assert res["shards"] == TP
+        assert res["wrong_tp"] == ("trainer_state.pt holds 1 tensor-parallel shard(s) but trainer.tensor_parallel=2; "
+                                   "resume with the trainer.tensor_parallel the run was started with")
         (l_ref, n_ref), (l_tp, n_tp), (l_res, n_res) = res["step2"]
         assert (l_res, n_res) == (l_tp, n_tp)  # exactly: same shards, same AdamW state, same batch
         assert res["step2_resumed"] == 0.0
@@ -258,3 +268,18 @@ def test_layout_and_its_errors():
     with pytest.raises(ValueError, match=r"^trainer.pipeline_parallel=3 does not divide this checkpoint's "
                                          r"num_hidden_layers=2; set trainer.pipeline_parallel to one of \[1, 2\]$"):
         check_model_layout(qwen, 1, 3)
+
+
+if __name__ == "__main__":
+    # ``python tests/test_megatron_tp.py 4``: the same checks with more trainer ranks, e.g. four = two replicas of
+    # tensor_parallel=2 with data parallel across them (too slow for CI on two cores: about 20 s).
+    import sys
+    import tempfile
+
+    res = _run(int(sys.argv[1]) if len(sys.argv) > 1 else WORLD, Path(tempfile.mkdtemp()))
+    for c in CASES:
+        test_logprobs_equal_one_rank(res, c)
+        test_one_ppo_step_equals_one_rank(res, c)
+        test_weights_for_sync_are_the_gathered_one_rank_tensors(res, c)
+    test_checkpoint_resumes_every_shard(res)
+    print(f"{len(res)} trainer ranks, tensor_parallel={TP}: every check passed")

@@ -2,22 +2,31 @@
 
 The policy is a megatron-core ``GPTModel`` built from the checkpoint's HF config and loaded through the
 converter (``convert.py``); the step is the torch trainer's own (``TorchTrainEngine.train_batch``: token-budget
-micro-batches, the decoupled PPO loss it is given, gradient all-reduce over the data-parallel trainer ranks,
+micro-batches, the decoupled PPO loss it is given, gradient all-reduce over the data-parallel replicas,
 clipping, AdamW), so the two backends optimise the same objective and only the forward differs.
 
 * Process groups: Megatron's groups span the trainer ranks only (the job's world also holds the rollout
   ranks); they are made with local synchronisation, so the rollout ranks take no part, and handed to the
   model as a ``ProcessGroupCollection`` rather than through Megatron's global ``parallel_state``.
+* Tensor parallel (``trainer.tensor_parallel``, ``tp.py``): ``tp`` consecutive trainer ranks hold one replica,
+  each its shard of every weight. The trainer loop does not change: each rank still collects its own groups,
+  and ``train_batch``/``compute_logp`` all-gather the batches of the replica's ranks so all of them run the
+  same forward on the union. The token count is then summed over replicas (not ranks) and gradients are
+  all-reduced over the replicas only, so the step is exactly the one-rank step of the same total batch.
 * Log-probs: the model's output layer is bypassed and the response rows of the final hidden states go
-  through the torch trainer's chunked head (``train/packed.py::response_logprobs``): per-token log-probs
-  under the rollout's temperature and top-p without materialising full-vocabulary fp32 logits.
+  through the torch trainer's chunked head (``train/packed.py::response_logprobs``), or under tensor
+  parallelism its vocab-parallel counterpart (``tp.vocab_parallel_logp``): per-token log-probs under the
+  rollout's temperature and top-p without materialising full-vocabulary fp32 logits.
 * Precision: fp32 parameters and AdamW state with bf16 autocast for the matmuls on CUDA.
 * Attention: the local layer spec (no Transformer Engine) has no variable-length kernel, so micro-batches are
   right-padded rows under the causal mask; padding costs compute in proportion to the length spread of a
   micro-batch.
-* Weights out: after each step the weights are converted to HF names and copied into the HF policy the
-  trainer worker holds (what is evaluated and saved), whose parameters the weight sender ships, so every
-  rollout engine loads them unchanged.
+* Weights out: after each step the shards are gathered on every rank of a replica, converted to HF names and
+  copied into the HF policy the trainer worker holds (what is evaluated and saved), whose parameters the
+  weight sender ships, so every rollout engine loads them unchanged and only the sending rank has to call
+  ``parameters_for_sync`` (it makes no collective).
+* Checkpoints: ``state_dict`` gathers every tensor-parallel rank's shard and optimizer state (a collective
+  over the replica), so one ``trainer_state.pt`` resumes the whole layout; each rank loads its own shard.
 """
 
 from __future__ import annotations
