@@ -124,21 +124,18 @@ def _groups(tp: int, pp: int, dp_group: dist.ProcessGroup | None) -> _Groups:
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
     me = dist.get_rank()
+
+    def mine(groups: list[list[int]]) -> dist.ProcessGroup:
+        found = None
+        for members in groups:
+            ranks = [trainers[i] for i in members]
+            g = dist.new_group(ranks, use_local_synchronization=True)
+            found = g if me in ranks else found
+        return found
+
     own = dist.new_group([me], use_local_synchronization=True)
-    tp_group = own
-    if tp > 1:
-        for members in tp_layout:
-            g = dist.new_group([trainers[i] for i in members], use_local_synchronization=True)
-            if me in (trainers[i] for i in members):
-                tp_group = g
-    dp = dp_group
-    if tp > 1:
-        dp = None
-        if len(dp_layout[0]) > 1:
-            for members in dp_layout:
-                g = dist.new_group([trainers[i] for i in members], use_local_synchronization=True)
-                if me in (trainers[i] for i in members):
-                    dp = g
+    tp_group = mine(tp_layout) if tp > 1 else own
+    dp = dp_group if tp == 1 else mine(dp_layout) if len(dp_layout[0]) > 1 else None
     pgc = ProcessGroupCollection()
     for name in ("pp", "cp", "embd", "pos_embd", "ep"):
         setattr(pgc, name, own)

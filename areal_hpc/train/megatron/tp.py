@@ -119,7 +119,7 @@ def _vocab_parallel_log_mass(h: Tensor, w_t: Tensor, lse: Tensor, top_p: float, 
     if k == width and k_all == merged.shape[-1]:  # every rank's whole chunk was in its top-k: nothing left out
         short = torch.zeros_like(short)
     rest = short.nonzero().squeeze(-1)
-    per = max(1, chunk_bytes // (24 * merged.shape[-1] // k * width))
+    per = max(1, chunk_bytes // (24 * width * dist.get_world_size(group)))  # a gathered row: the whole vocabulary
     for a in range(0, rest.numel(), per):
         idx = rest[a:a + per]
         z = torch.cat(all_gather_tensor(logits(h[idx]), group), dim=-1)
