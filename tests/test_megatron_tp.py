@@ -24,9 +24,15 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="needs megatron-core: pip install -e '.[megatron]' (CI's dev extra has it)")
 
-WORLD = 2  # trainer ranks (the worker runs with more too: tensor_parallel=2 with data parallel across pairs)
-TP = 2
-CASES = {"qwen2-tied": ("qwen2", True, 0.9), "llama-untied": ("llama", False, 1.0)}
+WORLD = 2  # trainer ranks (the worker runs with more too: then data parallel across the replicas)
+# name: (model, tied head, top_p, tensor_parallel, pipeline_parallel)
+CASES = {"qwen2-tied-tp2": ("qwen2", True, 0.9, 2, 1), "llama-untied-tp2": ("llama", False, 1.0, 2, 1),
+         "qwen2-tied-pp2": ("qwen2", True, 0.9, 1, 2), "llama-untied-pp2": ("llama", False, 1.0, 1, 2),
+         "qwen2-tied-tp2-pp2": ("qwen2", True, 0.9, 2, 2)}
+
+
+def _cases(world: int) -> list[str]:
+    return [c for c, (*_, tp, pp) in CASES.items() if world % (tp * pp) == 0]
 
 
 class _NoRngTracker:
@@ -90,11 +96,11 @@ def _union(batches):
                       np.concatenate([b.sample_weight for b in batches]))
 
 
-def _cfg(tp: int, top_p: float):
+def _cfg(tp: int, pp: int, top_p: float):
     from areal_hpc.config import Config
 
     cfg = Config()
-    cfg.trainer.backend, cfg.trainer.tensor_parallel = "megatron", tp
+    cfg.trainer.backend, cfg.trainer.tensor_parallel, cfg.trainer.pipeline_parallel = "megatron", tp, pp
     cfg.trainer.compute_dtype, cfg.trainer.token_budget, cfg.model.max_seq_len = "float32", 60, 32
     cfg.trainer.lr = 1e-3
     cfg.rollout.temperature, cfg.rollout.top_p = 0.7, top_p
@@ -125,12 +131,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         batches = [_batch(r) for r in range(world)]
         union = _union(batches)
         out = {}
-        for case, (kind, tied, top_p) in CASES.items():
+        for case in _cases(world):
+            kind, tied, top_p, tp_size, pp_size = CASES[case]
             hf_ref, hf_tp = _hf(kind, tied), _hf(kind, tied)
             before = {n: p.detach().clone() for n, p in hf_ref.named_parameters()}
-            ref = MegatronTrainEngine(hf_ref, _cfg(1, top_p), pad_id=0, dp_group=None)
-            tp = MegatronTrainEngine(hf_tp, _cfg(TP, top_p), pad_id=0, dp_group=trainers)
-            loss = ppo_loss(_cfg(1, top_p).trainer)
+            ref = MegatronTrainEngine(hf_ref, _cfg(1, 1, top_p), pad_id=0, dp_group=None)
+            tp = MegatronTrainEngine(hf_tp, _cfg(tp_size, pp_size, top_p), pad_id=0, dp_group=trainers)
+            loss = ppo_loss(_cfg(1, 1, top_p).trainer)
             lp_ref = ref.compute_logp(union.samples)
             gathered.clear()
             lp_tp = tp.compute_logp(batches[rank].samples)
@@ -147,13 +154,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             r["weights"] = {n: float((x - y).abs().max()) for (n, x), (_, y) in zip(got, want, strict=True)}
             r["moved"] = max(float((x - before[n]).abs().max()) for n, x in want)
             r["shapes"] = {n: tuple(x.shape) == tuple(before[n].shape) for n, x in got}
-            if case == "qwen2-tied":  # resume: every rank's shard and AdamW state from one gathered state dict
+            if tied:  # resume: every rank's shard and AdamW state from one gathered state dict
                 state = tp.state_dict()
-                resumed = MegatronTrainEngine(_hf(kind, tied), _cfg(TP, top_p), pad_id=0, dp_group=trainers)
-                try:  # a checkpoint of another tensor-parallel size: one line, before anything is loaded
-                    resumed.load_state_dict({"tensor_parallel": state["tensor_parallel"][:1]})
+                resumed = MegatronTrainEngine(_hf(kind, tied), _cfg(tp_size, pp_size, top_p), pad_id=0,
+                                              dp_group=trainers)
+                try:  # a checkpoint of other parallel sizes: one line, before anything is loaded
+                    resumed.load_state_dict({**state, "sizes": {"tensor_parallel": 4, "pipeline_parallel": 1}})
                 except ValueError as e:
-                    r["wrong_tp"] = str(e)
+                    r["wrong_sizes"] = str(e)
                 resumed.load_state_dict(copy.deepcopy(state))
                 nxt = batches[::-1]
                 s2 = [e.train_batch(b, loss) for e, b in ((ref, _union(nxt)), (tp, nxt[rank]), (resumed, nxt[rank]))]
@@ -161,7 +169,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 p_tp, p_res, p_ref = (dict(e.parameters_for_sync()) for e in (tp, resumed, ref))
                 r["step2_resumed"] = max(float((p_tp[n] - p_res[n]).abs().max()) for n in p_tp)
                 r["step2_ref"] = max(float((p_tp[n] - p_ref[n]).abs().max()) for n in p_tp)
-                r["shards"] = len(state["tensor_parallel"])
+                r["shards"] = len(state["model_parallel"])
             out[case] = r
         torch.save(out, Path(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while its peer still talks to it
@@ -188,16 +196,18 @@ def results(tmp_path_factory) -> list[dict]:
     return _run(WORLD, tmp_path_factory.mktemp("megatron_tp"))
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases(WORLD))
 def test_logprobs_equal_one_rank(results, case):
-    for r in results:
+    _, _, top_p, tp, pp = CASES[case]
+    for rank, r in enumerate(results):
         assert r[case]["n_logp"]
         assert r[case]["logp"] < 1e-4, f"log-probs differ by {r[case]['logp']:.2e}"
-        # top-p < 1: the vocab-parallel top-k settled some rows and whole rows were gathered for the others
-        assert r[case]["nucleus_gathers"] == ([16, 126] if CASES[case][2] < 1 else [])
+        # top-p < 1 on the last stage: the vocab-parallel top-k settled some rows, whole rows were gathered for others
+        last = rank % (tp * pp) // tp == pp - 1
+        assert r[case]["nucleus_gathers"] == ([16, 126] if top_p < 1 and tp > 1 and last else [])
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases(WORLD))
 def test_one_ppo_step_equals_one_rank(results, case):
     for r in results:
         res = r[case]
@@ -211,7 +221,7 @@ def test_one_ppo_step_equals_one_rank(results, case):
         assert res["moved"] > 1e-4  # the step moved the weights
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases(WORLD))
 def test_weights_for_sync_are_the_gathered_one_rank_tensors(results, case):
     for r in results:
         got, want = r[case]["names"]
@@ -225,12 +235,15 @@ def test_weights_for_sync_are_the_gathered_one_rank_tensors(results, case):
     assert results[0][case]["weights"].keys() == results[1][case]["weights"].keys()
 
 
-def test_checkpoint_resumes_every_shard(results):
+@pytest.mark.parametrize("case", [c for c in _cases(WORLD) if CASES[c][1]])
+def test_checkpoint_resumes_every_shard(results, case):
+    _, _, _, tp, pp = CASES[case]
     for r in results:
-        res = r["qwen2-tied"]
-        assert res["shards"] == TP
-        assert res["wrong_tp"] == ("trainer_state.pt holds 1 tensor-parallel shard(s) but trainer.tensor_parallel=2; "
-                                   "resume with the trainer.tensor_parallel the run was started with")
+        res = r[case]
+        assert res["shards"] == tp * pp
+        assert res["wrong_sizes"] == (f"trainer_state.pt was saved with trainer.tensor_parallel=4 "
+                                      f"trainer.pipeline_parallel=1, this run has {tp} and {pp}; resume with the "
+                                      "sizes the run was started with")
         (l_ref, n_ref), (l_tp, n_tp), (l_res, n_res) = res["step2"]
         assert (l_res, n_res) == (l_tp, n_tp)  # exactly: same shards, same AdamW state, same batch
         assert res["step2_resumed"] == 0.0
@@ -244,17 +257,19 @@ def test_layout_and_its_errors():
     from areal_hpc.train.megatron.engine import check_model_layout
     from areal_hpc.train.megatron.tp import layout
 
-    assert layout(8, 2) == ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]])
-    assert layout(4, 4) == ([[0, 1, 2, 3]], [[0], [1], [2], [3]])
-    with pytest.raises(ValueError, match=r"^trainer.tensor_parallel=2 does not divide cluster.n_trainer=3; [^\n]*$"):
-        layout(3, 2)
+    lay = layout(8, 2)
+    assert (lay.tp, lay.dp) == ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]])
+    assert layout(4, 4).dp == [[0], [1], [2], [3]]
+    lay = layout(8, 2, 2)  # two replicas of ranks 0-3 and 4-7; stage 0 of the first is ranks 0, 1
+    assert lay.tp == [[0, 1], [2, 3], [4, 5], [6, 7]] and lay.pp == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert lay.mp == [[0, 1, 2, 3], [4, 5, 6, 7]] and lay.dp == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    with pytest.raises(ValueError, match=r"^trainer.tensor_parallel=2 times trainer.pipeline_parallel=2 does not "
+                                         r"divide cluster.n_trainer=6; [^\n]*$"):
+        layout(6, 2, 2)
     with pytest.raises(ConfigError, match=r"trainer.tensor_parallel.*must divide cluster.n_trainer=3.*set "
                                           r"cluster.n_trainer to a multiple of 2"):
         load_config(None, ["trainer.backend=megatron", "trainer.tensor_parallel=2", "cluster.n_trainer=3",
                            "trainer.batch_size=96"])
-    with pytest.raises(ConfigError, match=r"trainer.pipeline_parallel.*no pipeline schedule.*"
-                                          r"set trainer.pipeline_parallel=1"):
-        load_config(None, ["trainer.backend=megatron", "trainer.pipeline_parallel=2", "cluster.n_trainer=2"])
     qwen = _hf("qwen2", True).config  # 4 heads, 2 key/value heads, 2 layers
     check_model_layout(qwen, 2, 1)
     with pytest.raises(ValueError, match=r"^trainer.tensor_parallel=4 does not divide this checkpoint's "
@@ -277,9 +292,10 @@ if __name__ == "__main__":
     import tempfile
 
     res = _run(int(sys.argv[1]) if len(sys.argv) > 1 else WORLD, Path(tempfile.mkdtemp()))
-    for c in CASES:
+    for c in _cases(len(res)):
         test_logprobs_equal_one_rank(res, c)
         test_one_ppo_step_equals_one_rank(res, c)
         test_weights_for_sync_are_the_gathered_one_rank_tensors(res, c)
-    test_checkpoint_resumes_every_shard(res)
-    print(f"{len(res)} trainer ranks, tensor_parallel={TP}: every check passed")
+        if CASES[c][1]:
+            test_checkpoint_resumes_every_shard(res, c)
+    print(f"{len(res)} trainer ranks, {', '.join(_cases(len(res)))}: every check passed")

@@ -15,11 +15,13 @@ class TrainerConfig:
                            "ranks; megatron: megatron-core's GPTModel (CUDA; install the megatron extra)",
                            ("torch", "megatron"))
     tensor_parallel: int = setting(
-        1, "megatron backend: trainer ranks per model replica, its weights split across them (Megatron tensor "
-        "parallelism: consecutive trainer ranks form a replica, each trains on the union of their batches); must "
-        "divide cluster.n_trainer and the checkpoint's attention and key/value heads")
-    pipeline_parallel: int = setting(1, "megatron backend: pipeline-parallel size; must be 1 (no pipeline schedule "
-                                        "yet)")
+        1, "megatron backend: consecutive trainer ranks that split every weight of a pipeline stage (Megatron "
+        "tensor parallelism; a model replica is tensor_parallel * pipeline_parallel ranks, each trains on the "
+        "union of their batches); must divide the checkpoint's attention and key/value heads")
+    pipeline_parallel: int = setting(
+        1, "megatron backend: pipeline stages per model replica, the layers split evenly across them (one "
+        "micro-batch in flight at a time: it saves memory, not time); tensor_parallel * pipeline_parallel must "
+        "divide cluster.n_trainer and pipeline_parallel the checkpoint's layers")
     lr: float = setting(1e-4, "learning rate")
     batch_size: int = setting(64, "samples per step; a multiple of rollout.group_size")
     eps_clip: float = setting(0.2, "PPO clip range")
@@ -78,8 +80,6 @@ class TrainerConfig:
             need(v >= 1, f"trainer.{key}", v, "must be >= 1", f"set trainer.{key}=1")
             need(v == 1 or self.backend == "megatron", f"trainer.{key}", v, "applies to trainer.backend=megatron only",
                  f"set trainer.{key}=1 or trainer.backend=megatron")
-        need(self.pipeline_parallel == 1, "trainer.pipeline_parallel", self.pipeline_parallel,
-             "is not supported: the megatron backend has no pipeline schedule yet", "set trainer.pipeline_parallel=1")
         need(self.lr > 0, "trainer.lr", self.lr, "must be > 0", "use a positive learning rate like trainer.lr=1e-4")
         need(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1", "set trainer.batch_size=64")
         need(0 < self.eps_clip < 1, "trainer.eps_clip", self.eps_clip, "must be in (0, 1)", "set trainer.eps_clip=0.2")

@@ -1,9 +1,10 @@
-"""Tensor parallelism over the trainer ranks: the layout, the vocab-parallel log-prob head, the global gradient norm
+"""Model parallelism over the trainer ranks: the layout, the vocab-parallel log-prob head, the global gradient norm
 and the gathers that turn shards back into whole tensors.
 
-Layout: ``n_trainer = tp * dp`` (pipeline parallel is 1); a tensor-parallel group is ``tp`` consecutive trainer
-ranks (one model replica; consecutive so that on a cluster the group shares a node's fast links) and a
-data-parallel group holds the ranks of the same tensor-parallel rank across the replicas.
+Layout: ``n_trainer = tp * pp * dp``; a model replica is ``tp * pp`` consecutive trainer ranks, a
+tensor-parallel group ``tp`` consecutive ranks of it (one pipeline stage; consecutive so that on a cluster
+the group shares a node's fast links), and a data-parallel group holds the ranks at the same place in every
+replica.
 
 No megatron import here: these are plain ``torch.distributed`` collectives over the groups the engine made.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,17 +23,30 @@ from torch import Tensor
 from areal_hpc.train import nucleus
 from areal_hpc.train.head_kernels import grad_logits_, lse_and_target
 
-__all__ = ["all_gather_tensor", "clip_grad_norm_tp", "layout", "vocab_parallel_logp"]
+__all__ = ["Layout", "all_gather_tensor", "clip_grad_norm_tp", "layout", "vocab_parallel_logp"]
 
 
-def layout(n_trainer: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(tensor-parallel groups, data-parallel groups) as lists of trainer indices (0..n_trainer-1)."""
-    if tp < 1 or n_trainer % tp:
-        raise ValueError(f"trainer.tensor_parallel={tp} does not divide cluster.n_trainer={n_trainer}; use a "
-                         "tensor-parallel size that divides the number of trainer ranks")
-    tp_groups = [list(range(a, a + tp)) for a in range(0, n_trainer, tp)]
-    dp_groups = [list(range(r, n_trainer, tp)) for r in range(tp)]
-    return tp_groups, dp_groups
+@dataclass(frozen=True)
+class Layout:
+    """Groups of trainer indices (0..n_trainer-1), each a list in rank order."""
+
+    tp: list[list[int]]  # one pipeline stage of one replica: consecutive ranks
+    pp: list[list[int]]  # the stages of one replica that hold the same tensor-parallel shard
+    dp: list[list[int]]  # the same place in every replica
+    mp: list[list[int]]  # one whole replica: tp * pp consecutive ranks
+
+
+def layout(n_trainer: int, tp: int, pp: int = 1) -> Layout:
+    """Trainer ranks as ``dp`` replicas of ``tp * pp`` consecutive ranks; inside a replica, stage ``s`` is ranks
+    ``s*tp .. s*tp + tp - 1``, so tensor-parallel groups (the most traffic) are neighbours."""
+    if tp < 1 or pp < 1 or n_trainer % (tp * pp):
+        raise ValueError(f"trainer.tensor_parallel={tp} times trainer.pipeline_parallel={pp} does not divide "
+                         f"cluster.n_trainer={n_trainer}; use sizes whose product divides the number of trainer ranks")
+    m = tp * pp
+    mp = [list(range(a, a + m)) for a in range(0, n_trainer, m)]
+    return Layout(tp=[b[s * tp:(s + 1) * tp] for b in mp for s in range(pp)],
+                  pp=[b[t::tp] for b in mp for t in range(tp)],
+                  dp=[list(range(i, n_trainer, m)) for i in range(m)], mp=mp)
 
 
 def all_gather_tensor(t: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
@@ -154,20 +169,25 @@ def vocab_parallel_logp(h: Tensor, weight: Tensor, targets: Tensor, *, vocab_sta
 
 
 @torch.no_grad()
-def clip_grad_norm_tp(params: Sequence[torch.nn.Parameter], sharded: Iterable[bool], max_norm: float,
-                      group: dist.ProcessGroup | None) -> float:
-    """``clip_grad_norm_`` of the whole model when some parameters are split over the tensor-parallel ``group``:
-    squared norms of the shards summed over the group, those of replicated parameters (identical on every rank)
-    counted once. Every rank gets the same norm, so all clip (or skip a non-finite step) alike."""
+def clip_grad_norm_tp(params: Sequence[torch.nn.Parameter], kinds: Iterable[str], max_norm: float,
+                      tp_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None = None) -> float:
+    """``clip_grad_norm_`` of the whole model when its parameters are split over tensor-parallel ranks and
+    pipeline stages. ``kinds`` per parameter: ``split`` (a shard: squares summed over ``tp_group``),
+    ``replicated`` (the same on every tensor-parallel rank: counted once) or ``copy`` (a second copy of a
+    weight another stage holds, a tied head: not counted). Each stage's sum is then summed over ``pp_group``.
+    Every rank gets the same norm, so all clip (or skip a non-finite step) alike."""
     sq = torch.zeros(2, dtype=torch.float64, device=params[0].device)
-    for p, split in zip(params, sharded, strict=True):
-        if p.grad is not None:
-            sq[0 if split else 1] += p.grad.detach().double().pow(2).sum()
-    if group is not None:
+    for p, kind in zip(params, kinds, strict=True):
+        if p.grad is not None and kind != "copy":
+            sq[0 if kind == "split" else 1] += p.grad.detach().double().pow(2).sum()
+    if tp_group is not None:
         part = sq[:1].clone()
-        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=tp_group)
         sq[0] = part[0]
-    norm = float(sq.sum().sqrt())
+    total = sq.sum().reshape(1)
+    if pp_group is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+    norm = float(total.sqrt())
     if math.isfinite(norm) and max_norm < math.inf:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm, device=params[0].device))
     return norm
