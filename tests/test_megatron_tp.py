@@ -1,12 +1,13 @@
-"""Megatron tensor parallelism over the trainer ranks (``trainer.tensor_parallel=2``) against one rank.
+"""Megatron model parallelism over the trainer ranks (``trainer.tensor_parallel``, ``trainer.pipeline_parallel``)
+against one rank.
 
 Two gloo processes on CPU (megatron-core's CUDA lookups pointed at the CPU, as in test_megatron_engine.py) each
-collect their own batch; the TP=2 engine trains one model split over both on the union, and each process also
+collect their own batch; a model split over both (TP=2, or PP=2) trains on the union, and each process also
 runs a TP=1 engine on that union. The two must agree: log-probs, one PPO step's loss, gradient norm and updated
 weights (read back through the gather that feeds the weight sender), and a resumed step from a gathered
 checkpoint. The vocabulary is odd (251 rows, padded to 252 over two ranks) and top-p < 1 with a small top-k
-(the vocab-parallel nucleus's fallback sort runs too). One spawn runs every case, the tests read its results.
-"""
+(the vocab-parallel nucleus's fallback sort runs too); the tied Qwen2 under PP=2 keeps two copies of its
+embedding. One spawn runs every case, the tests read its results."""
 
 from __future__ import annotations
 

@@ -13,6 +13,12 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
   and ``train_batch``/``compute_logp`` all-gather the batches of the replica's ranks so all of them run the
   same forward on the union. The token count is then summed over replicas (not ranks) and gradients are
   all-reduced over the replicas only, so the step is exactly the one-rank step of the same total batch.
+* Pipeline parallel (``trainer.pipeline_parallel``): a replica is ``tp * pp`` consecutive trainer ranks, stage
+  s its ranks ``s*tp .. s*tp + tp - 1``, each stage a ``GPTModel`` with its share of the layers. The batch is
+  the union over the replica; one micro-batch at a time goes forward through the stages (hidden states sent to
+  the next stage) and back (their gradients sent to the previous one); the last stage has the log-probs, the
+  loss and its stats. No 1F1B schedule: it saves memory, not time. A tied head on the last stage is a copy
+  of the embedding whose gradient is summed with the first stage's.
 * Log-probs: the model's output layer is bypassed and the response rows of the final hidden states go
   through the torch trainer's chunked head (``train/packed.py::response_logprobs``), or under tensor
   parallelism its vocab-parallel counterpart (``tp.vocab_parallel_logp``): per-token log-probs under the
@@ -21,12 +27,12 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
 * Attention: the local layer spec (no Transformer Engine) has no variable-length kernel, so micro-batches are
   right-padded rows under the causal mask; padding costs compute in proportion to the length spread of a
   micro-batch.
-* Weights out: after each step the shards are gathered on every rank of a replica, converted to HF names and
-  copied into the HF policy the trainer worker holds (what is evaluated and saved), whose parameters the
-  weight sender ships, so every rollout engine loads them unchanged and only the sending rank has to call
-  ``parameters_for_sync`` (it makes no collective).
-* Checkpoints: ``state_dict`` gathers every tensor-parallel rank's shard and optimizer state (a collective
-  over the replica), so one ``trainer_state.pt`` resumes the whole layout; each rank loads its own shard.
+* Weights out: after each step the shards are gathered on every rank of a stage, converted to HF names,
+  broadcast from stage to stage and copied into the HF policy the trainer worker holds (what is evaluated and
+  saved), whose parameters the weight sender ships, so every rollout engine loads them unchanged and only the
+  sending rank has to call ``parameters_for_sync`` (it makes no collective).
+* Checkpoints: ``state_dict`` gathers every rank's shard and optimizer state over the replica (a collective:
+  every trainer rank calls it), so one ``trainer_state.pt`` resumes the whole layout; each rank loads its own.
 """
 
 from __future__ import annotations
