@@ -150,8 +150,9 @@ def test_errors_are_one_line(world, monkeypatch):
 
     cfg = Config()
     cfg.trainer.backend, cfg.trainer.tensor_parallel = "megatron", 2
-    with pytest.raises(ValueError, match=r"trainer.tensor_parallel=2 .*set trainer.tensor_parallel=1"):
-        engine.MegatronTrainEngine(_hf("qwen2", True), cfg, pad_id=0)
+    with pytest.raises(ValueError, match=r"trainer.tensor_parallel=2 times trainer.pipeline_parallel=1 does "
+                                         r"not divide cluster.n_trainer=1; "):
+        engine.MegatronTrainEngine(_hf("qwen2", True), cfg, pad_id=0)  # one trainer rank cannot hold two shards
     monkeypatch.undo()  # the real CUDA check
     with pytest.raises(ValueError, match="trainer.backend=megatron needs a CUDA device"):
         engine.require_cuda(torch.device("cpu"))

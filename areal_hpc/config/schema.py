@@ -98,6 +98,11 @@ def _check_across(cfg: Config) -> None:
          f"must be a multiple of rollout.group_size={r.group_size}",
          f"use e.g. trainer.batch_size={max(1, round(tr.batch_size / r.group_size)) * r.group_size}")
     n_groups = tr.batch_size // r.group_size
+    mp = tr.tensor_parallel * tr.pipeline_parallel
+    need(cl.n_trainer % mp == 0, "trainer.tensor_parallel", tr.tensor_parallel,
+         f"(times trainer.pipeline_parallel={tr.pipeline_parallel}) must divide cluster.n_trainer={cl.n_trainer}: a "
+         "model replica spans that many trainer ranks",
+         f"set cluster.n_trainer to a multiple of {mp}, or a smaller trainer.tensor_parallel")
     need(n_groups % cl.n_trainer == 0, "trainer.batch_size", tr.batch_size,
          f"must hold a number of groups (batch_size/group_size={n_groups}) divisible by "
          f"cluster.n_trainer={cl.n_trainer}",

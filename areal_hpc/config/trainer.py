@@ -14,8 +14,14 @@ class TrainerConfig:
     backend: str = setting("torch", "training backend (areal_hpc/registry.py): torch, data parallel over the trainer "
                            "ranks; megatron: megatron-core's GPTModel (CUDA; install the megatron extra)",
                            ("torch", "megatron"))
-    tensor_parallel: int = setting(1, "megatron backend: tensor-parallel size (1 for now: a replica per trainer rank)")
-    pipeline_parallel: int = setting(1, "megatron backend: pipeline-parallel size (1 for now)")
+    tensor_parallel: int = setting(
+        1, "megatron backend: consecutive trainer ranks that split every weight of a pipeline stage (Megatron "
+        "tensor parallelism; a model replica is tensor_parallel * pipeline_parallel ranks, each trains on the "
+        "union of their batches); must divide the checkpoint's attention and key/value heads")
+    pipeline_parallel: int = setting(
+        1, "megatron backend: pipeline stages per model replica, the layers split evenly across them (one "
+        "micro-batch in flight at a time: it saves memory, not time); tensor_parallel * pipeline_parallel must "
+        "divide cluster.n_trainer and pipeline_parallel the checkpoint's layers")
     lr: float = setting(1e-4, "learning rate")
     batch_size: int = setting(64, "samples per step; a multiple of rollout.group_size")
     eps_clip: float = setting(0.2, "PPO clip range")

@@ -41,7 +41,7 @@ from areal_hpc.train.megatron.shapes import MegatronShape, check_supported, laye
 
 # the model side too, so that a backend finds everything about HF <-> Megatron in one module
 __all__ = ["check_supported", "gpt_kwargs", "hf_to_megatron", "layer_range", "layer_spec", "megatron_to_hf",
-           "model_config"]
+           "model_config", "split_names"]
 
 # how a tensor is laid out across tensor-parallel ranks
 REPLICATED, QKV, FC1, ROW, VOCAB = "replicated", "qkv", "fc1", "row", "vocab"
@@ -198,6 +198,14 @@ def hf_to_megatron(hf_state: Mapping[str, Tensor], hf_config: Any, *, tp_size: i
         out[r.megatron] = _split(r, [hf_state[h] for h in r.hf], shape, tp_size, tp_rank)
     out.update(dict.fromkeys(extra))
     return out
+
+
+def split_names(hf_config: Any, *, pp_size: int = 1, pp_rank: int = 0, te: bool | None = None) -> set[str]:
+    """Names of the Megatron tensors of a stage that are split across tensor-parallel ranks (every one but the
+    norms): what a global gradient norm must sum over the ranks. Megatron marks its parameters so only when it
+    initialises them, which the trainer skips (the weights come from the checkpoint)."""
+    rules, _ = _stage_rules(MegatronShape.of(hf_config), pp_size, pp_rank, te_available() if te is None else te)
+    return {r.megatron for r in rules if r.split != REPLICATED}
 
 
 def megatron_to_hf(shards: Sequence[Mapping[str, Any]], hf_config: Any, *, pp_size: int = 1, pp_rank: int = 0,
