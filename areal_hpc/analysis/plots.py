@@ -23,8 +23,11 @@ from matplotlib.ticker import MaxNLocator
 from areal_hpc.analysis.tables import (
     RunData,
     comparison_table,
+    elastic_timeline,
+    has_workers,
     load_run,
     per_step,
+    producer_table,
     split_steps,
     time_origin,
     trained_samples,
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 DPI = 120
 PLOT_FILES = ("reward_accuracy.png", "staleness.png", "response_length.png", "throughput.png")
 COMPARE_FILE = "compare.png"  # several runs only: one row of numbers per run, side by side
+ELASTIC_FILE = "elastic.png"  # only when rollout workers attached to a run
 
 
 def _figure(nrows: int = 1, height: float = 4.2, width: float = 11.0) -> tuple[Figure, list[Axes]]:
@@ -299,6 +303,89 @@ def plot_throughput(runs: Sequence[RunData], out: Path) -> Path:
     return _save(fig, out / "throughput.png")
 
 
+def elastic_bins(run: RunData) -> int:
+    """Time buckets of the elastic figure: about 3 steps each (as the throughput figure's training rate), so a
+    worker's few seconds show; at least 5, at most 60."""
+    return int(np.clip(run.steps["step"].nunique() // 3 if len(run.steps) else 5, 5, 60))
+
+
+_LEFT_STYLE = {"left": ("tab:blue", "|"), "expired": ("tab:red", "X")}  # how a worker's lane ends
+
+
+def figure_elastic(runs: Sequence[RunData]) -> Figure:
+    """Per run with attached workers: training samples/s per time bucket (the workers' part hatched) with the
+    number of workers active on a second axis, above one lane per producer from its first sample to its last
+    one, each worker's lane ending in how it left (| left, X lease expired: killed).
+
+    The numbers are :func:`elastic_timeline`'s and :func:`producer_table`'s."""
+    shown = [(r, lab) for r, lab in zip(runs, _labels(runs)) if has_workers(r)]
+    fig = Figure(figsize=(11.0, 6.4 * max(1, len(shown))), dpi=DPI)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2 * max(1, len(shown)), 1, height_ratios=[1.6, 1.0] * max(1, len(shown)))
+    if not shown:
+        _no_data(fig.add_subplot(grid[:, 0]), "attached workers")
+        return fig
+    for i, (run, label) in enumerate(shown):
+        ax, lanes = fig.add_subplot(grid[2 * i, 0]), fig.add_subplot(grid[2 * i + 1, 0])
+        lanes.sharex(ax)
+        tl, prod = elastic_timeline(run, elastic_bins(run)), producer_table(run)
+        if len(tl):
+            width = float(tl["t_to_s"].iloc[0] - tl["t_from_s"].iloc[0])
+            x = tl["t_from_s"].to_numpy(float)
+            total = tl["trained_per_s"].to_numpy(float)
+            mine = tl["from_workers"].to_numpy(float) / width
+            ax.bar(x, total - mine, width, align="edge", color="tab:green", alpha=0.6,
+                   label="trained samples/s from the job's rollout ranks")
+            ax.bar(x, mine, width, bottom=total - mine, align="edge", color="tab:orange", hatch="//",
+                   edgecolor="black", linewidth=0.4, label="trained samples/s from attached workers")
+            ax2 = ax.twinx()
+            ax2.step(np.append(x, x[-1] + width), np.append(tl["workers"], tl["workers"].iloc[-1]), where="post",
+                     color="black", linewidth=1.6, label="attached workers active")
+            ax2.set_ylim(0, max(1, int(tl["workers"].max())) + 0.5)
+            ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax2.set_ylabel("workers active")
+            ax.set_ylim(0, max(1.0, float(total.max())) * 1.15)
+            back = run.reissued
+            if back is not None and len(back):
+                t0 = time_origin(run)
+                for frm, when in back.groupby("from")["time"].min().items():
+                    ax.axvline(float(when) - t0, color="tab:purple", linestyle="--", linewidth=1.2)
+                    ax.text(float(when) - t0, ax.get_ylim()[1], f" grants of w{frm} re-issued", rotation=90,
+                            va="top", ha="left", fontsize=7, color="tab:purple")
+            handles = ax.get_legend_handles_labels()
+            extra = ax2.get_legend_handles_labels()
+            ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", bbox_to_anchor=(1.08, 1.0),
+                      borderaxespad=0.0, fontsize=8)
+        else:
+            _no_data(ax, "training steps")
+        ax.set_ylabel("trained samples / s")
+        ax.set_title(f"{label}: training throughput as rollout workers join and leave", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        for k, row in enumerate(prod.itertuples(index=False)):
+            is_worker = row.producer.startswith("worker")
+            if np.isnan(row.joined_s):
+                lanes.text(0, k, "  registered, no sample written", va="center", fontsize=8, color="0.4")
+                continue
+            color, end = _LEFT_STYLE.get(str(row.lease), ("tab:gray", ">")) if is_worker else ("tab:green", "")
+            lanes.barh(k, row.left_s - row.joined_s, left=row.joined_s, height=0.5, color=color, alpha=0.7)
+            if is_worker:
+                lanes.plot([row.left_s], [k], marker=end, color="black", markersize=9, linestyle="none")
+                for t in (row.joined_s, row.left_s):
+                    ax.axvline(t, color=color, linestyle=":", linewidth=1.0)
+                lanes.text(row.left_s, k, f"  {row.generated} samples, {row.trained} trained; {row.lease}",
+                           va="center", fontsize=8)
+        lanes.set_yticks(range(len(prod)), list(prod["producer"]), fontsize=8)
+        lanes.set_ylim(len(prod) - 0.5, -0.5)
+        lanes.set_xlabel("seconds since the run's first sample")
+        lanes.set_title("Producers, first sample to last (| left, X lease expired: killed)", fontsize=9)
+        lanes.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_elastic(runs: Sequence[RunData], out: Path) -> Path:
+    return _save(figure_elastic(runs), out / ELASTIC_FILE)
+
+
 def figure_compare(runs: Sequence[RunData]) -> Figure:
     """Several runs side by side, labelled by their swept values: the reward curves, samples/s, and the
     held-out accuracy before and after (a panel only when some run has it). Its numbers are
@@ -347,12 +434,13 @@ def plot_compare(runs: Sequence[RunData], out: Path) -> Path:
 
 def plot_loaded(runs: Sequence[RunData], out_dir: str | Path, bins: int = 10) -> list[Path]:
     """All figures for runs already in memory (the CLI loads each run once for tables and plots); several runs
-    also get ``compare.png``."""
+    also get ``compare.png``, runs with attached rollout workers ``elastic.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_reward_accuracy(runs, out), plot_staleness(runs, out), plot_response_length(runs, out, bins),
              plot_throughput(runs, out)]
-    return paths + ([plot_compare(runs, out)] if len(runs) > 1 else [])
+    paths += [plot_compare(runs, out)] if len(runs) > 1 else []
+    return paths + ([plot_elastic(runs, out)] if any(has_workers(r) for r in runs) else [])
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, bins: int = 10,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,17 +21,24 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from areal_hpc.config.elastic import ElasticConfig
 from areal_hpc.storage.records import read_jsonl
 from areal_hpc.storage.schema import LOG_DIRS, ROLLOUT, TRAINER, parse_leftover_name, parse_shard_name
 
 log = logging.getLogger(__name__)
 
 # Columns read from the rollout shards: the text columns are left on disk (they dominate the log's size).
-SAMPLE_FIELDS = ["sample_id", "rank", "reward", "answer_ok", "t_start", "t_end", "interruptions", "response_len",
-                 "reward_seconds", "reward_timed_out", "n_versions", "shard"]
+SAMPLE_FIELDS = ["sample_id", "prompt_id", "rank", "worker", "reward", "answer_ok", "t_start", "t_end", "interruptions",
+                 "response_len", "reward_seconds", "reward_timed_out", "n_versions", "shard"]
 # More staleness columns than this make the step table unreadable; larger values share one "gt" column.
 MAX_STALE_COLUMNS = 8
-TABLES = ("step_ranges", "throughput", "rollout_ranks", "evals")  # evals: only when the log has evaluations
+# evals: only when the log has evaluations; producers and elastic_timeline: only when workers attached to the run
+TABLES = ("step_ranges", "throughput", "rollout_ranks", "producers", "elastic_timeline", "evals")
+# What attached rollout workers (``areal-hpc attach``) leave in the run folder besides their shards; the layout
+# is areal_hpc/elastic/layout.py's, named here so that reading a finished run does not import the roles.
+ELASTIC_DIR = "elastic"
+LEASE_FILE = "lease.json"
+REISSUED_FILE = "reissued.jsonl"
 # Columns kept for machines (JSON/CSV) but not worth terminal width.
 _HIDDEN = {"step_first", "step_last", "version_first", "version_last"}
 
@@ -60,6 +68,10 @@ class RunData:
     ignored: list[Path] = field(default_factory=list)
     point: tuple[tuple[str, str], ...] | None = None  # (key, value) pairs of a sweep point
     evals: pd.DataFrame | None = None  # RunLog.evals(): step, metric, value
+    leftover_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    leases: dict[int, dict[str, Any]] = field(default_factory=dict)  # attached worker id -> its last lease.json
+    reissued: pd.DataFrame | None = None  # elastic/reissued.jsonl: prompt, step, from, to, time
+    ended_at: float | None = None  # elastic/run.json's time once the run ended: when leases stopped mattering
     _trained: pd.DataFrame | None = field(default=None, repr=False)  # cache of trained_samples()
 
     @property
@@ -127,6 +139,8 @@ class RunData:
         }
         if self.point:
             out["sweep_point"] = dict(self.point)
+        if has_workers(self):
+            out["elastic"] = elastic_summary(self)
         if self.summary:
             for k in ("accuracy_before", "accuracy_after", "train_seconds", "samples_per_s", "tokens_per_s"):
                 if k in self.summary:
@@ -200,6 +214,38 @@ def _read_extras(path: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None
     return metrics, summary
 
 
+def _read_elastic(path: Path) -> tuple[dict[int, dict[str, Any]], pd.DataFrame | None, float | None]:
+    """The attached workers' last leases, the grants taken back from them, and when the run ended (its
+    ``elastic/run.json`` in state ``ended``); each is context for the producers table, so an unreadable file only
+    loses its part, with a warning."""
+    root = path / ELASTIC_DIR
+    leases: dict[int, dict[str, Any]] = {}
+    workers = root / "workers"
+    if workers.is_dir():
+        for d in sorted(workers.iterdir()):
+            if not (d.name.startswith("w") and d.name[1:].isdigit() and (d / LEASE_FILE).is_file()):
+                continue  # a worker registering right now has its folder before its lease
+            try:
+                leases[int(d.name[1:])] = json.loads((d / LEASE_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                log.warning("%s: not readable, worker %s left without lease state: %s", d / LEASE_FILE, d.name, e)
+    reissued = None
+    if (root / REISSUED_FILE).is_file():
+        try:
+            reissued = pd.DataFrame(list(read_jsonl(root / REISSUED_FILE)), columns=["prompt", "step", "from", "to",
+                                                                                    "time"])
+        except (OSError, ValueError) as e:
+            log.warning("%s: not readable, re-issued grants not counted: %s", root / REISSUED_FILE, e)
+    ended_at = None
+    try:
+        rec = json.loads((root / "run.json").read_text(encoding="utf-8"))
+        if rec.get("state") == "ended" and isinstance(rec.get("time"), int | float):
+            ended_at = float(rec["time"])
+    except (OSError, ValueError, AttributeError):
+        pass  # a run without attached workers, or one still going: the trainer log says when it stopped
+    return leases, reissued, ended_at
+
+
 @contextmanager
 def _reader_quiet() -> Iterator[None]:
     """Silence the log reader's own warnings while loading.
@@ -237,15 +283,17 @@ def load_run(run_dir: str | Path, *, strict: bool = False,
         samples["rollout_index"] = samples["shard"].astype(str).map(_rollout_index).astype(float)
     metrics, summary = _read_extras(path)
     try:
-        leftover = len(rl.leftover())
+        leftover_ids = np.asarray(rl.leftover(), np.int64)
     except Exception as e:  # noqa: BLE001 - leftover is a header detail, a running run has none
         log.debug("%s: no leftover: %s", path, e)
-        leftover = 0
+        leftover_ids = np.empty(0, np.int64)
+    leases, reissued, ended_at = _read_elastic(path)
     return RunData(
         path=path, config=_read_config(path, rl), samples=samples, steps=steps, step_samples=step_samples,
-        finished=bool(rl.finished), skipped=list(rl.skipped), partials=list(rl.partials), leftover=leftover,
-        metrics=metrics, summary=summary, set_aside=list(rl.set_aside), ignored=list(rl.ignored), point=point,
-        evals=evals,
+        finished=bool(rl.finished), skipped=list(rl.skipped), partials=list(rl.partials),
+        leftover=len(leftover_ids), leftover_ids=leftover_ids, metrics=metrics, summary=summary,
+        set_aside=list(rl.set_aside), ignored=list(rl.ignored), point=point, evals=evals, leases=leases,
+        reissued=reissued, ended_at=ended_at,
         n_rollout_shards=_count_shards(path / LOG_DIRS[ROLLOUT]),
         n_trainer_shards=_count_shards(path / LOG_DIRS[TRAINER]),
     )
@@ -512,21 +560,32 @@ def time_origin(run: RunData) -> float:
     return float(min(ts)) if ts else 0.0
 
 
-def throughput_table(run: RunData, bins: int = 10) -> pd.DataFrame:
-    """Generation (by t_end) and training (by step time) per equal time bucket, to see stalls and ramp-up."""
-    cols = ["t_from_s", "t_to_s", "generated", "gen_tokens", "samples_per_s", "tokens_per_s", "reward",
-            "steps", "trained", "trained_per_s"]
+def _time_bins(run: RunData, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Samples' t_end and steps' times since the time origin, and ``bins`` equal buckets over the span of both
+    (None when the log has neither): the buckets every table over time shares."""
     t0 = time_origin(run)
     t_end = run.samples["t_end"].to_numpy(float) - t0 if len(run.samples) else np.empty(0)
     t_step = run.steps["time"].to_numpy(float) - t0 if len(run.steps) else np.empty(0)
     both = np.concatenate([t_end, t_step])
     if len(both) == 0:
-        return pd.DataFrame(columns=cols)
+        return t_end, t_step, None
     span = float(both.max())
-    edges = np.linspace(0.0, span if span > 0 else 1.0, max(1, bins) + 1)
+    return t_end, t_step, np.linspace(0.0, span if span > 0 else 1.0, max(1, bins) + 1)
+
+
+def _bin_of(edges: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+
+
+def throughput_table(run: RunData, bins: int = 10) -> pd.DataFrame:
+    """Generation (by t_end) and training (by step time) per equal time bucket, to see stalls and ramp-up."""
+    cols = ["t_from_s", "t_to_s", "generated", "gen_tokens", "samples_per_s", "tokens_per_s", "reward",
+            "steps", "trained", "trained_per_s"]
+    t_end, t_step, edges = _time_bins(run, bins)
+    if edges is None:
+        return pd.DataFrame(columns=cols)
     width = edges[1] - edges[0]
-    b_gen = np.clip(np.searchsorted(edges, t_end, side="right") - 1, 0, len(edges) - 2)
-    b_step = np.clip(np.searchsorted(edges, t_step, side="right") - 1, 0, len(edges) - 2)
+    b_gen, b_step = _bin_of(edges, t_end), _bin_of(edges, t_step)
     resp = run.samples["response_len"].to_numpy(float) if len(run.samples) else np.empty(0)
     reward = run.samples["reward"].to_numpy(float) if len(run.samples) else np.empty(0)
     n_used = run.steps["n_used"].to_numpy(float) if len(run.steps) and "n_used" in run.steps else np.zeros(len(t_step))
@@ -546,14 +605,19 @@ def throughput_table(run: RunData, bins: int = 10) -> pd.DataFrame:
 
 
 def rollout_rank_table(run: RunData) -> pd.DataFrame:
-    """Per generating rank: balance, speed, and how often weight updates hit samples in flight."""
+    """Per generating rank: balance, speed, and how often weight updates hit samples in flight.
+
+    An attached worker's samples carry rank -1 (it is no rank of the run's MPI world): each worker is a row of its
+    own, after the ranks, told apart by its shards' index (1000 + its id).
+    """
     cols = ["rank", "index", "generated", "share", "gen_s_mean", "gen_s_p90", "resp_len", "reward", "interrupted",
             "interruptions", "multi_version", "samples_per_s"]
     s = run.samples
     if len(s) == 0:
         return pd.DataFrame(columns=cols)
     rows = []
-    for rank, g in s.groupby("rank", sort=True):
+    worker = _workers_of(s)
+    for (_, rank, _), g in s.groupby([worker >= 0, s["rank"], worker], sort=True):
         dur = (g["t_end"] - g["t_start"]).to_numpy(float)
         span = float(g["t_end"].max() - g["t_start"].min())
         idx = g["rollout_index"].dropna() if "rollout_index" in g else pd.Series(dtype=float)
@@ -565,6 +629,162 @@ def rollout_rank_table(run: RunData) -> pd.DataFrame:
             "interrupted": int((g["interruptions"] > 0).sum()), "interruptions": int(g["interruptions"].sum()),
             "multi_version": int((g["n_versions"] > 1).sum()) if "n_versions" in g else None,
             "samples_per_s": len(g) / span if span > 0 else math.nan,
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _workers_of(samples: pd.DataFrame) -> pd.Series:
+    """Each sample's attached worker, -1 for the job's own rollout ranks (and for logs older than schema 3)."""
+    if "worker" not in samples.columns:
+        return pd.Series(-1, index=samples.index, dtype=np.int64)
+    return samples["worker"].fillna(-1).astype(np.int64)
+
+
+def has_workers(run: RunData) -> bool:
+    """Whether rollout workers attached to the run: a sample of one in the log, or a lease in the run folder."""
+    return bool(run.leases) or bool(len(run.samples) and (_workers_of(run.samples) >= 0).any())
+
+
+def _producer_codes(samples: pd.DataFrame) -> np.ndarray:
+    """One integer per sample naming its producer: an attached worker's id (>= 0), or -1 - rank for the job's
+    own rollout rank of that MPI rank."""
+    w = _workers_of(samples).to_numpy()
+    return np.where(w >= 0, w, -1 - samples["rank"].to_numpy(np.int64)) if len(samples) else np.empty(0, np.int64)
+
+
+def _producer_name(code: int) -> str:
+    """A producer's name as the trainer's messages and ``elastic/reissued.jsonl`` write it."""
+    return f"worker {code}" if code >= 0 else f"rank {-1 - code}"
+
+
+def _lease_state(run: RunData, lease: dict[str, Any], end: float) -> tuple[str, str]:
+    """(state, reason) of a worker's last lease at ``end``; a lease not renewed within ``elastic.lease_s`` of it
+    reads ``expired``, as the trainer took it: the worker was killed (SIGKILL writes no goodbye) or lost its node."""
+    state, reason = str(lease.get("state", "?")), str(lease.get("reason", "") or "")
+    lease_s = _float(_get(run.config, "elastic", "lease_s", default=ElasticConfig().lease_s))
+    beat = _float(lease.get("time"))
+    if state != "left" and math.isfinite(beat) and end - beat > lease_s:
+        return "expired", (f"no heartbeat after {beat - time_origin(run):.1f} s (elastic.lease_s={lease_s:g}): "
+                           "killed or node lost")
+    return state, reason
+
+
+def _run_end(run: RunData) -> float:
+    """When the run stopped (its ``elastic/run.json`` once ended, else its last step), or now while it runs."""
+    if run.ended_at is not None:
+        return run.ended_at
+    if run.finished and len(run.steps):
+        return float(run.steps["time"].max())
+    return time.time()
+
+
+def producer_table(run: RunData) -> pd.DataFrame:
+    """One row per producer of samples, the job's rollout ranks first, then each attached worker: what it
+    generated and what became of it, when it was active and how fast, and (workers) how it left.
+
+    ``not_trained`` = generated - trained - rejected; of those, ``leftover``: held by the trainer when it stopped;
+    ``duplicates``: of a prompt whose grant was re-issued away from this producer (``elastic/reissued.jsonl``) or
+    trained from another producer's samples, dropped by the trainer; ``after_stop``: written after the trainer's
+    last step of a finished run and never read. ``joined_s``/``left_s``: first t_start and last t_end, in seconds
+    since the run's first event; ``samples_per_s``: generated over that span.
+    """
+    cols = ["producer", "generated", "trained", "rejected", "not_trained", "leftover", "duplicates", "after_stop",
+            "stale_mean", "joined_s", "left_s", "samples_per_s", "reissued", "lease", "reason"]
+    s = run.samples
+    t0, ss = time_origin(run), run.step_samples
+    by_id = (ss.drop_duplicates("sample_id").set_index("sample_id") if len(ss)
+             else pd.DataFrame({"fate": pd.Series(dtype=str), "staleness": pd.Series(dtype=float)}))
+    ids = s["sample_id"] if len(s) else pd.Series(dtype=np.int64)
+    fate = ids.map(by_id["fate"].astype(str))
+    fate = fate.where(fate.notna(), "")
+    fate[ids.isin(run.leftover_ids) & (fate == "")] = "leftover"
+    seen = (fate != "").to_numpy()
+    code = _producer_codes(s)
+    prompt = (s["prompt_id"] if "prompt_id" in s.columns else pd.Series(-1, index=s.index)).to_numpy(np.int64)
+    pairs = pd.MultiIndex.from_arrays([prompt, code])
+    # a prompt the trainer took from one producer: the same prompt from any other one was a duplicate
+    taken = pairs[seen].unique()
+    n_holders = pd.Series(prompt).map(pd.Series(taken.get_level_values(0)).value_counts()).fillna(0).to_numpy()
+    by_other = n_holders > pairs.isin(taken)
+    back = pd.Series(dtype=np.int64)
+    moved_away = np.zeros(len(s), bool)
+    if run.reissued is not None and len(run.reissued):
+        frm = pd.to_numeric(run.reissued["from"], errors="coerce")
+        ok = frm.notna().to_numpy()
+        frm = frm[ok].astype(np.int64)
+        back = frm.value_counts()
+        moved_away = pairs.isin(pd.MultiIndex.from_arrays([run.reissued["prompt"][ok].astype(np.int64), frm]))
+    dup = ~seen & (by_other | moved_away)
+    last_step = float(run.steps["time"].max()) if len(run.steps) else math.nan
+    after = ~seen & ~dup & run.finished & (s["t_end"].to_numpy(float) > last_step) if len(s) else np.zeros(0, bool)
+    end = _run_end(run)
+    ranks = sorted(-1 - int(c) for c in np.unique(code[code < 0]))
+    workers = sorted({int(c) for c in np.unique(code[code >= 0])} | set(run.leases))
+    rows = []
+    for c in [-1 - r for r in ranks] + workers:
+        m = code == c
+        g, f = s[m], fate[m]
+        n, used, rej = len(g), int((f == "used").sum()), int((f == "rejected").sum())
+        st = g["sample_id"].map(by_id["staleness"])[f == "used"] if n else pd.Series(dtype=float)
+        t_in = float(g["t_start"].min()) - t0 if n else math.nan
+        t_out = float(g["t_end"].max()) - t0 if n else math.nan
+        lease = run.leases.get(c) if c >= 0 else None
+        state, reason = _lease_state(run, lease, end) if lease is not None else (None, None)
+        rows.append({
+            "producer": _producer_name(c), "generated": n, "trained": used, "rejected": rej,
+            "not_trained": n - used - rej, "leftover": int((f == "leftover").sum()), "duplicates": int(dup[m].sum()),
+            "after_stop": int(after[m].sum()), "stale_mean": float(st.mean()) if len(st) else math.nan,
+            "joined_s": t_in, "left_s": t_out, "samples_per_s": n / (t_out - t_in) if n and t_out > t_in else math.nan,
+            "reissued": int(back.get(c, 0)) if c >= 0 else None, "lease": state, "reason": reason,
+        })
+    out = pd.DataFrame(rows, columns=cols)
+    out["reissued"] = pd.Series([r["reissued"] for r in rows], index=out.index, dtype=object)  # ranks: none
+    return out
+
+
+def elastic_timeline(run: RunData, bins: int = 10) -> pd.DataFrame:
+    """Training throughput per equal time bucket (by the trainer's step times) against the attached workers
+    active in it (a worker is active from its first sample's t_start to its last one's t_end), the trained samples
+    they generated, the grants taken back from gone workers (``elastic/reissued.jsonl``), and who joined (+wN) or
+    left (-wN) in the bucket."""
+    cols = ["t_from_s", "t_to_s", "steps", "trained", "trained_per_s", "workers", "from_workers", "reissued",
+            "events"]
+    _, t_step, edges = _time_bins(run, bins)
+    if edges is None:
+        return pd.DataFrame(columns=cols)
+    t0, width = time_origin(run), edges[1] - edges[0]
+    b_step = _bin_of(edges, t_step)
+    n_used = run.steps["n_used"].to_numpy(float) if len(run.steps) and "n_used" in run.steps else np.zeros(len(t_step))
+    step_no = run.steps["step"].to_numpy() if len(run.steps) else np.empty(0)
+    s = run.samples
+    worker = _workers_of(s)
+    spans = [(int(w), float(g["t_start"].min()) - t0, float(g["t_end"].max()) - t0)
+             for w, g in s[worker >= 0].groupby(worker[worker >= 0], sort=True)]
+    wid = np.array([w for w, _, _ in spans], np.int64)
+    joined_s, left_s = np.array([a for _, a, _ in spans]), np.array([z for _, _, z in spans])
+    b_join, b_leave = _bin_of(edges, joined_s), _bin_of(edges, left_s)
+    # trained samples that workers generated, at the time of the step that trained them
+    ss = run.step_samples
+    from_w = np.empty(0)
+    if len(ss) and len(run.steps):
+        used = ss[ss["fate"] == "used"]
+        ids = set(s.loc[worker >= 0, "sample_id"])
+        step_time = run.steps.groupby("step")["time"].max()
+        from_w = used.loc[used["sample_id"].isin(ids), "step"].map(step_time).to_numpy(float) - t0
+    b_from = _bin_of(edges, from_w)
+    back = run.reissued["time"].to_numpy(float) - t0 if run.reissued is not None else np.empty(0)
+    b_back = _bin_of(edges, back[np.isfinite(back)])
+    rows = []
+    for b in range(len(edges) - 1):
+        lo, hi = float(edges[b]), float(edges[b + 1])
+        s_in = b_step == b
+        rows.append({
+            "t_from_s": lo, "t_to_s": hi, "steps": len(np.unique(step_no[s_in])), "trained": int(n_used[s_in].sum()),
+            "trained_per_s": float(n_used[s_in].sum()) / width,
+            # active in [lo, hi): joined before it ends, left at or after it starts (the buckets of _bin_of)
+            "workers": int(((b_join <= b) & (b_leave >= b)).sum()),
+            "from_workers": int((b_from == b).sum()), "reissued": int((b_back == b).sum()),
+            "events": " ".join([f"+w{w}" for w in wid[b_join == b]] + [f"-w{w}" for w in wid[b_leave == b]]),
         })
     return pd.DataFrame(rows, columns=cols)
 
@@ -663,14 +883,17 @@ def eval_table(run: RunData) -> pd.DataFrame:
 def tables_of(run: RunData, bins: int = 10) -> dict[str, pd.DataFrame]:
     out = {"step_ranges": step_range_table(run, bins), "throughput": throughput_table(run, bins),
            "rollout_ranks": rollout_rank_table(run)}
+    if has_workers(run):
+        out["producers"] = producer_table(run)
+        out["elastic_timeline"] = elastic_timeline(run, bins)
     if run.evals is not None and len(run.evals):
         out["evals"] = eval_table(run)
     return out
 
 
 def summarize(run_dir: str | Path, *, bins: int = 10, strict: bool = False) -> dict[str, pd.DataFrame]:
-    """The report's tables of one run: ``step_ranges``, ``throughput``, ``rollout_ranks`` and, when the run logged
-    evaluations, ``evals``."""
+    """The report's tables of one run: ``step_ranges``, ``throughput``, ``rollout_ranks``; ``producers`` and
+    ``elastic_timeline`` when rollout workers attached to it; ``evals`` when it logged evaluations."""
     return tables_of(load_run(run_dir, strict=strict), bins)
 
 
@@ -748,10 +971,34 @@ def format_header(run: RunData) -> list[str]:
     if rt:
         lines.append(f"reward time per sample: mean {rt['mean_s']:.3f} s, p50 {rt['p50_s']:.3f} s, p99 "
                      f"{rt['p99_s']:.3f} s; timed out: {rt['timeouts']} ({100 * rt['timeout_fraction']:.1f}%)")
+    if has_workers(run):
+        lines.append(elastic_line(run))
     lines.append(f"log: {run.n_rollout_shards} rollout + {run.n_trainer_shards} trainer shards; "
                  f"damaged shards skipped: {len(run.skipped)}; partial files: {len(run.partials)}")
     lines += [f"WARNING: {p}" for p in run.problems()]
     return lines
+
+
+def elastic_summary(run: RunData) -> dict[str, Any]:
+    """Attached workers at a glance: their ids, the samples they generated and the trainer trained, and the
+    grants taken back from them (``elastic/reissued.jsonl``)."""
+    w = _workers_of(run.samples)
+    used = run.step_samples[run.step_samples["fate"] == "used"] if len(run.step_samples) else run.step_samples
+    return {"workers": sorted({int(i) for i in w[w >= 0]} | set(run.leases)),
+            "samples_generated": int((w >= 0).sum()),
+            "samples_trained": int(used["sample_id"].isin(run.samples.loc[w >= 0, "sample_id"]).sum())
+            if len(used) else 0,
+            "grants_reissued": len(run.reissued) if run.reissued is not None else 0}
+
+
+def elastic_line(run: RunData) -> str:
+    """The header's one line on attached workers."""
+    e = elastic_summary(run)
+    n = e["samples_generated"]
+    share = f" ({100 * n / len(run.samples):.1f}%)" if len(run.samples) else ""
+    return (f"attached workers: {len(e['workers'])} ({', '.join(f'w{i}' for i in e['workers'])}) generated {n} "
+            f"samples{share}, {e['samples_trained']} trained; {e['grants_reissued']} grants re-issued to other "
+            f"producers")
 
 
 _TITLES = {
@@ -759,6 +1006,10 @@ _TITLES = {
     "throughput": "Throughput over time (seconds since the first sample; generation by t_end)",
     "rollout_ranks": "Rollout ranks (gen_s = t_end - t_start; interrupted = weight updates in flight)",
     "evals": "Held-out evaluation (step 0: before training)",
+    "producers": "Producers: the job's rollout ranks and the attached workers (times in s since the first sample; "
+                 "not_trained = leftover + duplicates + after_stop + not yet read)",
+    "elastic_timeline": "Training throughput against attached workers (workers: active in the bucket; from_workers: "
+                        "trained samples they generated; +wN joined, -wN left)",
 }
 
 
