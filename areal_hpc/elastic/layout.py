@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from areal_hpc.storage.checkpoint import ATTACHED_PROMPT_BASE
+from areal_hpc.storage.records import ATTACHED_PROMPT_BASE
 
 #: A worker's shards are ``rollout-r{SHARD_INDEX_BASE + worker}-…`` beside the in-job ranks' (``rollout-r000-…``).
 SHARD_INDEX_BASE = 1000

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Grant:
     step: int
     issue: int  # unique per trainer and attempt: the producer numbers the group's samples from it
     holder: int  # source key of the producer making it: an in-job rank, or source_of(worker)
+    delivered: bool = False  # its group is in, waiting for its step: it stays with its holder whatever happens
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Attached:
     stale_sum: int = 0
     rejected_in_row: int = 0
     first_grant_at: float = 0.0
+    credit: float = 0.0  # groups owed to it by its pace, not granted yet (fractions carry to the next step)
     gone: str = ""  # why it no longer gets work ('' while it does)
 
     def rate(self, now: float) -> float | None:
@@ -120,6 +123,7 @@ class ElasticPlanner:
             log.warning("trainer %d: dropped a group of prompt %d from %s: its grant was re-issued", self.trainer_index,
                         prompt, _name(src))
             return False
+        g.delivered = True
         if is_attached(src) and (w := self.workers.get(worker_of(src))) is not None:
             w.delivered += 1
         return True
@@ -157,17 +161,31 @@ class ElasticPlanner:
             self._plan(self.planned_until)
 
     def _plan(self, step: int) -> None:
-        """How many of ``step``'s groups each producer makes: each live worker about what it finishes in a step
-        (1 while not measured), the in-job ranks the rest, at least one each."""
+        """How many of ``step``'s groups each producer makes; the in-job ranks make the rest, at least one each.
+
+        A worker is given what its pace earns (groups delivered per second since its first grant, times a step's
+        length, with a quarter more so that a worker with spare capacity shows it), but never more outstanding
+        than it can deliver within the η+1 steps a grant has: a step waits for every group granted for it, so
+        a slow worker gets fewer groups rather than holding every step up. One group probes a new worker."""
         live = self.live()
         if not live and not self.shares:
             return  # nobody attached yet: the static shares stand, no message needed
         now = time.time()
         room = self.groups_per_step - len(self.injob)
+        window = (self.eta + 1) * self._step_s
         want = []
         for w in live:
+            src = source_of(w.wid)
+            outstanding = sum(1 for g in self.grants.values() if g.holder == src and not g.delivered)
             r = w.rate(now)
-            want.append(1 if r is None or not self._step_s else max(1, round(r * self._step_s)))
+            if r is None or not self._step_s:
+                want.append(0 if w.granted else 1)
+                continue
+            w.credit += 1.25 * r * self._step_s
+            n = min(int(w.credit), max(1, math.ceil(1.25 * r * window)) - outstanding)
+            n = max(0, n)
+            w.credit = min(w.credit - n, 1.0)
+            want.append(n)
         while sum(want) > room and any(want):  # trim the largest first
             want[want.index(max(want))] -= 1
         injob = self.groups_per_step - sum(want)
@@ -261,7 +279,8 @@ class ElasticPlanner:
     def _gone(self, w: Attached, reason: str) -> None:
         w.gone = reason
         src = source_of(w.wid)
-        back = sorted((g for g in self.grants.values() if g.holder == src), key=lambda g: (g.step, g.prompt))
+        back = sorted((g for g in self.grants.values() if g.holder == src and not g.delivered),
+                      key=lambda g: (g.step, g.prompt))
         log.warning("trainer %d: attached worker %d %s; %d grants go to other producers", self.trainer_index,
                     w.wid, reason, len(back))
         with open(self.files.reissued, "a", encoding="utf-8") as f:

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from areal_hpc.storage.records import ATTACHED_PROMPT_BASE
+
 LATEST = "latest.json"
-#: Prompts that trainers grant to attached rollout workers (elastic/) are numbered from here, apart from the
-#: in-job ranks' streams, so both data positions come back exactly from one list of consumed prompts.
-ATTACHED_PROMPT_BASE = 1 << 40
 
 
 @dataclass

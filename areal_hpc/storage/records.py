@@ -12,6 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+#: Prompts that trainers grant to attached rollout workers (elastic/) are numbered from here, apart from the
+#: in-job ranks' streams (prompt = k·n_rollout + index), so both data positions come back exactly from one list
+#: of consumed prompts in a checkpoint.
+ATTACHED_PROMPT_BASE = 1 << 40
+
 
 def strict_json(value: Any) -> Any:
     """``value`` with every NaN or infinity as None: ``json.dumps`` would write ``NaN``, which strict

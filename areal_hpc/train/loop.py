@@ -139,6 +139,8 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
         stops = ctx.role_comm.gather(stop, root=0)
         rollout_stats = ctx.world.gather(None, root=0)
     ckpt = _checkpoint(worker, ctx, files, attempt, acc_before) if preempted else None
+    # A collective under Megatron model parallelism (every rank's shard is gathered): every trainer rank asks.
+    final_state = worker.engine.state_dict() if not preempted and cfg.run.final_checkpoint == "full" else None
     if lead:
         if preempted:
             acc_after = float("nan")
@@ -150,7 +152,7 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
                     final_eval = evaluator.run(worker.version)
             acc_after = final_eval.get("pass@1", float("nan"))
             with phases.time("save_final"):
-                ckpt = _save_final(cfg, worker, files)
+                ckpt = _save_final(cfg, worker, files, final_state)
         rs = [s for s in rollout_stats if s is not None]
         summary = _summary(cfg, files, worker, preempted=preempted, attempt=attempt, acc_before=acc_before,
                            acc_after=acc_after, train_seconds=train_seconds, totals=totals,
@@ -201,13 +203,13 @@ def _summary(cfg: Config, files: RunFiles, worker: TrainerWorker, *, preempted: 
     return summary
 
 
-def _save_final(cfg: Config, worker: TrainerWorker, files: RunFiles) -> Path | None:
+def _save_final(cfg: Config, worker: TrainerWorker, files: RunFiles, state: dict | None) -> Path | None:
     """``run.final_checkpoint``: the policy (HF format), with or without the trainer's optimizer state."""
     if cfg.run.final_checkpoint == "none":
         return None
     path = save_policy(worker.model, worker.tok, files.checkpoints / "final")
-    if cfg.run.final_checkpoint == "full":
-        torch.save(worker.engine.state_dict(), files.checkpoints / "final" / "trainer_state.pt")
+    if state is not None:
+        torch.save(state, files.checkpoints / "final" / "trainer_state.pt")
     return path
 
 
@@ -215,10 +217,11 @@ def _checkpoint(worker: TrainerWorker, ctx: MPIContext, files: RunFiles, attempt
                 acc_before: float) -> Path | None:
     """Gather what every trainer consumed; trainer 0 writes the checkpoint (DP replicas are identical)."""
     consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
+    state = worker.engine.state_dict()  # a collective under Megatron model parallelism: every trainer rank asks
     if ctx.rank != 0:
         return None
     path = save_checkpoint(files.checkpoints, write_policy=functools.partial(save_policy, worker.model, worker.tok),
-                           trainer_state={**worker.engine.state_dict(), "torch_rng": torch.get_rng_state()},
+                           trainer_state={**state, "torch_rng": torch.get_rng_state()},
                            version=worker.version, attempt=attempt,
                            consumed_prompts=np.concatenate(consumed), accuracy_before=acc_before)
     prune(files.checkpoints)

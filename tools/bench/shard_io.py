@@ -62,6 +62,7 @@ def make_data(n: int, seed: int) -> dict[str, Any]:
         "group_id": np.arange(n, dtype=np.int64) // 8, "rank": rng.integers(1, 8, n).astype(np.int32),
         "reward": rng.random(n).astype(np.float32), "answer_ok": (rng.random(n) < 0.5).astype(np.uint8),
         "reward_seconds": rng.exponential(0.05, n).astype(np.float32), "reward_timed_out": np.zeros(n, np.uint8),
+        "worker": np.full(n, -1, np.int32),
         "t_start": 1.7e9 + np.arange(n, dtype=np.float64), "t_end": 1.7e9 + np.arange(n) + rng.random(n) * 30,
         "interruptions": rng.integers(0, 2, n).astype(np.int32), "prompt_len": p_len.astype(np.int32),
         "response_len": r_len.astype(np.int32), "response_text": text,
