@@ -22,4 +22,4 @@ if [ "${INSTALL_SLURM:-1}" != 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get 
     fi
 fi
 echo "scripts/test.sh: running the suite (about 15-20 minutes on 2 cores) ..."
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=25 "$@"

@@ -33,6 +33,10 @@ from areal_hpc.rollout.staleness import rank_shares
 log = logging.getLogger(__name__)
 
 
+#: Steps between single-group probes of a worker too slow for the run's pace.
+PROBE_EVERY = 20
+
+
 def worker_of(src: int) -> int:
     return src - SOURCE_BASE
 
@@ -52,6 +56,7 @@ class Grant:
     issue: int  # unique per trainer and attempt: the producer numbers the group's samples from it
     holder: int  # source key of the producer making it: an in-job rank, or source_of(worker)
     delivered: bool = False  # its group is in, waiting for its step: it stays with its holder whatever happens
+    issued_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -68,6 +73,8 @@ class Attached:
     rejected_in_row: int = 0
     first_grant_at: float = 0.0
     credit: float = 0.0  # groups owed to it by its pace, not granted yet (fractions carry to the next step)
+    latency: float | None = None  # seconds from when it could start a grant to its group's arrival (average)
+    idle_steps: int = 0  # steps planned without a grant for it since its last one
     gone: str = ""  # why it no longer gets work ('' while it does)
 
     def rate(self, now: float) -> float | None:
@@ -100,6 +107,7 @@ class ElasticPlanner:
         self._next_k = int(ks.max()) + 1 if ks.size else 0
         self._holes = np.setdiff1d(np.arange(self._next_k), ks).tolist()  # granted, never consumed: first again
         self._step_s = 0.0  # a step's duration (moving average): what "one step's worth" of a worker's work is
+        self._published: dict[int, float] = {version: time.time()}  # recent versions: when each was out
         self._next_look = 0.0
         self.duplicates = 0  # groups dropped: their grant had been re-issued to another producer
         self.reissued = 0
@@ -126,6 +134,9 @@ class ElasticPlanner:
         g.delivered = True
         if is_attached(src) and (w := self.workers.get(worker_of(src))) is not None:
             w.delivered += 1
+            # It could start the group once the version eta before its step was out (or when granted, if later).
+            lat = time.time() - max(g.issued_at, self._published.get(g.step - self.eta, g.issued_at))
+            w.latency = lat if w.latency is None else 0.7 * w.latency + 0.3 * lat
         return True
 
     def judged(self, prompt: int, staleness: list[int], rejected: bool) -> Grant:
@@ -149,6 +160,8 @@ class ElasticPlanner:
     def step_done(self, seconds: float, version: int) -> None:
         """After a step: remember its length and plan the step η+1 versions ahead."""
         self._step_s = seconds if not self._step_s else 0.8 * self._step_s + 0.2 * seconds
+        self._published[version] = time.time()
+        self._published.pop(version - 4 * self.eta - 8, None)
         self._plan_through(version + self.eta + 1)
 
     # -- planning ----------------------------------------------------------------------------------------
@@ -166,7 +179,10 @@ class ElasticPlanner:
         A worker is given what its pace earns (groups delivered per second since its first grant, times a step's
         length, with a quarter more so that a worker with spare capacity shows it), but never more outstanding
         than it can deliver within the η+1 steps a grant has: a step waits for every group granted for it, so
-        a slow worker gets fewer groups rather than holding every step up. One group probes a new worker."""
+        a slow worker gets fewer groups rather than holding every step up. One group probes a new worker. A worker
+        whose groups arrive later than the η steps between the version they may start at and their step (its
+        shared filesystem, its poll interval, its speed) would hold every step up: it gets one probe every
+        ``PROBE_EVERY`` steps, until it is quick enough (steps grow longer, or it was only slow to start)."""
         live = self.live()
         if not live and not self.shares:
             return  # nobody attached yet: the static shares stand, no message needed
@@ -180,6 +196,12 @@ class ElasticPlanner:
             r = w.rate(now)
             if r is None or not self._step_s:
                 want.append(0 if w.granted else 1)
+                continue
+            if w.latency is not None and w.latency > 0.8 * self.eta * self._step_s:
+                w.idle_steps += 1
+                probe = not outstanding and w.idle_steps >= PROBE_EVERY
+                w.idle_steps = 0 if probe else w.idle_steps
+                want.append(int(probe))
                 continue
             w.credit += 1.25 * r * self._step_s
             n = min(int(w.credit), max(1, math.ceil(1.25 * r * window)) - outstanding)

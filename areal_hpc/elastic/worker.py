@@ -133,8 +133,10 @@ class AttachedWorker(GroupProducer):
             if self.engine.num_active():
                 for g in self.engine.step():
                     self._finish(g)
+                pushed = self.pushed
                 self._collect()
-                self.sink.flush_if_due()
+                # A granted group is awaited by name at its step: its shard closes as soon as it is in.
+                self.sink.flush_if_due(idle=self.pushed > pushed)
             else:
                 self._collect()
                 self.sink.flush_if_due(idle=True)
