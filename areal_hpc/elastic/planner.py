@@ -6,8 +6,8 @@ producer may start them (AReaL's bound ⌊(N_r−1)/B⌋ ≤ i+η, per step inst
 *grants*: named prompts with the step they are trained in. A worker starts a grant for step t only with weights
 of version ≥ t−η, and the trainer trains it exactly at step t, so it is never more than η behind.
 
-What a worker is given per step follows what it delivers: about as many groups as it finished in one step's
-time so far (one to start with), the in-job ranks the rest (at least one each, so their pace stays known).
+What a worker is given follows how quickly its groups arrive (``ElasticPlanner._plan``), the in-job ranks make
+the rest (at least one each).
 
 A worker that is gone (its lease expired: killed; or it left: preempted, told to stop) has its grants that
 did not arrive taken back and re-issued, same prompt and step, to another worker or an in-job rank. A group
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,9 +71,9 @@ class Attached:
     stale_sum: int = 0
     rejected_in_row: int = 0
     first_grant_at: float = 0.0
-    credit: float = 0.0  # groups owed to it by its pace, not granted yet (fractions carry to the next step)
+    target: int = 1  # groups it should have outstanding (granted, not in yet): see ElasticPlanner._plan
     latency: float | None = None  # seconds from when it could start a grant to its group's arrival (average)
-    idle_steps: int = 0  # steps planned without a grant for it since its last one
+    idle_steps: int = 0  # steps planned without a grant for it while it is too slow
     gone: str = ""  # why it no longer gets work ('' while it does)
 
     def rate(self, now: float) -> float | None:
@@ -176,38 +175,34 @@ class ElasticPlanner:
     def _plan(self, step: int) -> None:
         """How many of ``step``'s groups each producer makes; the in-job ranks make the rest, at least one each.
 
-        A worker is given what its pace earns (groups delivered per second since its first grant, times a step's
-        length, with a quarter more so that a worker with spare capacity shows it), but never more outstanding
-        than it can deliver within the η+1 steps a grant has: a step waits for every group granted for it, so
-        a slow worker gets fewer groups rather than holding every step up. One group probes a new worker. A worker
-        whose groups arrive later than the η steps between the version they may start at and their step (its
-        shared filesystem, its poll interval, its speed) would hold every step up: it gets one probe every
-        ``PROBE_EVERY`` steps, until it is quick enough (steps grow longer, or it was only slow to start)."""
+        A step waits for every group granted for it, so what a worker is given follows how quickly its groups
+        arrive: each worker has a target of groups outstanding (granted, not in yet), one to start with. While
+        its groups arrive well within the η steps between the version they may start at and their step, the
+        target grows by one a step; when they come close to that limit it halves (additive increase,
+        multiplicative decrease, as TCP finds a link's rate). A worker too slow for even one group (a slow
+        filesystem, a long ``elastic.poll_s``, a slow GPU next to very short training steps) would hold every
+        step up: it gets one probe group every ``PROBE_EVERY`` steps until it is quick enough."""
         live = self.live()
         if not live and not self.shares:
             return  # nobody attached yet: the static shares stand, no message needed
-        now = time.time()
         room = self.groups_per_step - len(self.injob)
-        window = (self.eta + 1) * self._step_s
+        limit = self.eta * self._step_s
         want = []
         for w in live:
             src = source_of(w.wid)
             outstanding = sum(1 for g in self.grants.values() if g.holder == src and not g.delivered)
-            r = w.rate(now)
-            if r is None or not self._step_s:
-                want.append(0 if w.granted else 1)
-                continue
-            if w.latency is not None and w.latency > 0.8 * self.eta * self._step_s:
+            if w.latency is not None and self._step_s:
+                if w.latency < 0.5 * limit:
+                    w.target = min(w.target + 1, self.groups_per_step * (self.eta + 1))
+                elif w.latency > 0.8 * limit:
+                    w.target //= 2
+            if w.target == 0:
                 w.idle_steps += 1
                 probe = not outstanding and w.idle_steps >= PROBE_EVERY
                 w.idle_steps = 0 if probe else w.idle_steps
                 want.append(int(probe))
                 continue
-            w.credit += 1.25 * r * self._step_s
-            n = min(int(w.credit), max(1, math.ceil(1.25 * r * window)) - outstanding)
-            n = max(0, n)
-            w.credit = min(w.credit - n, 1.0)
-            want.append(n)
+            want.append(max(0, w.target - outstanding))
         while sum(want) > room and any(want):  # trim the largest first
             want[want.index(max(want))] -= 1
         injob = self.groups_per_step - sum(want)
