@@ -119,8 +119,13 @@ def test_an_expired_worker_s_grants_go_to_an_in_job_rank_and_its_late_group_is_d
     lease = read_lease(t.files, w.worker)
     lease.time -= 10  # no heartbeat for longer than elastic.lease_s
     t.files.lease(w.worker).write_text(json.dumps(vars(lease)))
+    log_dir = tmp_path / "rollout_log"
+    log_dir.mkdir()
+    (log_dir / f".rollout-r{1000 + w.worker}-000002.h5.partial").write_bytes(b"half a shard")
     t.look()
     assert t.drained == [source_of(w.worker)]  # what it wrote is read before its grants move
+    assert [p.name for p in log_dir.iterdir()] == [f".rollout-r{1000 + w.worker}-000002.h5.partial.bad"]
+    assert "lease expired" in json.loads(t.files.revoked(w.worker).read_text())["reason"]  # if alive: stop
     grants = [(r, m) for r, m in t.sent if m["type"] == "grant"]
     assert len(grants) == 1 and grants[0][1]["prompts"][0][0] == prompt and grants[0][1]["step"] == 1 + ETA + 1
     rank = grants[0][0]

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from areal_hpc.config import Config
-from areal_hpc.elastic.layout import PROMPT_BASE, SOURCE_BASE, ElasticFiles, write_json
+from areal_hpc.elastic.layout import PROMPT_BASE, SHARD_INDEX_BASE, SOURCE_BASE, ElasticFiles, write_json
 from areal_hpc.elastic.lease import Lease, read_leases
 from areal_hpc.rollout.staleness import rank_shares
+from areal_hpc.storage.records import RunFiles
+from areal_hpc.storage.shards import set_aside_partials
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +284,13 @@ class ElasticPlanner:
                 self._gone(w, f"left: {lease.reason or 'stopped'}")
             elif lease.expired(now, self.cfg.elastic.lease_s):
                 drain(source_of(wid))
-                self._gone(w, f"lease expired ({now - lease.time:.0f} s without a heartbeat; killed?)")
+                # Should it still be alive (a partitioned node), it stops; a shard it was writing is set aside.
+                self._revoke(w, f"lease expired ({now - lease.time:.0f} s without a heartbeat; killed?)")
+                aside = set_aside_partials(RunFiles(self.files.run_dir).rollout_log, "rollout",
+                                           SHARD_INDEX_BASE + wid)
+                if aside:
+                    log.warning("trainer %d: set aside the unfinished shard(s) of worker %d: %s", self.trainer_index,
+                                wid, ", ".join(p.name for p in aside))
         if waiting_step is not None and waited_s > self.cfg.elastic.lease_s:
             for w in self.live():  # a live worker holding up the step this long is too slow for the run
                 if any(self.grants[p].holder == source_of(w.wid) for p in self.grants_for(waiting_step)):

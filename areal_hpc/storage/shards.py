@@ -173,6 +173,14 @@ class ShardWriter:
         return final
 
 
+def set_aside_partials(directory: Path, kind: str, index: int) -> list[Path]:
+    """Set aside the ``.partial`` files of a writer that is gone for good (an attached rollout worker killed
+    mid-shard: no later writer of its index will do it on start); returns their new paths."""
+    prefix = "." + shard_file_name(kind, index, 0).rsplit("-", 1)[0] + "-"
+    leftovers = sorted(p for p in Path(directory).glob(f"{prefix}*.h5.partial"))
+    return [_set_aside(p) for p in leftovers]
+
+
 def _set_aside(path: Path) -> Path:
     """Rename a leftover to ``NAME.bad`` (or ``NAME.bad.k`` if taken): keep the bytes, out of the way."""
     target = path.with_name(path.name + ".bad")
