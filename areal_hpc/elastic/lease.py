@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -90,3 +91,24 @@ def read_leases(files: ElasticFiles) -> dict[int, Lease]:
         if lease is not None:
             out[wid] = lease
     return out
+
+
+class Heartbeat:
+    """Renews a lease from a thread every ``every_s``: a model load, an engine build (vLLM's takes minutes) or a
+    long decode step must not look like a dead worker. The owner updates the lease's fields as it works."""
+
+    def __init__(self, files: ElasticFiles, lease: Lease, every_s: float) -> None:
+        self.files, self.lease = files, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), name="elastic-lease", daemon=True)
+        self._thread.start()
+
+    def _loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            renew(self.files, self.lease)
+
+    def stop(self) -> None:
+        """Stop renewing, then write the lease once more as it stands (e.g. ``left`` with its reason)."""
+        self._stop.set()
+        self._thread.join()
+        renew(self.files, self.lease)

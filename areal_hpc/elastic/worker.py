@@ -27,7 +27,7 @@ import torch
 
 from areal_hpc.config import Config
 from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles, read_json
-from areal_hpc.elastic.lease import Lease, register, renew
+from areal_hpc.elastic.lease import Heartbeat, Lease, register, renew
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.producer import GroupProducer, granted_sample_base
 from areal_hpc.storage.records import RunFiles
@@ -58,7 +58,7 @@ class AttachedWorker(GroupProducer):
         self.sink = RolloutSink(writer, None)  # shards are its only transport
         self._queue: list[tuple[int, int, int]] = []  # granted (prompt, issue, step), in the trainer's order
         self._grants_read = 0  # bytes of grants.jsonl already taken
-        self._next_look = self._next_beat = 0.0
+        self._next_look = 0.0
         self.stop = ""  # why it leaves ('' while it works)
         self.versions_applied = 0
 
@@ -78,15 +78,9 @@ class AttachedWorker(GroupProducer):
             if version > self.engine.version:
                 self.engine.update_weights(tensors, version)
                 self.versions_applied += 1
-        if now >= self._next_beat:
-            self._next_beat = now + self.cfg.elastic.heartbeat_s
-            self._beat()
-
-    def _beat(self) -> None:
-        loading = self.reader.loading_version
+        loading = self.reader.loading_version  # the heartbeat thread writes these with the next renewal
         self.lease.version, self.lease.loading = self.engine.version, -1 if loading is None else loading
         self.lease.samples, self.lease.groups = self.pushed, self.pushed // self.G
-        renew(self.files, self.lease)
 
     def _read_grants(self) -> None:
         try:
@@ -123,7 +117,7 @@ class AttachedWorker(GroupProducer):
         version, tensors = self.reader.wait_for(0, timeout=first_weights_s)
         self.engine.update_weights(tensors, version)
         self.lease.state, self.lease.version = "ready", version
-        renew(self.files, self.lease)
+        renew(self.files, self.lease)  # ready now, not at the next heartbeat
         log.warning("worker %d ready at version %d", self.lease.worker, version)
         while not self.stop:
             self.poll()
@@ -153,8 +147,8 @@ class AttachedWorker(GroupProducer):
         self.rewards.close()
         self.sink.close()
         self.reader.close()
+        self.lease.samples, self.lease.groups = self.pushed, self.pushed // self.G
         self.lease.state, self.lease.reason = "left", self.stop
-        self._beat()
         log.warning("worker %d left (%s): %d samples delivered", self.lease.worker, self.stop, self.pushed)
         return 0
 
@@ -190,6 +184,7 @@ def run_worker(run_dir: Path, overrides: list[str]) -> int:
     files = ElasticFiles(run_dir)
     record = read_json(files.run) or {}
     lease = register(files, int(record["attempt"]))
+    heartbeat = Heartbeat(files, lease, cfg.elastic.heartbeat_s)
     _setup_logging(RunFiles(run_dir), lease.worker, cfg.run.log_level)
     torch.set_num_threads(_threads())
     leaving: list[str] = []
@@ -201,11 +196,13 @@ def run_worker(run_dir: Path, overrides: list[str]) -> int:
         signal.signal(sig, on_signal)
     try:
         worker = AttachedWorker(cfg, run_dir, record, lease, leaving)
+        return worker.run(first_weights_s=max(cfg.run.timeout_s, 4 * cfg.elastic.lease_s))
     except BaseException as e:
-        lease.state, lease.reason = "left", f"failed to start: {e}"
-        renew(files, lease)
+        if lease.state != "left":
+            lease.state, lease.reason = "left", f"failed: {type(e).__name__}: {e}"
         raise
-    return worker.run(first_weights_s=max(cfg.run.timeout_s, 4 * cfg.elastic.lease_s))
+    finally:
+        heartbeat.stop()  # the last renewal says left, and why
 
 
 def main(argv: list[str] | None = None) -> int:

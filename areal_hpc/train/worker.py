@@ -8,14 +8,9 @@ it) or down-weighted, and counted either way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import socket
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +19,8 @@ from areal_hpc.api import SampleSource, TrainBatch, TrainEngine
 from areal_hpc.comm.dist import DistGroups
 from areal_hpc.comm.mpi import MPIContext
 from areal_hpc.config import Config
-from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles, write_json
-from areal_hpc.elastic.lease import read_leases
+from areal_hpc.elastic.host import ElasticHost
+from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles
 from areal_hpc.elastic.planner import ElasticPlanner, is_attached, source_of
 from areal_hpc.model.build import load_policy
 from areal_hpc.registry import train_backend_factory
@@ -38,7 +33,6 @@ from areal_hpc.trajectory import StepStats, Trajectory
 from areal_hpc.transport.hdf5_source import ShardSource
 from areal_hpc.transport.select import log_attrs
 from areal_hpc.transport.sinks import trainer_sources
-from areal_hpc.weights.disk import DiskWeightWriter
 from areal_hpc.weights.select import build_sender
 
 log = logging.getLogger(__name__)
@@ -46,15 +40,6 @@ log = logging.getLogger(__name__)
 
 class NoDataError(RuntimeError):
     pass
-
-
-def _disk_dtype(cfg: Config) -> torch.dtype | None:
-    """The attached workers' weight files: the rollout's dtype (half the bytes of fp32 masters on a GPU)."""
-    name = cfg.elastic.weights_dtype
-    if name == "auto":
-        name = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else (
-            "bfloat16" if cfg.model.device.startswith("cuda") else cfg.model.dtype)
-    return getattr(torch, name, None)
 
 
 def screen_group(versions: list[np.ndarray], trained_version: int, eta: int, policy: str,
@@ -117,10 +102,8 @@ class TrainerWorker:
             groups_per_step=self.local_groups, attempt=self.attempt, version=self.version,
             consumed=resume.consumed_prompts if resume is not None else np.zeros(0, np.int64), send=ctx.send)
         self._granted: dict[int, tuple[int, list[Trajectory]]] = {}  # prompt -> (source, group) of a grant
-        self._disk: DiskWeightWriter | None = None  # trainer 0, once a worker is attached
-        self._run_record: dict | None = None
-        if ctx.rank == 0:
-            self._open_for_workers(policy_path, run_id)
+        self.host = ElasticHost(cfg, self.elastic, run_id=run_id, attempt=self.attempt, policy_path=policy_path,
+                                config_path=files.config, version=self.version) if ctx.rank == 0 else None
         self.popped = dict.fromkeys(self.sources, 0)
         self.rejected_total = 0
         self.downweighted_total = 0
@@ -158,49 +141,20 @@ class TrainerWorker:
             self._ready.append((src, members))
 
     def _look_for_workers(self, waiting_step: int | None = None, waited_s: float = 0.0) -> None:
-        """New attached workers get a shard source; trainer 0 keeps the run's record fresh and, while any
-        worker is attached, writes each version to the disk channel (the first at once)."""
+        """New attached workers get a shard source; trainer 0 starts the disk channel once one registers."""
+        if self.host is not None:
+            self.host.look(self.version, self.engine.parameters_for_sync)
         new = self.planner.maintain(self._drain_source, waiting_step, waited_s)
-        if new is None:  # not time to look yet
-            return
-        for wid in new:
+        for wid in new or []:
             src = source_of(wid)
             self.sources[src] = ShardSource(self.files.rollout_log, SHARD_INDEX_BASE + wid, retain=True,
                                             poll_s=self.cfg.transport.poll_s)
             self.popped[src] = 0
-        if self.ctx.rank == 0:
-            self._renew_run_record()
-            if self._disk is None and any(lease.attempt == self.attempt and lease.state != "left"
-                                          for lease in read_leases(self.elastic).values()):
-                self._disk = DiskWeightWriter(self.elastic.weights, dtype=_disk_dtype(self.cfg))
-                self._disk.publish(self.version, self.engine.parameters_for_sync())
-
-    def _open_for_workers(self, policy_path: str, run_id: str) -> None:
-        """``elastic/run.json``: this run takes attached workers (``areal-hpc attach``); what they need to start."""
-        self.elastic.workers.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.elastic.weights, ignore_errors=True)  # an earlier attempt's versions (perhaps newer)
-        self._run_record = {
-            "run_id": run_id, "attempt": self.attempt, "state": "running", "policy": str(Path(policy_path).resolve()),
-            "config_sha": hashlib.sha256(self.files.config.read_bytes()).hexdigest(), "time": time.time(),
-            "host": socket.gethostname(), "pid": os.getpid(), "version": self.version}
-        write_json(self.elastic.run, self._run_record)
-        self._record_at = time.monotonic()
-
-    def _renew_run_record(self, state: str | None = None) -> None:
-        rec = self._run_record
-        if rec is None or (state is None and time.monotonic() - self._record_at < self.cfg.elastic.heartbeat_s):
-            return
-        rec.update(time=time.time(), version=self.version, state=state or rec["state"])
-        write_json(self.elastic.run, rec)
-        self._record_at = time.monotonic()
 
     def close_elastic(self, preempted: bool) -> None:
         """The run's end (or requeue) for attached workers: they finish their open shard and leave."""
-        if self.ctx.rank != 0:
-            return
-        self._renew_run_record("requeued" if preempted else "ended")
-        if self._disk is not None:
-            self._disk.close()
+        if self.host is not None:
+            self.host.close("requeued" if preempted else "ended")
 
     def _oldest_ready(self, taken: dict[int, int], quota: dict[int, int]) -> int | None:
         """Index of the ready group with the oldest token version (FIFO among equals) among the rollout ranks
@@ -295,11 +249,8 @@ class TrainerWorker:
             self.sender.send(self.engine.parameters_for_sync())
             for r in self.ctx.topo.rollout_ranks:
                 self.ctx.send(r, {"type": "weights", "version": self.version})
-        if self._disk is not None:
-            self._disk.publish(self.version, self.engine.parameters_for_sync())
-            self._disk.prune(v for lease in read_leases(self.elastic).values()
-                             if not lease.expired(time.time(), self.cfg.elastic.lease_s) and lease.state != "left"
-                             for v in lease.held_versions())
+        if self.host is not None:
+            self.host.published(self.version, self.engine.parameters_for_sync)
         self.steps_log.add(trained_version + 1, trained_version, stats, [b.sample_id for b in batch], staleness,
                            weights, [i for i, _ in rejected], [st for _, st in rejected])
         return StepStats(
