@@ -204,19 +204,21 @@ class DiskWeightWriter:
                                  f"as {shape}")
 
     def prune(self, held: Iterable[int]) -> None:
-        """Delete versions older than every held one and the pointer's (keeping ``keep_extra`` more).
+        """Delete versions older than the pointer's that no live worker holds (keeping ``keep_extra`` more), so
+        a worker that lags holds one old file, not every one since.
 
         ``held``: the versions live workers report loading or using. The pointer's version is read under
-        the lock and only ever grows, so a file renamed in but not yet pointed to is newer than the
-        floor, and a file the pointer names is never deleted.
+        the lock and only ever grows, so a file renamed in but not yet pointed to is newer than it and
+        stays, and a file the pointer names is never deleted. A reader that read the pointer but has not
+        reported the version yet finds its file gone and reads the pointer again.
         """
         self._raise_error()
         with self._cond:
             latest = self._latest
         if latest is None:
             return
-        floor = min([*held, latest])
-        old = [v for v in versions_on_disk(self.directory) if v < floor]
+        keep = set(held)
+        old = [v for v in versions_on_disk(self.directory) if v < latest and v not in keep]
         for v in old[:max(len(old) - self.keep_extra, 0)]:
             (self.directory / file_name(v)).unlink(missing_ok=True)
 
