@@ -167,9 +167,9 @@ def test_prune_keeps_held_versions_and_the_latest(tmp_path):
         w.publish(v, filled(v))
         w.wait()
     w.prune([4, 5])
-    assert versions_on_disk(tmp_path) == [3, 4, 5, 6]  # floor 4, one extra below it
+    assert versions_on_disk(tmp_path) == [3, 4, 5, 6]  # held 4 and 5, the newest, and one extra (3)
     w.keep_extra = 0
-    w.prune([9])  # a held version newer than the latest: the latest is the floor
+    w.prune([9])  # a held version newer than the newest on disk: only the newest stays
     assert versions_on_disk(tmp_path) == [6]
     w.prune([])
     assert versions_on_disk(tmp_path) == [6] and w.latest == 6
