@@ -169,10 +169,13 @@ def _setup_logging(run_files: RunFiles, wid: int, level: str) -> None:
 
 
 def _threads() -> int:
-    """CPU threads for the worker's torch: its Slurm task's cores, else a quarter of the machine's (a worker
-    attached here shares the machine with the run's own ranks)."""
+    """CPU threads for the worker's torch: its Slurm task's cores, else the cores it is pinned to, else a
+    quarter of the machine's (a worker started by hand likely shares the machine with the run's own ranks)."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(cpus) if cpus.isdigit() and int(cpus) > 0 else max(1, (os.cpu_count() or 4) // 4)
+    if cpus.isdigit() and int(cpus) > 0:
+        return int(cpus)
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 4)
+    return allowed if allowed < (os.cpu_count() or 4) else max(1, allowed // 4)
 
 
 def run_worker(run_dir: Path, overrides: list[str]) -> int:
