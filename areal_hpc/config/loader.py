@@ -328,8 +328,12 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _typed(key: str, value: Any, tp: Any, f: dataclasses.Field, where: str) -> Any:
-    if isinstance(value, bool) and tp is str and {"on", "off"} <= set(f.metadata.get("choices", ())):
-        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+    if isinstance(value, bool) and tp is str:  # YAML 1.1 reads a bare on/off or true/false as a boolean
+        choices = set(f.metadata.get("choices", ()))
+        if {"on", "off"} <= choices:
+            value = "on" if value else "off"
+        elif {"true", "false"} <= choices:
+            value = "true" if value else "false"
     out = _coerce(value, tp)
     if out is _SENTINEL:
         default = (

@@ -22,6 +22,11 @@ class TrainerConfig:
         1, "megatron backend: pipeline stages per model replica, the layers split evenly across them (one "
         "micro-batch in flight at a time: it saves memory, not time); tensor_parallel * pipeline_parallel must "
         "divide cluster.n_trainer and pipeline_parallel the checkpoint's layers")
+    distributed_optimizer: str = setting(
+        "auto", "megatron backend: Megatron's distributed optimizer (ZeRO-1: each data-parallel replica keeps 1/dp of "
+        "the AdamW state; same step). auto: on CUDA with several replicas of one rank each (tensor_parallel = "
+        "pipeline_parallel = 1); true: there or an error; false: every rank keeps the whole state",
+        ("auto", "true", "false"))
     lr: float = setting(1e-4, "learning rate")
     batch_size: int = setting(64, "samples per step; a multiple of rollout.group_size")
     eps_clip: float = setting(0.2, "PPO clip range")
@@ -80,6 +85,9 @@ class TrainerConfig:
             need(v >= 1, f"trainer.{key}", v, "must be >= 1", f"set trainer.{key}=1")
             need(v == 1 or self.backend == "megatron", f"trainer.{key}", v, "applies to trainer.backend=megatron only",
                  f"set trainer.{key}=1 or trainer.backend=megatron")
+        need(self.distributed_optimizer != "true" or self.backend == "megatron", "trainer.distributed_optimizer",
+             self.distributed_optimizer, "applies to trainer.backend=megatron only",
+             "set trainer.distributed_optimizer=auto or trainer.backend=megatron")
         need(self.lr > 0, "trainer.lr", self.lr, "must be > 0", "use a positive learning rate like trainer.lr=1e-4")
         need(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1", "set trainer.batch_size=64")
         need(0 < self.eps_clip < 1, "trainer.eps_clip", self.eps_clip, "must be in (0, 1)", "set trainer.eps_clip=0.2")

@@ -24,6 +24,9 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
   parallelism its vocab-parallel counterpart (``tp.vocab_parallel_logp``): per-token log-probs under the
   rollout's temperature and top-p without materialising full-vocabulary fp32 logits.
 * Precision: fp32 parameters and AdamW state with bf16 autocast for the matmuls on CUDA.
+* Distributed optimizer (``trainer.distributed_optimizer``, ``dopt.py``): on CUDA with several data-parallel
+  replicas of one rank each, Megatron's ZeRO-1 keeps 1/dp of the AdamW state per rank (gradients
+  reduce-scattered, the stepped slices all-gathered); the step is the same.
 * Attention: the local layer spec (no Transformer Engine) has no variable-length kernel, so micro-batches are
   right-padded rows under the causal mask; padding costs compute in proportion to the length spread of a
   micro-batch.
@@ -33,6 +36,8 @@ clipping, AdamW), so the two backends optimise the same objective and only the f
   sending rank has to call ``parameters_for_sync`` (it makes no collective).
 * Checkpoints: ``state_dict`` gathers every rank's shard and optimizer state over the replica (a collective:
   every trainer rank calls it), so one ``trainer_state.pt`` resumes the whole layout; each rank loads its own.
+  With the distributed optimizer the AdamW slices are gathered over the replicas into torch's own layout (the
+  file resumes either path).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from areal_hpc.api import LossFn, TokenInputs, TrainBatch
 from areal_hpc.config import Config
 from areal_hpc.model.tokenizer import Tokenizer
 from areal_hpc.train.engine import TorchTrainEngine, _validate
+from areal_hpc.train.megatron.dopt import DistributedAdamW, wanted
 from areal_hpc.train.megatron.shapes import MegatronShape
 from areal_hpc.train.packed import autocast_for, resolve_compute_dtype, response_logprobs
 from areal_hpc.train.packing import pad_microbatch
@@ -235,6 +241,15 @@ class MegatronTrainEngine(TorchTrainEngine):
         self.optimizer = torch.optim.AdamW(self._params, lr=tc.lr, betas=(float(tc.adam_betas[0]),
                                            float(tc.adam_betas[1])), eps=tc.adam_eps, weight_decay=tc.weight_decay,
                                            fused=device.type == "cuda")
+        self._dopt: DistributedAdamW | None = None
+        dp_size = 1 if groups.dp is None else dist.get_world_size(groups.dp)
+        if wanted(tc.distributed_optimizer, dp=dp_size, tp=tp, pp=pp, device=device,
+                  backend=None if groups.dp is None else dist.get_backend(groups.dp)):
+            # ZeRO-1 over the replicas: each keeps 1/dp of the AdamW state (dopt.py); the step is the same
+            self._dopt = DistributedAdamW(self.gpt, mcfg, groups.pgc, groups.dp, lr=tc.lr,
+                                          betas=(float(tc.adam_betas[0]), float(tc.adam_betas[1])), eps=tc.adam_eps,
+                                          weight_decay=tc.weight_decay)
+            self.optimizer = self._dopt  # type: ignore[assignment]  # zero_grad, state_dict, load_state_dict
         self._hf_names = [n for n, _ in model.named_parameters()]
         n = sum(p.numel() for p in self._params)
         log.info("trainer: megatron-core GPTModel (%s, %.1fM parameters on this rank, tensor parallel %d, pipeline "
@@ -333,6 +348,11 @@ class MegatronTrainEngine(TorchTrainEngine):
                 params[name].copy_(hf[name])
             if self._pp_size > 1:
                 dist.broadcast(params[name].data, src=self._pp_ranks[stage], group=self._pp)
+
+    def _step(self) -> float:
+        if self._dopt is None:
+            return super()._step()
+        return self._dopt.step(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
 
     def _clip_and_step(self) -> float:
         if self._mp_size == 1:
