@@ -46,7 +46,7 @@ def test_test_sh_keeps_the_apt_lines_in_a_file(tmp_path):
     assert out.returncode == 0, out.stderr
     console = (out.stdout + out.stderr).splitlines()
     assert len(console) <= 5 and not any("Unpacking" in line for line in console), console
-    assert "python -m pytest -q -ra -x" in out.stdout
+    assert "python -m pytest -q -ra --durations=25 -x" in out.stdout
     assert any("Slurm" in line and "INSTALL_SLURM=0" in line for line in console), console  # says what it does
     assert len((tmp_path / "areal-hpc-slurm-install.log").read_text().splitlines()) == 300
 

@@ -139,7 +139,8 @@ def run_trainer(cfg: Config, ctx: MPIContext, groups: DistGroups, files: RunFile
         stops = ctx.role_comm.gather(stop, root=0)
         rollout_stats = ctx.world.gather(None, root=0)
     ckpt = _checkpoint(worker, ctx, files, attempt, acc_before) if preempted else None
-    # A collective under Megatron model parallelism (every rank's shard is gathered): every trainer rank asks.
+    # A collective under Megatron model parallelism or its distributed optimizer (every rank's shard is
+    # gathered): every trainer rank asks.
     final_state = worker.engine.state_dict() if not preempted and cfg.run.final_checkpoint == "full" else None
     if lead:
         if preempted:
@@ -217,7 +218,7 @@ def _checkpoint(worker: TrainerWorker, ctx: MPIContext, files: RunFiles, attempt
                 acc_before: float) -> Path | None:
     """Gather what every trainer consumed; trainer 0 writes the checkpoint (DP replicas are identical)."""
     consumed = ctx.role_comm.gather(worker.consumed_prompts(), root=0)
-    state = worker.engine.state_dict()  # a collective under Megatron model parallelism: every trainer rank asks
+    state = worker.engine.state_dict()  # a collective under Megatron's model parallelism or distributed optimizer
     if ctx.rank != 0:
         return None
     path = save_checkpoint(files.checkpoints, write_policy=functools.partial(save_policy, worker.model, worker.tok),

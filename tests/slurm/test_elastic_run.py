@@ -52,7 +52,7 @@ def test_attached_array_workers_killed_and_preempted_lose_and_repeat_nothing(slu
     run_dir = tmp_path / "elastic"
     main = subprocess.Popen(
         [sys.executable, "-m", "areal_hpc.cli", "train", "configs/quickstart.yaml", "cluster.n_rollout=1",
-         "run.steps=260", f"run.output_dir={tmp_path}", "run.name=elastic", "run.progress=false",
+         "run.steps=200", f"run.output_dir={tmp_path}", "run.name=elastic", "run.progress=false",
          f"run.cache_dir={shared_warmup_cache(tmp_path_factory)}", "run.timeout_s=300", f"rollout.eta={ETA}",
          "elastic.lease_s=5", "elastic.heartbeat_s=0.5", "elastic.poll_s=0.2", "log.flush_s=0.5"],
         cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
