@@ -94,6 +94,7 @@ class AttachedWorker(GroupProducer):
             g = json.loads(line)
             self._queue.append((int(g["prompt"]), int(g["issue"]), int(g["step"])))
         self._grants_read += end
+        self._queue.sort(key=lambda g: g[2])  # a grant re-issued from a worker that left may be for an earlier step
 
     def _check_run(self) -> None:
         revoked = read_json(self.files.revoked(self.lease.worker))

@@ -100,6 +100,7 @@ class RolloutWorker(GroupProducer):
             elif kind == "grant":
                 self.gate.grant(msg["step"], len(msg["prompts"]))
                 self._grants.extend((prompt, issue, msg["step"]) for prompt, issue in msg["prompts"])
+                self._grants.sort(key=lambda g: g[2])  # earliest step first, whatever order they were taken back in
             elif kind == "stop":
                 self.stop = True
         self._apply_ready(block=False)
