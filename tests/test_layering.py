@@ -12,7 +12,8 @@ The layers, from the bottom; a module may import its own layer and the ones belo
    protocols every part shares. The config dataclasses and their validation read nothing else; the one
    trajectory type crosses every boundary from the rollout worker to the trainer; the protocols say what an
    engine, a backend, a weight channel and a sample channel offer; the registry names the implementations
-   as import strings, resolved only when a config chooses one; ``phases`` times a rank's one-time phases.
+   as import strings, resolved only when a config chooses one; ``phases`` times a rank's one-time phases;
+   ``logs`` sets up a process's logging.
 1. ``comm``, ``storage``, ``model``, ``tasks``, ``reward``: building blocks that each know one thing and no role.
    ``comm`` wraps MPI, torch.distributed and devices; ``storage`` is what a run leaves on disk (the HDF5
    rollout log, the run's files, checkpoints and the ``ResumeState`` both roles read, whose policy the caller
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Parts (a sub-package or a module, matched with everything under it), from the bottom layer up.
 LAYERS: list[tuple[str, ...]] = [
     ("areal_hpc.config", "areal_hpc.trajectory", "areal_hpc.api", "areal_hpc.registry",
-     "areal_hpc.phases"),
+     "areal_hpc.phases", "areal_hpc.logs"),
     ("areal_hpc.comm", "areal_hpc.storage", "areal_hpc.model", "areal_hpc.tasks", "areal_hpc.reward"),
     ("areal_hpc.transport", "areal_hpc.weights"),
     ("areal_hpc.rollout", "areal_hpc.train", "areal_hpc.elastic"),

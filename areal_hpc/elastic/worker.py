@@ -28,6 +28,7 @@ import torch
 from areal_hpc.config import Config
 from areal_hpc.elastic.layout import SHARD_INDEX_BASE, ElasticFiles, read_json
 from areal_hpc.elastic.lease import Heartbeat, Lease, register, renew
+from areal_hpc.logs import setup_logging
 from areal_hpc.model.build import load_policy
 from areal_hpc.rollout.producer import GroupProducer, granted_sample_base
 from areal_hpc.storage.records import RunFiles
@@ -154,21 +155,6 @@ class AttachedWorker(GroupProducer):
         return 0
 
 
-def _setup_logging(run_files: RunFiles, wid: int, level: str) -> None:
-    run_files.logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [worker {wid}] %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(level)
-    fh = logging.FileHandler(run_files.logs / f"worker{wid}.log")
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
-    sh.setLevel(logging.WARNING)
-    root.addHandler(sh)
-
-
 def _threads() -> int:
     """CPU threads for the worker's torch: its Slurm task's cores, else the cores it is pinned to, else a
     quarter of the machine's (a worker started by hand likely shares the machine with the run's own ranks)."""
@@ -189,7 +175,7 @@ def run_worker(run_dir: Path, overrides: list[str]) -> int:
     record = read_json(files.run) or {}
     lease = register(files, int(record["attempt"]))
     heartbeat = Heartbeat(files, lease, cfg.elastic.heartbeat_s)
-    _setup_logging(RunFiles(run_dir), lease.worker, cfg.run.log_level)
+    setup_logging(RunFiles(run_dir).logs / f"worker{lease.worker}.log", f"worker {lease.worker}", cfg.run.log_level)
     torch.set_num_threads(_threads())
     leaving: list[str] = []
 

@@ -23,6 +23,7 @@ from areal_hpc.launch.mps import STATE_ENV as MPS_STATE_ENV
 from areal_hpc.launch.phases import process_age_s, since_launch_s
 from areal_hpc.launch.preempt import PreemptionFlag, requeue_this_job, resume_command
 from areal_hpc.launch.run_dir import run_dir_of
+from areal_hpc.logs import setup_logging
 from areal_hpc.model.initial import prepare_initial_policy
 from areal_hpc.phases import Phases
 from areal_hpc.storage.checkpoint import load_latest
@@ -30,21 +31,6 @@ from areal_hpc.storage.records import RunFiles
 from areal_hpc.tasks import build_task
 
 log = logging.getLogger("areal_hpc")
-
-
-def setup_logging(files: RunFiles, rank: int, role: str, level: str) -> None:
-    files.logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank} {role}] %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(level)
-    fh = logging.FileHandler(files.logs / f"rank{rank}.log")
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
-    sh.setLevel(logging.WARNING)
-    root.addHandler(sh)
 
 
 def _threads_per_rank(world: int) -> int:
@@ -61,7 +47,7 @@ def main(config_path: str) -> None:
         return MPIContext(cfg.cluster.n_trainer, cfg.cluster.n_rollout)
 
     ctx = run_or_abort(context, rank=world_rank(), error_dir=str(files.errors))
-    setup_logging(files, ctx.rank, ctx.topo.role, cfg.run.log_level)
+    setup_logging(files.logs / f"rank{ctx.rank}.log", f"rank {ctx.rank} {ctx.topo.role}", cfg.run.log_level)
     run_or_abort(lambda: _run(cfg, ctx, files), rank=ctx.rank, error_dir=str(files.errors))
 
 
