@@ -59,3 +59,10 @@ def smol_checkpoint(tmp_path_factory) -> Path:
     from tests.smol import tiny_smol_checkpoint
 
     return tiny_smol_checkpoint(tmp_path_factory.getbasetemp() / "smol-tiny")
+
+
+@pytest.fixture(scope="session")
+def real_smol_cache(tmp_path_factory) -> Path:
+    """A run.cache_dir the tests on SmolLM2-135M-Instruct's real weights share: its GGUF is dequantized into it
+    once per session (~15 s), by whichever of them runs first."""
+    return tmp_path_factory.getbasetemp() / "smol-real-cache"

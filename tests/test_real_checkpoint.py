@@ -100,17 +100,18 @@ def test_checkpoint_folder_errors_are_one_line(tmp_path: Path, smol_dir: Path) -
         check_checkpoint(tmp_path, "model.path")
 
 
-def test_gguf_converts_once_into_the_cache(tmp_path: Path) -> None:
+def test_gguf_converts_once_into_the_cache(real_smol_cache: Path) -> None:
     """The real SmolLM2-135M-Instruct GGUF: dequantized to a safetensors folder with its tokenizer, chat
-    template and stop ids; a second run finds it in the cache."""
+    template and stop ids; a later run finds it in the cache (the session's cache: another test may have
+    converted it first)."""
     from areal_hpc.config import load_config
     from areal_hpc.model.initial import prepare_initial_policy
 
     gguf_path()
-    cfg = load_config(None, ["model.kind=hf", f"model.path={GGUF}", f"run.cache_dir={tmp_path}",
+    cfg = load_config(None, ["model.kind=hf", f"model.path={GGUF}", f"run.cache_dir={real_smol_cache}",
                              "run.progress=false"])
     first = Path(prepare_initial_policy(cfg, None))
-    assert first.parent == tmp_path and (first / "config.json").is_file()
+    assert first.parent == real_smol_cache and (first / "config.json").is_file()
     assert any(first.glob("*.safetensors"))
     model, tok = load_policy(first)
     assert model.config.model_type == "llama" and tok.chat_template and IM_END in tok.stop_ids

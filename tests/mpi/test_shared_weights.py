@@ -32,7 +32,7 @@ FAST_BF16 = ("rollout.engine=fast", "rollout.dtype=bfloat16")
 
 
 @pytest.mark.parametrize(("kind", "chosen", "extra"), [
-    ("shared", "shared", ()), ("auto", "shared", ()), ("broadcast", "broadcast", ()),
+    ("auto", "shared", ()), ("broadcast", "broadcast", ()),  # auto picks shared here: shared's own run
     ("shared", "shared", FAST_BF16), ("broadcast", "broadcast", FAST_BF16),
 ])
 def test_weights_kind_run(job_root, kind: str, chosen: str, extra: tuple[str, ...]):
