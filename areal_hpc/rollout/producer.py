@@ -10,6 +10,7 @@ a full sink).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 
 from areal_hpc.api import Generation, GenRequest, SampleSink
 from areal_hpc.config import Config
@@ -34,7 +35,7 @@ def granted_sample_base(attempt: int, issue: int, group_size: int) -> int:
     return GRANTED_SAMPLE_BASE + attempt * GRANTED_ATTEMPT_STRIDE + issue * group_size
 
 
-class GroupProducer:
+class GroupProducer(ABC):
     sink: SampleSink
 
     def __init__(self, cfg: Config, model, tok, *, rank: int, worker: int, seed: int) -> None:
@@ -56,9 +57,9 @@ class GroupProducer:
         self._reward_errors: set[str] = set()  # distinct scoring errors already logged (a few, not one per sample)
         self.pushed = 0
 
+    @abstractmethod
     def poll(self) -> None:
         """Service control and weights; called between decode steps and while a full sink holds a push."""
-        raise NotImplementedError
 
     def _submit_group(self, prompt_index: int, sample_base: int) -> None:
         """Start the ``G`` samples of prompt ``prompt_index``, numbered ``sample_base + j``."""
