@@ -86,10 +86,19 @@ def test_run_whose_ranks_are_gone_is_failed_not_running(tmp_path):
     assert f"resume from its last checkpoint with: areal-hpc train {run}/config.yaml" in status.folder_state(run).detail
 
 
+def _wait_exec(rank: subprocess.Popen) -> None:
+    """Until the child has exec'd, its /proc cmdline is still this process's (not a rank's): wait for it."""
+    deadline = time.monotonic() + 30
+    while b"areal_hpc.launch.job" not in Path(f"/proc/{rank.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the stand-in rank did not start"
+        time.sleep(0.01)
+
+
 def test_live_rank_is_running(tmp_path):
     run = _run_folder(tmp_path)
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "areal_hpc.launch.job"])
     try:
+        _wait_exec(rank)
         _ranks(run, [rank.pid])
         state = status.folder_state(run)
         assert state.state == "RUNNING" and str(rank.pid) in state.detail, state
@@ -126,11 +135,7 @@ def test_errors_of_an_earlier_attempt_do_not_fail_a_resumed_run(tmp_path):
     _age(run, 600)
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "areal_hpc.launch.job"])
     try:
-        # Until the child has exec'd, its /proc cmdline is still this process's (not a rank's): wait for it.
-        deadline = time.monotonic() + 30
-        while b"areal_hpc.launch.job" not in Path(f"/proc/{rank.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "the stand-in rank did not start"
-            time.sleep(0.01)
+        _wait_exec(rank)
         _ranks(run, [rank.pid])  # the resumed attempt, written after the error
         assert status.folder_state(run).state == "RUNNING"
     finally:
